@@ -1,0 +1,262 @@
+"""The `stablemdm` command line: train, eval, generate, fit-t, variance.
+
+Each verb is a thin layer over the library; errors in user input end the command with one
+clear line (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from .config import ConfigError, field_help, load_config, parse_override
+
+DESCRIPTION = "stablemdm: train masked diffusion language models with low gradient variance."
+
+
+def _train_epilog() -> str:
+    rows = [f"  {name} (default {default})\n      {help_}" for name, default, help_ in field_help()]
+    return (
+        "Config fields (set them in the YAML recipe or as key=value; any other\n"
+        "transformers.TrainingArguments field works too):\n" + "\n".join(rows)
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablemdm", description=DESCRIPTION)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser(
+        "train",
+        help="train an MDM or ARM from a recipe",
+        description="Train from a YAML recipe with key=value overrides; the resolved config "
+        "is written to <output_dir>/config.yaml, so `stablemdm train --config "
+        "<output_dir>/config.yaml` re-runs it. Launch with `accelerate launch -m "
+        "stablemdm.cli train ...` or `torchrun --nproc_per_node N -m stablemdm.cli train ...` "
+        "for several processes.",
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", help="flat YAML recipe (see recipes/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+        help="continue a stopped run: the latest checkpoint in output_dir, or the folder given",
+    )
+
+    def decoding_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gen-length", type=int, help="response canvas length (default: the task's)")
+        p.add_argument("--steps", type=int, help="MDM decoding iterations (default: gen-length)")
+        p.add_argument("--block-length", type=int, help="MDM semi-autoregressive block (default: 32 or less)")
+        p.add_argument(
+            "--remasking", default="low_confidence", choices=["low_confidence", "random"],
+            help="which predictions the MDM keeps each iteration",
+        )
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
+        p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+
+    ev = verbs.add_parser(
+        "eval", help="decode a task split with a checkpoint and score it",
+        description="Decode every item of a task split with a saved model and score it with "
+        "the task's checker; prints the accuracy and writes one JSONL record per item.",
+    )
+    ev.add_argument("checkpoint", help="a run's output folder or checkpoint-N folder")
+    ev.add_argument("--task", required=True, help="task name (see `stablemdm eval --list-tasks`)")
+    ev.add_argument("--task-option", action="append", default=[], metavar="key=value",
+                    help="task option, e.g. n_test=100 (repeatable)")
+    ev.add_argument("--split", default="test", choices=["train", "test"], help="which split")
+    ev.add_argument("--limit", type=int, help="score only the first N items")
+    ev.add_argument("--output", help="JSONL of per-item records (default: <checkpoint>/eval-<task>-<split>.jsonl)")
+    decoding_options(ev)
+
+    gen = verbs.add_parser(
+        "generate", help="decode prompts with a checkpoint",
+        description="Decode prompts given with --prompt or in a file (one per line, or JSONL "
+        "with a 'prompt' field) and print one response per line.",
+    )
+    gen.add_argument("checkpoint", help="a run's output folder or checkpoint-N folder")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--file", help="prompts file: .txt (one per line) or .jsonl ('prompt' field)")
+    decoding_options(gen)
+
+    fit = verbs.add_parser(
+        "fit-t", help="estimate S(t) and fit the P-POTS density once, for reuse",
+        description="Estimate S(t) = E[l^2 | t] on a grid of rates for the configured model "
+        "(init_from, or a fresh initialisation) and task, fit the P-POTS density and write it "
+        "as JSON; pass it to later runs with sampler=ppots ppots_file=PATH.",
+    )
+    fit.add_argument("--config", help="flat YAML recipe")
+    fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    fit.add_argument("--output", required=True, help="where to write the density (JSON)")
+
+    demo = verbs.add_parser(
+        "demo", help="train a tiny ARM and MDMs on a built-in task and compare accuracies",
+        description="What `make demo` runs: a tiny ARM, a Standard MDM and a P-POTS+MIRROR "
+        "MDM of the same size trained on one task, each decoded on the test split. Re-running "
+        "skips finished runs and resumes stopped ones.",
+    )
+    demo.add_argument("--output", default="runs/demo", help="folder for the runs")
+    demo.add_argument("--task", default="chain_sum", help="built-in task")
+    demo.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    demo.add_argument("--seed", type=int, default=42, help="seed of every run")
+    demo.add_argument("--limit", type=int, help="decode only the first N test items")
+    return parser
+
+
+def _load_checkpoint(path: str):
+    from .model import Transformer
+    from .tokenizer import CharTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint folder {folder} does not exist")
+    return Transformer.from_pretrained(folder), CharTokenizer.from_pretrained(folder)
+
+
+def _decoding_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
+        "remasking": args.remasking, "temperature": args.temperature,
+    }
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .run import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    print(f"trained to step {result.global_step}; model, tokenizer and config in {result.output_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .tasks import get_task
+
+    model, tokenizer = _load_checkpoint(args.checkpoint)
+    task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
+    output = args.output or str(Path(args.checkpoint) / f"eval-{args.task}-{args.split}.jsonl")
+    objective = "arm" if model.config.causal else "mdm"
+    start = time.perf_counter()
+    result = evaluate(
+        model, tokenizer, task, args.split, objective=objective, limit=args.limit,
+        batch_size=args.batch_size, seed=args.seed, output_path=output, **_decoding_kwargs(args),
+    )
+    print(json.dumps({
+        "task": args.task, "split": args.split, "objective": objective, "accuracy": result.accuracy,
+        "n": result.n, "n_correct": result.n_correct, "records": output,
+        "seconds": round(time.perf_counter() - start, 1),
+    }))
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise ConfigError(f"prompts file {path} does not exist")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ConfigError(f"{path}:{n}: expected a JSON object with a 'prompt' field") from err
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt TEXT or --file PATH")
+    return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .decoding import generate
+
+    model, tokenizer = _load_checkpoint(args.checkpoint)
+    prompts = _read_prompts(args)
+    ids = [tokenizer.encode(p, where=f"prompt {i + 1}") + [tokenizer.sep_token_id] for i, p in enumerate(prompts)]
+    gen_length = args.gen_length or max(8, model.config.max_seq_len - max(map(len, ids)))
+    too_long = [i + 1 for i, x in enumerate(ids) if len(x) + gen_length > model.config.max_seq_len]
+    if too_long:
+        raise ConfigError(
+            f"prompt(s) {too_long} plus gen-length {gen_length} exceed the model's "
+            f"max_seq_len {model.config.max_seq_len}; shorten them or lower --gen-length"
+        )
+    generator = torch.Generator().manual_seed(args.seed)
+    common = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+              "temperature": args.temperature, "generator": generator}
+    for start in range(0, len(ids), args.batch_size):
+        chunk = ids[start : start + args.batch_size]
+        if model.config.causal:
+            out = generate(model, chunk, objective="arm", max_new_tokens=gen_length, **common)
+        else:
+            steps = args.steps or gen_length
+            block = args.block_length or gen_length
+            out = generate(
+                model, chunk, objective="mdm", mask_token_id=tokenizer.mask_token_id,
+                gen_length=gen_length, steps=steps, block_length=block,
+                remasking=args.remasking, **common,
+            )
+        for tokens in out:
+            print(tokenizer.decode(tokens))
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .run import build_model, fit_density
+    from .tasks import get_task
+    from .tokenizer import CharTokenizer
+
+    config = load_config(args.config, [*args.overrides, "sampler=ppots"])
+    task = get_task(config.task, **config.task_options)
+    tokenizer = CharTokenizer()
+    model = build_model(config, task, tokenizer)
+    start = time.perf_counter()
+    density = fit_density(config, model, task, tokenizer)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(density.to_dict(), indent=1))
+    print(f"P-POTS density ({config.ppots_method}, {config.ppots_sequences} sequences x "
+          f"{config.ppots_rates} rates x {config.ppots_masks} masks) written to {out} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, args.task, args.steps, args.seed, args.limit)
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "fit-t": _cmd_fit,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `stablemdm` console command."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
+        message = textwrap.shorten(str(err), 2000) if "\n" not in str(err) else str(err)
+        print(f"stablemdm {args.verb}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

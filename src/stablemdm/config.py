@@ -1,0 +1,329 @@
+"""The training configuration: one dataclass, the single source of truth for a run.
+
+`StableMDMConfig` extends `transformers.TrainingArguments` with the fields that say what is
+trained (task, model, objective) and how its loss is estimated (rate sampler, scheme,
+masking). Recipes are flat YAML files of existing field names; `key=value` overrides are
+parsed as YAML literals and type-checked against the field. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from transformers import TrainingArguments
+
+SAMPLER_NAMES = ("uniform", "clipped", "ppots", "ema")
+SCHEME_NAMES = ("iid", "stratified", "mirrored")
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong; the message names it and the fix."""
+
+
+@dataclass
+class StableMDMConfig(TrainingArguments):
+    """Everything a stablemdm training run needs; saved to `<output_dir>/config.yaml`."""
+
+    # what is trained
+    task: str = field(default="chain_sum", metadata={"help": "Built-in task name or 'jsonl'."})
+    task_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "Options of the task, e.g. {n_train: 2000} or {train: a.jsonl, test: b.jsonl}."},
+    )
+    model_preset: str = field(default="tiny", metadata={"help": "Model size preset: tiny, small, base."})
+    d_model: int | None = field(default=None, metadata={"help": "Override the preset's width."})
+    n_layers: int | None = field(default=None, metadata={"help": "Override the preset's depth."})
+    n_heads: int | None = field(default=None, metadata={"help": "Override the preset's head count."})
+    init_from: str | None = field(
+        default=None, metadata={"help": "Checkpoint folder to fine-tune from (the paper's protocol)."}
+    )
+    objective: Literal["mdm", "arm"] = field(
+        default="mdm", metadata={"help": "mdm: masked diffusion; arm: the same network, causal."}
+    )
+
+    # how the MDM loss is estimated (paper.md section 3)
+    rate: Literal["t", "count"] = field(
+        default="t", metadata={"help": "t: draw a masking rate; count: draw the number of masks."}
+    )
+    sampler: Literal["uniform", "clipped", "ppots", "ema"] = field(
+        default="uniform", metadata={"help": "Density of the rate: uniform (Standard), clipped, ppots, ema."}
+    )
+    scheme: Literal["iid", "stratified", "mirrored"] = field(
+        default="iid", metadata={"help": "How uniforms are drawn: iid, stratified (StraTS), mirrored (SyRM)."}
+    )
+    masking: Literal["iid", "mirror", "isad"] = field(
+        default="iid", metadata={"help": "Mask draw: iid, mirror (MIRROR pairs), isad."}
+    )
+    eps: float = field(default=1e-3, metadata={"help": "p_mask(t) = (1 - eps) t + eps."})
+    clip_low: float = field(default=0.2, metadata={"help": "Clipped sampler: lower end of t."})
+    clip_high: float = field(default=0.8, metadata={"help": "Clipped sampler: upper end of t."})
+    mix: float = field(
+        default=0.1, metadata={"help": "P-POTS/EMA: weight of the uniform in the mixture; weights <= 1/mix."}
+    )
+    ppots_file: str | None = field(
+        default=None, metadata={"help": "Use a density fitted earlier by `stablemdm fit-t` (JSON)."}
+    )
+    ppots_method: Literal["family", "grid"] = field(
+        default="family", metadata={"help": "P-POTS fit: the paper's smooth family or a smoothed grid."}
+    )
+    ppots_target: Literal["loss", "grad"] = field(
+        default="loss", metadata={"help": "Second moment of the loss, or of the gradient norm."}
+    )
+    ppots_params: str = field(
+        default="head", metadata={"help": "Regex of parameter names for ppots_target=grad."}
+    )
+    ppots_sequences: int = field(default=10, metadata={"help": "P-POTS estimate: sequences."})
+    ppots_rates: int = field(default=24, metadata={"help": "P-POTS estimate: grid rates."})
+    ppots_masks: int = field(default=4, metadata={"help": "P-POTS estimate: masks per rate."})
+    ema_bins: int = field(default=20, metadata={"help": "EMA: bins of the rate."})
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA: decay of the per-bin moments."})
+    ema_refresh_every: int = field(default=50, metadata={"help": "EMA: steps between density refreshes."})
+    isad_tokens: list[str] = field(
+        default_factory=list, metadata={"help": "ISAD: token strings whose mask probability is raised."}
+    )
+    isad_delta: float = field(default=0.2, metadata={"help": "ISAD: q = min(p + delta, q_max)."})
+    isad_q_max: float = field(default=0.95, metadata={"help": "ISAD: cap on q, must be < 1."})
+    compute_matched: bool = field(
+        default=False, metadata={"help": "MIRROR: half the sequences per step, same forward tokens."}
+    )
+
+    # evaluation during training
+    eval_accuracy: bool = field(
+        default=False, metadata={"help": "Also decode the test split at each evaluation and log accuracy."}
+    )
+    eval_limit: int = field(default=64, metadata={"help": "Test items decoded per accuracy evaluation."})
+    eval_heldout: int = field(default=128, metadata={"help": "Held-out sequences for the periodic eval loss."})
+
+    # overridden defaults of TrainingArguments: a CPU-friendly, quiet, reproducible start
+    output_dir: str = field(default="runs/default", metadata={"help": "Where the run writes."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Sequences per process and micro-batch."})
+    warmup_steps: float = field(default=20, metadata={"help": "Linear warmup steps."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "linear, cosine, constant, ..."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    logging_steps: float = field(default=10, metadata={"help": "Steps between log lines."})
+    save_steps: float = field(default=100, metadata={"help": "Steps between checkpoints."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep 'eligible' in batches."})
+    use_cpu: bool = field(default=False, metadata={"help": "Force CPU even when CUDA is present."})
+    # the Trainer computes an eval loss only for batches with labels; "eligible" plays that role
+    label_names: list[str] | None = field(default_factory=lambda: ["eligible"], metadata={"help": "Do not change."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Eval computes the loss only."})
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if not 0.0 <= self.eps < 1.0:
+            raise ConfigError(f"eps must lie in [0, 1), got {self.eps}")
+        if not 0.0 < self.mix <= 1.0:
+            raise ConfigError(f"mix (lambda) must lie in (0, 1], got {self.mix}")
+        if not 0.0 <= self.clip_low < self.clip_high <= 1.0:
+            raise ConfigError(f"need 0 <= clip_low < clip_high <= 1, got {self.clip_low}, {self.clip_high}")
+        if self.isad_delta < 0:
+            raise ConfigError(f"isad_delta must be >= 0, got {self.isad_delta}")
+        if not 0.0 < self.isad_q_max < 1.0:
+            raise ConfigError(
+                f"isad_q_max must be < 1 (q = 1 never shows the token, so no weight can correct "
+                f"the bias) and > 0, got {self.isad_q_max}"
+            )
+        if self.masking == "isad" and not self.isad_tokens:
+            raise ConfigError("masking=isad needs isad_tokens, e.g. isad_tokens=['#']")
+        if self.masking == "isad" and self.rate == "count":
+            raise ConfigError("masking=isad has no count-mode form: set rate=t or another masking")
+        if self.compute_matched and self.masking != "mirror":
+            raise ConfigError("compute_matched only applies to masking=mirror")
+        if self.objective == "arm" and (
+            self.sampler != "uniform" or self.masking != "iid" or self.rate != "t" or self.scheme != "iid"
+        ):
+            raise ConfigError(
+                "objective=arm draws no rates or masks: leave sampler, scheme, masking and rate at "
+                "their defaults (uniform, iid, iid, t)"
+            )
+        if self.ppots_file is not None and self.sampler != "ppots":
+            raise ConfigError("ppots_file is only used with sampler=ppots")
+        for name in ("ppots_sequences", "ppots_rates", "ppots_masks", "ema_bins", "ema_refresh_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ppots_rates < 2:
+            raise ConfigError("ppots_rates must be >= 2 to fit a density")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        super().__post_init__()
+
+    def _check_choices(self) -> None:
+        hints = typing.get_type_hints(StableMDMConfig)
+        for f in dataclasses.fields(StableMDMConfig):
+            if f.name in _OWN_FIELDS and get_origin(hints[f.name]) is Literal:
+                allowed = get_args(hints[f.name])
+                if getattr(self, f.name) not in allowed:
+                    raise ConfigError(
+                        f"{f.name} must be one of {', '.join(map(str, allowed))}; "
+                        f"got {getattr(self, f.name)!r}"
+                    )
+
+    def resolved(self) -> dict[str, Any]:
+        """Every stablemdm field plus each TrainingArguments field that differs from its
+        default: enough to re-run this exact training with `stablemdm train --config`."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.init or f.name in _DERIVED:
+                continue
+            value = getattr(self, f.name)
+            if f.name in _OWN_FIELDS or f.name in _OVERRIDDEN or value != _BASE_DEFAULTS.get(f.name):
+                out[f.name] = _plain(value)
+        return out
+
+
+_OWN_FIELDS = {f.name for f in dataclasses.fields(StableMDMConfig)} - {
+    f.name for f in dataclasses.fields(TrainingArguments)
+}
+_OVERRIDDEN = {
+    "output_dir", "learning_rate", "max_steps", "per_device_train_batch_size", "warmup_steps",
+    "lr_scheduler_type", "max_grad_norm", "weight_decay", "logging_steps", "save_steps",
+    "report_to", "remove_unused_columns", "use_cpu", "seed", "label_names", "prediction_loss_only",
+}
+# TrainingArguments' declared defaults (building an instance would reset accelerate's state)
+_BASE_DEFAULTS = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(TrainingArguments)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+}
+# set by TrainingArguments.__post_init__ from other fields; writing them back would pin them
+_DERIVED = {"logging_dir", "hub_token", "local_rank", "accelerator_config", "parallelism_config"}
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-safe copy of a config value (enums become their values)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a parsed literal fits a field's annotation (lenient for complex HF unions)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list or hint is list:
+        inner = get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner[0]) for v in value) if inner else isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint) or isinstance(value, str)  # enums accept their string values
+    return True
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the field's type; ints are accepted for floats."""
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}")
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `key=value`; the value is parsed as a YAML literal (`3`, `1e-3`, `true`, `[a, b]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value does not parse ({err})") from err
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)
+    return key.strip(), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    """YAML 1.1 reads '1e-3' as a string; accept it as the float a user means."""
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return not raw.strip().lstrip("+-").isdigit()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> StableMDMConfig:
+    """Build the config from a flat YAML recipe and `key=value` overrides (later wins)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a flat mapping of field: value")
+        for key, value in data.items():
+            values[key], sources[key] = value, str(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key], sources[key] = value, "command line"
+    hints = typing.get_type_hints(StableMDMConfig)
+    known = {f.name for f in dataclasses.fields(StableMDMConfig) if f.init}
+    for key, value in values.items():
+        if key not in known:
+            close = [k for k in sorted(known) if key in k or k in key][:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{sources[key]}: unknown config key {key!r}{hint}")
+        values[key] = _coerce(key, value, hints[key], sources[key])
+    try:
+        return StableMDMConfig(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"invalid configuration: {err}") from err
+
+
+def save_config(config: StableMDMConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.resolved(), sort_keys=True))
+    tmp.replace(path)
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(name, default, help) for every stablemdm field, for `--help` and the docs."""
+    rows = []
+    for f in dataclasses.fields(StableMDMConfig):
+        if f.name in _OWN_FIELDS or f.name in _OVERRIDDEN:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, repr(default), f.metadata.get("help", "")))
+    return rows

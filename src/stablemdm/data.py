@@ -1,0 +1,185 @@
+"""Examples, JSONL files, and encoding examples into the `[B, L]` batch layout of
+docs/architecture.md: `[prompt][<sep>][response][<eos>][<eos> fill ...][<pad> ...]`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .tokenizer import CharTokenizer
+
+MAX_ERRORS_SHOWN = 20
+
+T = TypeVar("T")
+
+
+class DataError(ValueError):
+    """Bad training or evaluation data; the message names the file, line or example."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/response pair with its gold final answer; `source` locates it for errors and
+    `meta` carries task-specific data (ignored by equality and hashing)."""
+
+    prompt: str
+    response: str
+    answer: str
+    source: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+def map_jsonl(path: str | Path, parse: Callable[[dict, str], T]) -> list[T]:
+    """Apply `parse(record, source)` to every JSON object line of `path` (blank lines skipped).
+
+    `parse` raises DataError for a bad record; all errors of the file are collected and raised
+    as one DataError with one `path:line: problem` entry per bad line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read data file {path}: {err}") from None
+    results: list[T] = []
+    errors: list[str] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            errors.append(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(record, dict):
+            errors.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+            continue
+        try:
+            results.append(parse(record, where))
+        except DataError as err:
+            errors.append(f"{where}: {err}")
+    if errors:
+        shown = errors[:MAX_ERRORS_SHOWN]
+        if len(errors) > len(shown):
+            shown.append(f"... and {len(errors) - len(shown)} more")
+        raise DataError(f"{len(errors)} malformed line(s) in {path}:\n" + "\n".join(shown))
+    if not results:
+        raise DataError(f"{path} contains no records")
+    return results
+
+
+def _string_field(record: dict, key: str, required: bool) -> str | None:
+    """The string value of `record[key]`; DataError when it is missing (if required) or bad."""
+    if key not in record:
+        if required:
+            raise DataError(f"missing field '{key}'")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"field '{key}' must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise DataError(f"field '{key}' is empty")
+    return value
+
+
+def _example_from_record(record: dict, source: str) -> Example:
+    """An Example from {"prompt", "response", "answer" (optional, default: the response)}."""
+    prompt = _string_field(record, "prompt", required=True)
+    response = _string_field(record, "response", required=True)
+    answer = _string_field(record, "answer", required=False)
+    return Example(prompt, response, response if answer is None else answer, source)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Examples from a JSONL file of {"prompt": str, "response": str, "answer": str (optional)};
+    extra keys are ignored."""
+    return map_jsonl(path, _example_from_record)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping]) -> None:
+    """Write one JSON object per line, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prompt_ids(example: Example, tokenizer: CharTokenizer) -> list[int]:
+    """The conditioning part of a row: prompt ids followed by `<sep>`."""
+    ids = tokenizer.encode(example.prompt, where=f"{example.source}, field 'prompt'")
+    return ids + [tokenizer.sep_token_id]
+
+
+def _response_ids(example: Example, tokenizer: CharTokenizer) -> list[int]:
+    """Response ids followed by `<eos>`; DataError for an empty response."""
+    if not example.response:
+        raise DataError(f"{example.source}: empty response; every example needs a response")
+    ids = tokenizer.encode(example.response, where=f"{example.source}, field 'response'")
+    return ids + [tokenizer.eos_token_id]
+
+
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer: CharTokenizer,
+    max_length: int,
+    gen_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode examples into `input_ids` (long), `attention_mask` and `eligible` (bool), all
+    `[N, max_length]`.
+
+    With `gen_length` (MDM canvas, as in LLaDA SFT) the response region (response, `<eos>`,
+    `<eos>` fill) is exactly `gen_length` long; without it the row ends at the first `<eos>`.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if gen_length is not None and gen_length <= 0:
+        raise ValueError(f"gen_length must be positive, got {gen_length}")
+    n = len(examples)
+    input_ids = torch.full((n, max_length), tokenizer.pad_token_id, dtype=torch.long)  # [N, L]
+    eligible = torch.zeros((n, max_length), dtype=torch.bool)  # [N, L]
+    for row, example in enumerate(examples):
+        head = prompt_ids(example, tokenizer)
+        tail = _response_ids(example, tokenizer)
+        if gen_length is not None:
+            if len(tail) > gen_length:
+                raise DataError(
+                    f"{example.source}: response + <eos> is {len(tail)} tokens but gen_length "
+                    f"is {gen_length}; raise gen_length or drop this example"
+                )
+            if len(head) + gen_length > max_length:
+                raise DataError(
+                    f"{example.source}: prompt + <sep> is {len(head)} tokens, plus gen_length "
+                    f"{gen_length} makes {len(head) + gen_length} > max_length {max_length}; "
+                    "raise max_length or drop this example"
+                )
+            tail = tail + [tokenizer.eos_token_id] * (gen_length - len(tail))
+        elif len(head) + len(tail) > max_length:
+            raise DataError(
+                f"{example.source}: prompt + <sep> ({len(head)}) + response + <eos> "
+                f"({len(tail)}) is {len(head) + len(tail)} tokens > max_length {max_length}; "
+                "raise max_length or drop this example"
+            )
+        end = len(head) + len(tail)
+        input_ids[row, : len(head)] = torch.tensor(head, dtype=torch.long)
+        input_ids[row, len(head) : end] = torch.tensor(tail, dtype=torch.long)
+        eligible[row, len(head) : end] = True
+    attention_mask = input_ids != tokenizer.pad_token_id  # [N, L]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "eligible": eligible}

@@ -1,0 +1,257 @@
+"""Decoding: LLaDA-style MDM decoding into a canvas of masks, and ARM greedy decoding.
+
+MDM: each row's canvas is `gen_length` masks placed right after its prompt (the training
+layout of docs/architecture.md), decoded in semi-autoregressive blocks; each iteration
+predicts every masked position and unmasks the most confident ones of the current block.
+ARM: one forward pass per new token over the whole prefix (no cache; the models are small).
+Both return, per row, the generated tokens before the first `<eos>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from .losses import Model, logits_of
+
+REMASKING = ("low_confidence", "random")
+
+
+def unmask_schedule(n_masked: int, steps: int) -> list[int]:
+    """How many positions each of `steps` iterations unmasks: `n_masked` spread as evenly as
+    possible, remainder to the earliest iterations (LLaDA), so the counts sum to `n_masked`."""
+    base, extra = divmod(n_masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+@contextmanager
+def _eval_mode(model: Model) -> Iterator[None]:
+    """Run under no_grad with an nn.Module in eval mode, restoring its training mode after."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train(True)
+
+
+def _model_device(model: Model) -> torch.device:
+    """The device of the model's first parameter (CPU for parameterless models)."""
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device):
+    """U(0,1) draws on the generator's device, moved to `device` (CPU generators work anywhere)."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _require_generator(generator: torch.Generator | None, why: str) -> torch.Generator:
+    """Randomness never comes from the global RNG: a draw needs an explicit generator."""
+    if generator is None:
+        raise ValueError(f"{why} draws random numbers; pass generator=torch.Generator()")
+    return generator
+
+
+def _pick_tokens(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Greedy argmax when temperature == 0, else Gumbel-max sampling at that temperature."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    u = _uniform(tuple(logits.shape), generator, logits.device).clamp_min(
+        torch.finfo(torch.float32).tiny
+    )
+    gumbel = -torch.log(-torch.log(u))  # [..., V]
+    return (logits / temperature + gumbel).argmax(dim=-1)
+
+
+def _truncate_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    """The tokens before the first `<eos>` (all of them when there is none)."""
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], where: str) -> list[list[int]]:
+    """Prompts as lists of ints; each must be non-empty (decoding conditions on them)."""
+    rows = [list(p) for p in prompts]
+    for b, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"{where}: prompt {b} is empty; every prompt needs at least <sep>")
+    return rows
+
+
+def _check_temperature(temperature: float, generator: torch.Generator | None, where: str) -> None:
+    """Temperature must be >= 0; sampling (> 0) needs an explicit generator."""
+    if temperature < 0.0:
+        raise ValueError(f"{where}: temperature={temperature} is negative; use 0 for greedy")
+    if temperature > 0.0:
+        _require_generator(generator, f"{where} with temperature={temperature}")
+
+
+def generate_mdm(
+    model: Model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    mask_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    remasking: str = "low_confidence",
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Decode a canvas of `gen_length` masks after each prompt, LLaDA style: `gen_length /
+    block_length` blocks left to right, `steps / n_blocks` model calls per block, each call
+    unmasking that block's most confident masked positions (`unmask_schedule` counts; with
+    more iterations than block positions, the iterations that would unmask nothing are skipped).
+
+    `remasking`: "low_confidence" (confidence = softmax probability of the chosen token) or
+    "random" (confidence = U(0,1) from `generator`). The mask and pad tokens are never chosen.
+    After each block a row whose decoded canvas holds `<eos>` is finished; decoding stops once
+    all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
+    """
+    where = "generate_mdm"
+    if gen_length < 1 or block_length < 1 or steps < 1:
+        raise ValueError(
+            f"{where}: gen_length={gen_length}, block_length={block_length}, steps={steps} "
+            "must all be positive"
+        )
+    if gen_length % block_length != 0:
+        raise ValueError(
+            f"{where}: block_length={block_length} does not divide gen_length={gen_length}; "
+            "choose a block_length that divides gen_length"
+        )
+    n_blocks = gen_length // block_length
+    if steps % n_blocks != 0:
+        raise ValueError(
+            f"{where}: steps={steps} is not a multiple of the number of blocks "
+            f"{n_blocks} (= gen_length / block_length); choose steps divisible by {n_blocks}"
+        )
+    if remasking not in REMASKING:
+        raise ValueError(f"{where}: unknown remasking={remasking!r}; choose one of {REMASKING}")
+    _check_temperature(temperature, generator, where)
+    if remasking == "random":
+        _require_generator(generator, f"{where} with remasking='random'")
+    rows = _check_prompts(prompts, where)
+    if not rows:
+        return []
+
+    device = _model_device(model)
+    n_rows = len(rows)
+    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
+    total = int(prompt_len.max()) + gen_length
+    positions = torch.arange(total, device=device)  # [L]
+    x = torch.full((n_rows, total), pad_token_id, dtype=torch.long, device=device)  # [B, L]
+    for b, row in enumerate(rows):
+        x[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
+    x.scatter_(1, canvas, mask_token_id)
+    attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
+    schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
+
+    with _eval_mode(model):
+        for block in range(n_blocks):
+            block_pos = canvas[:, block * block_length : (block + 1) * block_length]  # [B, Lb]
+            for n_unmask in schedule:
+                logits = logits_of(model, x, attention_mask)  # [B, L, V]
+                index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
+                block_logits = logits.gather(1, index).float()  # [B, Lb, V]
+                block_logits[..., mask_token_id] = float("-inf")
+                block_logits[..., pad_token_id] = float("-inf")
+                chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
+                if remasking == "low_confidence":
+                    probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
+                    confidence = probs.gather(2, chosen[:, :, None]).squeeze(2)  # [B, Lb]
+                else:
+                    confidence = _uniform(tuple(chosen.shape), generator, device)  # [B, Lb]
+                current = x.gather(1, block_pos)  # [B, Lb]
+                masked = current == mask_token_id  # [B, Lb]
+                confidence = confidence.masked_fill(~masked, float("-inf"))
+                top = confidence.topk(n_unmask, dim=1).indices  # [B, k]
+                unmask = torch.zeros_like(masked).scatter_(1, top, True) & masked  # [B, Lb]
+                x.scatter_(1, block_pos, torch.where(unmask, chosen, current))
+            decoded = x.gather(1, canvas[:, : (block + 1) * block_length])  # [B, G_done]
+            if bool((decoded == eos_token_id).any(dim=1).all()):
+                break
+
+    out = x.gather(1, canvas).tolist()  # [B, G]
+    return [_truncate_at_eos(tokens, eos_token_id) for tokens in out]
+
+
+def generate_arm(
+    model: Model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Autoregressive decoding with a causal model: one forward pass per new token over the
+    right-padded prefix, reading each row's logits at its last real position. A row stops at
+    `<eos>` or after `max_new_tokens`; returns its new tokens before the first `<eos>`."""
+    where = "generate_arm"
+    if max_new_tokens < 1:
+        raise ValueError(f"{where}: max_new_tokens={max_new_tokens} must be positive")
+    _check_temperature(temperature, generator, where)
+    rows = _check_prompts(prompts, where)
+    if not rows:
+        return []
+
+    device = _model_device(model)
+    n_rows = len(rows)
+    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
+    total = int(prompt_len.max()) + max_new_tokens
+    positions = torch.arange(total, device=device)  # [L]
+    x = torch.full((n_rows, total), pad_token_id, dtype=torch.long, device=device)  # [B, L]
+    for b, row in enumerate(rows):
+        x[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    length = prompt_len.clone()  # [B]
+    active = torch.ones(n_rows, dtype=torch.bool, device=device)  # [B]
+    row_index = torch.arange(n_rows, device=device)  # [B]
+
+    with _eval_mode(model):
+        for _ in range(max_new_tokens):
+            width = int(length.max())
+            attention_mask = positions[None, :width] < length[:, None]  # [B, W]
+            logits = logits_of(model, x[:, :width], attention_mask)  # [B, W, V]
+            last = logits[row_index, length - 1].float()  # [B, V]
+            last[:, pad_token_id] = float("-inf")
+            chosen = _pick_tokens(last, temperature, generator)  # [B]
+            write = row_index[active]
+            x[write, length[write]] = chosen[write]
+            length = length + active.long()
+            active = active & (chosen != eos_token_id)
+            if not bool(active.any()):
+                break
+
+    new_tokens = [x[b, len(row) : int(length[b])].tolist() for b, row in enumerate(rows)]
+    return [_truncate_at_eos(tokens, eos_token_id) for tokens in new_tokens]
+
+
+GENERATORS: dict[str, Callable[..., list[list[int]]]] = {
+    "mdm": generate_mdm,
+    "arm": generate_arm,
+}
+
+
+def generate(
+    model: Model, prompts: Sequence[Sequence[int]], *, objective: str, **options
+) -> list[list[int]]:
+    """Decode with the decoder of the training objective ("mdm" or "arm"); `options` are that
+    decoder's keyword arguments."""
+    if objective not in GENERATORS:
+        raise ValueError(
+            f"generate: unknown objective={objective!r}; choose one of {tuple(GENERATORS)}"
+        )
+    return GENERATORS[objective](model, prompts, **options)

@@ -1,0 +1,146 @@
+"""Task accuracy: decode every prompt of a split, extract and score the answers, keep records.
+
+Decoding settings default to the paper's (section 4): one token per step (`steps =
+gen_length`), blocks of at most 32 tokens, greedy low-confidence remasking. Any randomness
+(sampling, random remasking) comes from one generator seeded with `seed`, so a rerun with the
+same settings reproduces the records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .data import Example, prompt_ids, write_jsonl
+from .decoding import GENERATORS, Model, generate
+from .tokenizer import CharTokenizer
+
+MAX_BLOCK_LENGTH = 32
+
+
+class ScoredTask(Protocol):
+    """What `evaluate` needs from a task (tasks.Task provides it)."""
+
+    name: str
+    gen_length: int
+
+    def examples(self, split: str) -> list[Example]: ...
+    def extract(self, output: str) -> str | None: ...
+    def score(self, output: str, example: Example) -> bool: ...
+
+
+@dataclass
+class EvalResult:
+    """Accuracy over `n` items and one record per item (index, source, prompt, output,
+    extracted, gold, correct)."""
+
+    accuracy: float
+    n: int
+    n_correct: int
+    records: list[dict]
+
+
+def default_block_length(gen_length: int) -> int:
+    """The largest divisor of `gen_length` that is at most 32 (LLaDA's block of 32 when
+    gen_length is a multiple of 32; gen_length itself when it is at most 32)."""
+    if gen_length < 1:
+        raise ValueError(f"default_block_length: gen_length={gen_length} must be positive")
+    return max(b for b in range(1, min(MAX_BLOCK_LENGTH, gen_length) + 1) if gen_length % b == 0)
+
+
+def _model_to(model: Model, device: str | torch.device | None) -> None:
+    """Move an nn.Module to `device` when one is given (decoding runs where the model lives)."""
+    if device is not None and isinstance(model, torch.nn.Module):
+        model.to(device)
+
+
+def evaluate(
+    model: Model,
+    tokenizer: CharTokenizer,
+    task: ScoredTask,
+    split: str = "test",
+    *,
+    objective: str = "mdm",
+    limit: int | None = None,
+    batch_size: int = 32,
+    gen_length: int | None = None,
+    steps: int | None = None,
+    block_length: int | None = None,
+    remasking: str = "low_confidence",
+    temperature: float = 0.0,
+    seed: int = 0,
+    output_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> EvalResult:
+    """Decode the first `limit` examples of `task`'s `split` in batches, score them with the
+    task, and optionally write the records as JSONL to `output_path`.
+
+    Defaults: `gen_length = task.gen_length`, `steps = gen_length`, `block_length =
+    default_block_length(gen_length)`; for "arm", `max_new_tokens = gen_length` (`steps`,
+    `block_length`, `remasking` unused). `device`, when given, moves the model there first.
+    """
+    where = f"evaluate(task={task.name!r}, split={split!r})"
+    if objective not in GENERATORS:
+        raise ValueError(
+            f"{where}: unknown objective={objective!r}; choose one of {tuple(GENERATORS)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"{where}: batch_size={batch_size} must be positive")
+    if limit is not None and limit < 1:
+        raise ValueError(f"{where}: limit={limit} must be positive or None (all examples)")
+    examples = task.examples(split)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"{where}: the split has no examples; check the task's data")
+
+    gen_length = task.gen_length if gen_length is None else gen_length
+    if objective == "mdm":
+        steps = gen_length if steps is None else steps
+        block_length = default_block_length(gen_length) if block_length is None else block_length
+        options = dict(
+            mask_token_id=tokenizer.mask_token_id,
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            remasking=remasking,
+        )
+    else:
+        options = dict(max_new_tokens=gen_length)
+    _model_to(model, device)
+    generator = torch.Generator().manual_seed(seed)
+
+    records: list[dict] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        outputs = generate(
+            model,
+            [prompt_ids(example, tokenizer) for example in batch],
+            objective=objective,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            generator=generator,
+            **options,
+        )
+        for offset, (example, tokens) in enumerate(zip(batch, outputs, strict=True)):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            records.append(
+                {
+                    "index": start + offset,
+                    "source": example.source,
+                    "prompt": example.prompt,
+                    "output": text,
+                    "extracted": task.extract(text),
+                    "gold": example.answer,
+                    "correct": bool(task.score(text, example)),
+                }
+            )
+
+    if output_path is not None:
+        write_jsonl(output_path, records)
+    n_correct = sum(r["correct"] for r in records)
+    return EvalResult(n_correct / len(records), len(records), n_correct, records)

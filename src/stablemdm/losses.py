@@ -1,0 +1,94 @@
+"""Per-sequence training losses (paper.md section 1).
+
+Both losses return per-sequence values `[B]` and their mean; the caller reduces further and
+the variance estimators use the same vector. Variance-reduction methods never change this
+code: they change which t and masks are drawn and the per-sequence weight passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masking import apply_mask
+
+Model = Callable[..., object]
+
+
+@dataclass
+class Loss:
+    """A loss evaluation: `per_sequence` `[B]`, its mean `loss`, and the token-level pieces
+    (`token_nll` `[B, L]`, zero off `scored`) so metrics reuse the numbers the gradient saw."""
+
+    loss: torch.Tensor
+    per_sequence: torch.Tensor
+    token_nll: torch.Tensor
+    scored: torch.Tensor
+
+
+def logits_of(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Call any model `model(input_ids, attention_mask)` and return logits `[B, L, V]`
+    (plain tensors and Hugging Face outputs with `.logits` both work)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy `[B, L]` of targets under logits `[B, L, V]`, computed in fp32."""
+    b, l, v = logits.shape
+    return F.cross_entropy(logits.float().reshape(b * l, v), targets.reshape(b * l), reduction="none").view(b, l)
+
+
+def mdm_loss(
+    model: Model,
+    x0: torch.Tensor,
+    eligible: torch.Tensor,
+    mask: torch.Tensor,
+    p: torch.Tensor,
+    mask_token_id: int,
+    attention_mask: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> Loss:
+    """ELBO-weighted MDM loss per sequence:
+
+        l_b = weight_b * (1/|E_b|) * sum_{i in E_b, mask_i} CE_i(x0 | x_t) / p_b
+
+    `p` `[B]` is the masking probability the ELBO divides by: p_mask(t) in rate mode, k/|E|
+    in count mode. A sequence whose draw masks nothing contributes 0 and still counts in the
+    mean (dropping it would bias the estimator).
+    """
+    xt = apply_mask(x0, mask, mask_token_id)  # [B, L]
+    logits = logits_of(model, xt, attention_mask)  # [B, L, V]
+    scored = mask & eligible
+    nll = _token_nll(logits, x0) * scored  # [B, L]
+    n_eligible = eligible.sum(dim=1).clamp(min=1)  # [B]
+    per_sequence = nll.sum(dim=1) / (n_eligible * p)
+    if weight is not None:
+        per_sequence = per_sequence * weight
+    return Loss(per_sequence.mean(), per_sequence, nll, scored)
+
+
+def arm_loss(
+    model: Model,
+    x0: torch.Tensor,
+    eligible: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> Loss:
+    """Autoregressive loss per sequence: mean next-token cross-entropy over eligible positions.
+
+    Position i is predicted from positions < i, so the logits are shifted by one.
+    """
+    logits = logits_of(model, x0, attention_mask)[:, :-1]  # [B, L-1, V]
+    targets = x0[:, 1:]
+    scored = torch.zeros_like(eligible)
+    scored[:, 1:] = eligible[:, 1:]
+    nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+    nll[:, 1:] = _token_nll(logits, targets) * scored[:, 1:]
+    per_sequence = nll.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+    if weight is not None:
+        per_sequence = per_sequence * weight
+    return Loss(per_sequence.mean(), per_sequence, nll, scored)

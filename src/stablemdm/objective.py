@@ -1,0 +1,200 @@
+"""The training objective in one place: rate sampler -> masks -> model -> loss -> weights.
+
+`Objective` turns a batch into per-sequence estimates of the MDM (or ARM) loss. The
+variance-reduction methods of paper.md section 3 only change which rates (or counts) and
+which masks are drawn and the weight each sequence carries; the loss itself is always
+`losses.mdm_loss`. The trainer and the variance tool both call this, so what is measured is
+exactly what is trained.
+
+Per sequence, in rate mode (`rate="t"`):
+
+    t, w = sampler.sample(...)        # w = 1 / p(t), the importance weight
+    mask ~ Bernoulli(p_mask(t))       # iid, MIRROR pair, or ISAD with its likelihood ratio
+    l = w * (1/|E|) * sum_masked CE / p_mask(t)
+
+In count mode (`rate="count"`, this project's addition) a count k in 1..|E| replaces t, the
+mask is a uniform k-subset and the ELBO factor becomes k/|E| (paper.md section 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .masking import (
+    DEFAULT_EPS,
+    bernoulli_mask,
+    iid_mask,
+    isad_log_ratio,
+    isad_probabilities,
+    mirror_masks,
+    mirror_subset_masks,
+    p_mask,
+    subset_mask,
+)
+from .losses import Model, arm_loss, mdm_loss
+from .samplers import RateSampler, Uniform
+
+ObjectiveKind = Literal["mdm", "arm"]
+RateMode = Literal["t", "count"]
+MaskingScheme = Literal["iid", "mirror", "isad"]
+
+
+@dataclass
+class ObjectiveOutput:
+    """One evaluation of the objective on a batch.
+
+    `per_sequence` `[B]` is the weighted estimate whose mean is the training loss;
+    `unweighted` `[B]` is the same without the importance weight (what P-POTS and EMA
+    estimate S(t) from); `rate` `[B]` is t, or k/|E| in count mode; `weight` `[B]`;
+    `forward_passes` counts sequence-forward passes (MIRROR costs two per sequence).
+    """
+
+    loss: torch.Tensor
+    per_sequence: torch.Tensor
+    unweighted: torch.Tensor
+    rate: torch.Tensor
+    weight: torch.Tensor
+    forward_passes: int
+
+
+@dataclass
+class Objective:
+    """A fully specified estimator of the training loss (see the module docstring).
+
+    `isad_token_ids` are the vocabulary ids whose masking probability ISAD raises.
+    """
+
+    mask_token_id: int
+    kind: ObjectiveKind = "mdm"
+    rate: RateMode = "t"
+    masking: MaskingScheme = "iid"
+    sampler: RateSampler | None = None
+    eps: float = DEFAULT_EPS
+    isad_token_ids: tuple[int, ...] = ()
+    isad_delta: float = 0.2
+    isad_q_max: float = 0.95
+    compute_matched: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler is None:
+            self.sampler = Uniform()
+        if self.kind not in ("mdm", "arm"):
+            raise ValueError(f"objective must be 'mdm' or 'arm', got {self.kind!r}")
+        if self.rate not in ("t", "count"):
+            raise ValueError(f"rate must be 't' or 'count', got {self.rate!r}")
+        if self.masking not in ("iid", "mirror", "isad"):
+            raise ValueError(f"masking must be 'iid', 'mirror' or 'isad', got {self.masking!r}")
+        if self.masking == "isad":
+            if not self.isad_token_ids:
+                raise ValueError("masking 'isad' needs at least one ISAD token (isad_tokens)")
+            if self.rate == "count":
+                raise ValueError(
+                    "ISAD raises per-token probabilities, which has no count-mode form: "
+                    "use rate 't' with masking 'isad', or a different masking with rate 'count'"
+                )
+            isad_probabilities(  # validates delta and q_max up front
+                torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool),
+                torch.full((1,), 0.5), self.isad_delta, self.isad_q_max,
+            )
+        if self.compute_matched and self.masking != "mirror":
+            raise ValueError("compute_matched only applies to masking 'mirror'")
+        p_mask(torch.zeros(1), self.eps)
+
+    def draw_rates(
+        self, n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the global batch's rates (or count fractions) `[n * world_size]` with a
+        generator shared by all processes and return this process's slice of (u-level rate,
+        weight). Sharing the draw is what lets StraTS stratify the global batch."""
+        t, w = self.sampler.sample(n * world_size, generator)
+        return t[rank * n : (rank + 1) * n], w[rank * n : (rank + 1) * n]
+
+    def __call__(
+        self,
+        model: Model,
+        batch: dict[str, torch.Tensor],
+        rate_generator: torch.Generator | None = None,
+        mask_generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> ObjectiveOutput:
+        """Evaluate the objective on `batch` (`input_ids`, `attention_mask`, `eligible`)."""
+        if self.kind == "arm":  # no rate, no mask: the only randomness is the data
+            out = arm_loss(model, batch["input_ids"], batch["eligible"], batch.get("attention_mask"))
+            ones = torch.ones_like(out.per_sequence)
+            unweighted = out.per_sequence.detach()
+            return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
+        if self.compute_matched:
+            half = max(1, x0.shape[0] // 2)
+            batch = {k: v[:half] for k, v in batch.items()}
+        r, weight = self.draw_rates(batch["input_ids"].shape[0], rate_generator, rank, world_size)
+        return self.at_rates(model, batch, r, weight, mask_generator)
+
+    def at_rates(
+        self,
+        model: Model,
+        batch: dict[str, torch.Tensor],
+        r: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        """Evaluate the MDM objective at given rates `r` `[B]` (t, or the count fraction
+        k/|E| in count mode) with rate weights `weight` (default 1): the entry point for the
+        P-POTS grid estimate and the nested variance design, which fix the rates themselves."""
+        x0, eligible = batch["input_ids"], batch["eligible"]  # [B, L]
+        attention = batch.get("attention_mask")
+        b = x0.shape[0]
+        r = r.to(x0.device)
+        weight = torch.ones_like(r) if weight is None else weight.to(x0.device)
+        if self.rate == "count":
+            p, weight, masks = self._count_masks(eligible, r, weight, mask_generator)
+            rate = p
+        else:
+            p = p_mask(r, self.eps)  # [B]
+            masks, weight = self._rate_masks(x0, eligible, p, weight, mask_generator)
+            rate = r
+        if len(masks) == 2:  # MIRROR: both copies in one forward pass of the 2B batch
+            pair = [torch.cat([a, a]) if a is not None else None for a in (x0, eligible, p, attention)]
+            out = mdm_loss(
+                model, pair[0], pair[1], torch.cat(masks), pair[2], self.mask_token_id, pair[3]
+            )
+            unweighted = 0.5 * (out.per_sequence[:b] + out.per_sequence[b:])  # [B]
+        else:
+            out = mdm_loss(model, x0, eligible, masks[0], p, self.mask_token_id, attention)
+            unweighted = out.per_sequence
+        per_sequence = unweighted * weight
+        return ObjectiveOutput(
+            per_sequence.mean(), per_sequence, unweighted.detach(), rate, weight, b * len(masks)
+        )
+
+    def _rate_masks(self, x0, eligible, p, weight, generator):
+        """Masks for rate mode and the weight, times the ISAD likelihood ratio if used."""
+        if self.masking == "mirror":
+            return mirror_masks(eligible, p, generator), weight
+        if self.masking == "isad":
+            ids = torch.tensor(self.isad_token_ids, device=x0.device)
+            special = torch.isin(x0, ids)  # [B, L]
+            q = isad_probabilities(eligible, special, p, self.isad_delta, self.isad_q_max)
+            mask = bernoulli_mask(eligible, q, generator)
+            return (mask,), weight * torch.exp(isad_log_ratio(mask, eligible, p, q))
+        return (iid_mask(eligible, p, generator),), weight
+
+    def _count_masks(self, eligible, r, weight, generator):
+        """Count mode: k = ceil(|E| r), its discretised-density weight, and k-subset masks."""
+        n = eligible.sum(dim=1)  # [B]
+        if (n == 0).any():
+            raise ValueError("count mode needs at least one eligible token in every sequence")
+        k = torch.clamp(torch.ceil(n * r), min=1).minimum(n).long()  # [B]
+        if self.sampler.unbiased:
+            q = self.sampler.cdf(k / n) - self.sampler.cdf((k - 1) / n)  # q(k) [B]
+            weight = 1.0 / (n * q)
+        else:
+            weight = torch.ones_like(weight)
+        if self.masking == "mirror":
+            masks = mirror_subset_masks(eligible, k, generator)
+        else:
+            masks = (subset_mask(eligible, k, generator),)
+        return k / n, weight, masks

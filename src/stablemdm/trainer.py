@@ -1,0 +1,167 @@
+"""`StableMDMTrainer`: a `transformers.Trainer` whose loss is a stablemdm `Objective`.
+
+The subclass overrides `compute_loss` (sampler -> masks -> model -> loss) and `log` (to add
+what the sampler did: mean and spread of the rates and importance weights, tokens/s).
+Everything else (DDP, FSDP, DeepSpeed, gradient accumulation, clipping, schedules, bf16,
+checkpoints with optimizer, scheduler and RNG states) is the engine's. Callbacks write
+the stablemdm pieces into every checkpoint: model config, tokenizer, sampler state, config.
+
+Randomness: the rates and masks of optimizer step s, micro-batch j come from generators
+seeded by (seed, s, j) (shared by all processes, so StraTS stratifies the global batch) and
+(seed, s, j, rank). A resumed run therefore draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .objective import Objective
+from .samplers import EMA
+
+SAMPLER_STATE = "sampler.json"
+
+
+def seeded_generator(seed: int, *key: object) -> torch.Generator:
+    """A CPU generator whose seed is a stable hash of (seed, *key)."""
+    digest = hashlib.sha256("/".join(map(str, (seed, *key))).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def ema_of(objective: Objective) -> EMA | None:
+    """The EMA sampler inside the objective's sampler (wrapped by a scheme or not)."""
+    sampler = objective.sampler
+    while not isinstance(sampler, EMA) and hasattr(sampler, "base"):
+        sampler = sampler.base
+    return sampler if isinstance(sampler, EMA) else None
+
+
+class StableMDMTrainer(Trainer):
+    """A Trainer training `objective`; `eval_objective` gives the held-out loss."""
+
+    def __init__(self, *args, objective: Objective, eval_objective: Objective, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.eval_objective = eval_objective
+        self._micro = (-1, 0)  # (optimizer step, micro-batch index within it)
+        self._seen: dict[str, list[torch.Tensor]] = {"rate": [], "weight": []}
+        self._tokens = 0
+        self._clock = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One Monte Carlo estimate of the objective on this micro-batch."""
+        seed = self.args.seed
+        if model.training:
+            step = self.state.global_step
+            micro = self._micro[1] + 1 if self._micro[0] == step else 0
+            self._micro = (step, micro)
+            rank, world = self.args.process_index, self.args.world_size
+            out = self.objective(
+                model,
+                inputs,
+                rate_generator=seeded_generator(seed, "rate", step, micro),
+                mask_generator=seeded_generator(seed, "mask", step, micro, rank),
+                rank=rank,
+                world_size=world,
+            )
+            self._record(out, inputs)
+        else:  # held-out loss: a fixed draw per batch, the same for every method and eval
+            key = int(inputs["input_ids"].sum()), int(inputs["eligible"].sum())
+            out = self.eval_objective(
+                model, inputs, seeded_generator(seed, "eval-rate", *key),
+                seeded_generator(seed, "eval-mask", *key),
+            )
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite loss {out.loss.item()} at step {self.state.global_step}; "
+                f"checkpoints already written in {self.args.output_dir} are intact. Lower "
+                "learning_rate, raise mix (bounds the importance weights) or use bf16=false."
+            )
+        return (out.loss, {"per_sequence": out.per_sequence}) if return_outputs else out.loss
+
+    def _record(self, out, inputs) -> None:
+        """Remember what the sampler drew; feed the EMA sampler (pooled over processes)."""
+        rate, weight = out.rate.detach(), out.weight.detach()
+        self._seen["rate"].append(rate.float().cpu())
+        self._seen["weight"].append(weight.float().cpu())
+        n = len(rate)  # sequences actually used (compute_matched MIRROR uses half the batch)
+        self._tokens += int(inputs["attention_mask"][:n].sum()) * (out.forward_passes // n)
+        ema = ema_of(self.objective)
+        if ema is not None:
+            both = torch.stack([rate.float(), out.unweighted.float()])  # [2, B]
+            if self.args.world_size > 1:
+                both = self.accelerator.gather(both.T.contiguous()).T
+            ema.observe(both[0].cpu(), both[1].cpu())
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the sampler's diagnostics and throughput to each training log line."""
+        if "loss" in logs and self._seen["rate"]:
+            rate, weight = torch.cat(self._seen["rate"]), torch.cat(self._seen["weight"])
+            now = time.perf_counter()
+            logs.update(
+                t_mean=rate.mean().item(),
+                t_std=rate.std().item() if len(rate) > 1 else 0.0,
+                weight_mean=weight.mean().item(),
+                weight_std=weight.std().item() if len(weight) > 1 else 0.0,
+                weight_max=weight.max().item(),
+                tokens_per_s=self._tokens * self.args.world_size / max(now - self._clock, 1e-9),
+            )
+            self._seen = {"rate": [], "weight": []}
+            self._tokens, self._clock = 0, now
+        super().log(logs, *args, **kwargs)
+
+
+class EMACallback(TrainerCallback):
+    """Counts optimizer steps for the EMA sampler, which refreshes its density every N."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ema = ema_of(self.objective)
+        if ema is not None:
+            ema.step()
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, **{k: _finite(v) for k, v in logs.items()}}
+            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class CheckpointCallback(TrainerCallback):
+    """Writes model config, tokenizer, sampler state and run config into each checkpoint,
+    so a checkpoint folder loads with `Transformer.from_pretrained` and describes itself."""
+
+    def __init__(self, save_extras) -> None:
+        self.save_extras = save_extras
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.save_extras(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class AccuracyCallback(TrainerCallback):
+    """After each evaluation, decode part of the test split and log the accuracy."""
+
+    def __init__(self, trainer: Trainer, run_eval) -> None:
+        self.trainer = trainer
+        self.run_eval = run_eval
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.trainer.log({"eval_accuracy": self.run_eval(self.trainer.model)})
