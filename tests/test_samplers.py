@@ -341,7 +341,7 @@ class TestState:
             PPOTS.from_dict(data)
 
     def test_from_dict_rejects_a_non_dict(self):
-        with pytest.raises(ValueError, match="must be a dict"):
+        with pytest.raises(ValueError, match="expected a dict"):
             PPOTS.from_dict([1, 2])
 
 

@@ -243,6 +243,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     """Check `value` against the field's type; ints are accepted for floats."""
     if not _type_ok(value, hint):
+        if get_origin(hint) is Literal:
+            allowed = ", ".join(map(str, get_args(hint)))
+            raise ConfigError(f"{where}: {key} must be one of {allowed}; got {value!r}")
         raise ConfigError(f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}")
     if hint is float and isinstance(value, int):
         return float(value)

@@ -48,7 +48,8 @@ class ObjectiveOutput:
 
     `per_sequence` `[B]` is the weighted estimate whose mean is the training loss;
     `unweighted` `[B]` is the same without the importance weight (what P-POTS and EMA
-    estimate S(t) from); `rate` `[B]` is t, or k/|E| in count mode; `weight` `[B]`;
+    estimate S(t) from); `rate` `[B]` is t, or (k - 1/2)/|E| in count mode (the middle of
+    the cell of rates that map to k); `weight` `[B]`;
     `forward_passes` counts sequence-forward passes (MIRROR costs two per sequence).
     """
 
@@ -150,12 +151,12 @@ class Objective:
         r = r.to(x0.device)
         weight = torch.ones_like(r) if weight is None else weight.to(x0.device)
         if self.rate == "count":
-            p, weight, masks = self._count_masks(eligible, r, weight, mask_generator)
-            rate = p
+            p, rate, weight, masks = self._count_masks(eligible, r, weight, mask_generator)
         else:
             p = p_mask(r, self.eps)  # [B]
             masks, weight = self._rate_masks(x0, eligible, p, weight, mask_generator)
             rate = r
+        p, weight, rate = p.float(), weight.float(), rate.float()  # samplers work in float64
         if len(masks) == 2:  # MIRROR: both copies in one forward pass of the 2B batch
             pair = [torch.cat([a, a]) if a is not None else None for a in (x0, eligible, p, attention)]
             out = mdm_loss(
@@ -183,7 +184,8 @@ class Objective:
         return (iid_mask(eligible, p, generator),), weight
 
     def _count_masks(self, eligible, r, weight, generator):
-        """Count mode: k = ceil(|E| r), its discretised-density weight, and k-subset masks."""
+        """Count mode: k = ceil(|E| r), its discretised-density weight 1 / (|E| q(k)), and
+        k-subset masks; returns (ELBO factor k/|E|, reported rate, weight, masks)."""
         n = eligible.sum(dim=1)  # [B]
         if (n == 0).any():
             raise ValueError("count mode needs at least one eligible token in every sequence")
@@ -197,4 +199,5 @@ class Objective:
             masks = mirror_subset_masks(eligible, k, generator)
         else:
             masks = (subset_mask(eligible, k, generator),)
-        return k / n, weight, masks
+        # ELBO factor k/|E|; the reported rate is the middle of the cell of rates that map to k
+        return k / n, (k - 0.5) / n, weight, masks

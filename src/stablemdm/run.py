@@ -217,8 +217,11 @@ class RunResult:
     log_history: list[dict]
 
 
-def train(config: StableMDMConfig, resume: bool | str = False) -> RunResult:
-    """Train the configured model; `resume` is True (latest checkpoint) or a folder."""
+def train(
+    config: StableMDMConfig, resume: bool | str = False, callbacks: list | None = None
+) -> RunResult:
+    """Train the configured model; `resume` is True (latest checkpoint) or a folder.
+    Extra `transformers.TrainerCallback`s may watch the run."""
     task = get_task(config.task, **config.task_options)
     tokenizer = CharTokenizer()
     checkpoint = find_checkpoint(config, resume) if resume else None
@@ -260,7 +263,10 @@ def train(config: StableMDMConfig, resume: bool | str = False) -> RunResult:
         data_collator=default_data_collator,
         objective=objective,
         eval_objective=eval_objective,
-        callbacks=[MetricsCallback(), CheckpointCallback(save_extras), EMACallback(objective)],
+        callbacks=[
+            MetricsCallback(), CheckpointCallback(save_extras), EMACallback(objective),
+            *(callbacks or []),
+        ],
     )
     if config.eval_accuracy:
         trainer.add_callback(AccuracyCallback(trainer, lambda m: evaluate(

@@ -54,15 +54,17 @@ def _check_mix(mix: float) -> float:
     return float(mix)
 
 
-def _check_keys(state: Mapping[str, Any], required: set[str], optional: set[str], owner: str):
+def _check_keys(
+    state: Mapping[str, Any], required: set[str], optional: set[str], owner: str
+) -> None:
     """Reject a state dict with missing or unknown keys, naming them."""
     if not isinstance(state, Mapping):
-        raise ValueError(f"{owner} state must be a dict, got {type(state).__name__}")
+        raise ValueError(f"{owner}: expected a dict, got {type(state).__name__}")
     missing = required - set(state)
     unknown = set(state) - required - optional
     if missing or unknown:
         raise ValueError(
-            f"{owner} state: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
+            f"{owner}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
             f"expected {sorted(required | optional)}"
         )
 

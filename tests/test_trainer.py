@@ -1,0 +1,196 @@
+"""The trainer: reproducible from one seed, exact resume, DDP on CPU, self-describing output
+folders, and clear errors that leave earlier output intact."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from stablemdm.config import ConfigError, load_config
+from stablemdm.model import Transformer
+from stablemdm.run import train
+from stablemdm.trainer import StableMDMTrainer
+
+SMALL = ["task=chain_sum", "task_options={n_train: 300, n_test: 20}", "model_preset=tiny",
+         "d_model=32", "n_layers=1", "per_device_train_batch_size=8", "logging_steps=1",
+         "disable_tqdm=true", "warmup_steps=2", "learning_rate=0.003"]
+
+
+def _config(tmp_path: Path, name: str, *extra: str):
+    return load_config(None, [*SMALL, f"output_dir={tmp_path / name}", *extra])
+
+
+def _losses(folder: Path) -> dict[int, float]:
+    """step -> training loss from metrics.jsonl (the last record of a step wins)."""
+    out = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def test_same_seed_gives_identical_losses(tmp_path):
+    for name in ("a", "b"):
+        train(_config(tmp_path, name, "max_steps=5", "save_steps=5"))
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == 5 and a == b
+    train(_config(tmp_path, "c", "max_steps=5", "save_steps=5", "seed=7"))
+    assert _losses(tmp_path / "c") != a
+
+
+class _Kill(TrainerCallback):
+    """Stops the process (an exception out of train) after step `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+@pytest.mark.parametrize("method", [[], ["sampler=ema", "ema_refresh_every=2", "scheme=stratified"]])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
+    steps = ["max_steps=8", "save_steps=4", *method]
+    train(_config(tmp_path, "full", *steps))
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "cut", *steps), callbacks=[_Kill(6)])
+    assert (tmp_path / "cut" / "checkpoint-4").is_dir()
+    train(_config(tmp_path, "cut", *steps), resume=True)
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [cut[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]
+    a = Transformer.from_pretrained(tmp_path / "full").state_dict()
+    b = Transformer.from_pretrained(tmp_path / "cut").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resolved_config_reruns_the_same_training(tmp_path):
+    train(_config(tmp_path, "a", "max_steps=4", "save_steps=4", "masking=mirror", "eps=0.01"))
+    resolved = tmp_path / "a" / "config.yaml"
+    again = load_config(resolved, [f"output_dir={tmp_path / 'b'}"])
+    train(again)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert again.masking == "mirror" and again.eps == 0.01
+
+
+def test_checkpoint_describes_itself(tmp_path):
+    train(_config(tmp_path, "a", "max_steps=2", "save_steps=2"))
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sampler.json",
+                 "config.yaml", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    assert Transformer.from_pretrained(ckpt).config.d_model == 32
+
+
+def test_logs_sampler_diagnostics_and_throughput(tmp_path):
+    train(_config(tmp_path, "a", "max_steps=2", "save_steps=2", "sampler=clipped"))
+    record = next(json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+    for key in ("loss", "learning_rate", "t_mean", "t_std", "weight_mean", "weight_std", "tokens_per_s"):
+        assert key in record
+    assert 0.2 <= record["t_mean"] <= 0.8
+
+
+def test_init_from_fine_tunes_a_saved_model(tmp_path):
+    train(_config(tmp_path, "base", "max_steps=2", "save_steps=2"))
+    train(_config(tmp_path, "arm", "max_steps=2", "save_steps=2", "objective=arm",
+                  f"init_from={tmp_path / 'base'}"))
+    assert Transformer.from_pretrained(tmp_path / "arm").config.causal
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    """Two gloo processes train, hold identical parameters, and write one checkpoint."""
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        from transformers import TrainerCallback
+        from stablemdm.config import load_config
+        from stablemdm.run import train
+
+        class Dump(TrainerCallback):
+            def on_train_end(self, args, state, control, model=None, **kw):
+                rank = int(os.environ["RANK"])
+                flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+                torch.save(flat, r"{tmp_path}/params-%d.pt" % rank)
+
+        config = load_config(None, sys.argv[1:])
+        train(config, callbacks=[Dump()])
+    """))
+    args = [*SMALL, f"output_dir={tmp_path / 'ddp'}", "max_steps=3", "save_steps=3",
+            "scheme=stratified", "ddp_backend=gloo", "use_cpu=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29517", str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p0, p1 = torch.load(tmp_path / "params-0.pt"), torch.load(tmp_path / "params-1.pt")
+    assert torch.equal(p0, p1)
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint-*")) == ["checkpoint-3"]
+    fresh = Transformer.from_pretrained(tmp_path / "ddp" / "checkpoint-3")
+    flat = torch.cat([p.detach().flatten() for p in fresh.parameters()])
+    assert torch.equal(flat, p0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learning_rat=0.1", "unknown config key 'learning_rat'"),
+        ("max_steps=ten", "wrong type"),
+        ("sampler=fancy", "sampler must be one of"),
+        ("mix=0", r"mix \(lambda\) must lie in \(0, 1\]"),
+        ("isad_q_max=1.0", "isad_q_max must be < 1"),
+        ("masking=isad", "needs isad_tokens"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, "x", override)
+
+
+def test_bad_runs_fail_clearly_and_keep_what_was_written(tmp_path):
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        train(_config(tmp_path, "j", "task=jsonl", f"task_options={{train: {tmp_path}/missing.jsonl, test: {tmp_path}/missing.jsonl}}"))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(_config(tmp_path, "none", "max_steps=2"), resume=True)
+    train(_config(tmp_path, "done", "max_steps=2", "save_steps=2"))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "done").rglob("*")}
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_config(tmp_path, "done", "max_steps=2"))
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's \(seed: 42 -> 3\)"):
+        train(_config(tmp_path, "done", "max_steps=2", "seed=3"), resume=True)
+    weights = tmp_path / "done" / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="corrupted"):
+        train(_config(tmp_path, "done", "max_steps=4"), resume=True)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "done").rglob("*")}
+    assert after.keys() == before.keys()
+    assert all(after[p] == before[p] for p in after if p != weights)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions: use a file as the "folder"
+        locked = tmp_path / "file"
+        locked.write_text("")
+    with pytest.raises(ConfigError, match="not writable"):
+        train(_config(tmp_path, "unused", "max_steps=1", f"output_dir={locked / 'run'}"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    real = StableMDMTrainer.compute_loss
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.state.global_step == 1:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real(self, model, inputs, return_outputs, num_items_in_batch)
+
+    monkeypatch.setattr(StableMDMTrainer, "compute_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(_config(tmp_path, "nan", "max_steps=3", "save_steps=1"))
+    assert (tmp_path / "nan" / "checkpoint-1" / "model.safetensors").is_file()
