@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import torch
 import yaml
 from transformers import TrainingArguments
 
@@ -115,6 +117,9 @@ class StableMDMConfig(TrainingArguments):
     report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep 'eligible' in batches."})
     use_cpu: bool = field(default=False, metadata={"help": "Force CPU even when CUDA is present."})
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available, metadata={"help": "Pin batches (GPU only)."}
+    )
     # the Trainer computes an eval loss only for batches with labels; "eligible" plays that role
     label_names: list[str] | None = field(default_factory=lambda: ["eligible"], metadata={"help": "Do not change."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Eval computes the loss only."})
@@ -189,6 +194,7 @@ _OVERRIDDEN = {
     "output_dir", "learning_rate", "max_steps", "per_device_train_batch_size", "warmup_steps",
     "lr_scheduler_type", "max_grad_norm", "weight_decay", "logging_steps", "save_steps",
     "report_to", "remove_unused_columns", "use_cpu", "seed", "label_names", "prediction_loss_only",
+    "dataloader_pin_memory",
 }
 # TrainingArguments' declared defaults (building an instance would reset accelerate's state)
 _BASE_DEFAULTS = {
@@ -256,27 +262,40 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (`eval_strategy: no` stays the string
+    'no') and `1e-3` is a float, as a user means them."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with the YAML 1.2 reading of booleans and floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value`; the value is parsed as a YAML literal (`3`, `1e-3`, `true`, `[a, b]`)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: the value does not parse ({err})") from err
-    if isinstance(value, str) and _looks_like_float(raw):
-        value = float(raw)
     return key.strip(), value
-
-
-def _looks_like_float(raw: str) -> bool:
-    """YAML 1.1 reads '1e-3' as a string; accept it as the float a user means."""
-    try:
-        float(raw)
-    except ValueError:
-        return False
-    return not raw.strip().lstrip("+-").isdigit()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> StableMDMConfig:
@@ -288,7 +307,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> St
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(data, dict):

@@ -35,7 +35,7 @@ from .masking import (
     subset_mask,
 )
 from .losses import Model, arm_loss, mdm_loss
-from .samplers import RateSampler, Uniform
+from .samplers import RateSampler, Uniform, counts_from_rates
 
 ObjectiveKind = Literal["mdm", "arm"]
 RateMode = Literal["t", "count"]
@@ -129,7 +129,7 @@ class Objective:
             unweighted = out.per_sequence.detach()
             return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
         if self.compute_matched:
-            half = max(1, x0.shape[0] // 2)
+            half = max(1, batch["input_ids"].shape[0] // 2)
             batch = {k: v[:half] for k, v in batch.items()}
         r, weight = self.draw_rates(batch["input_ids"].shape[0], rate_generator, rank, world_size)
         return self.at_rates(model, batch, r, weight, mask_generator)
@@ -143,15 +143,21 @@ class Objective:
         mask_generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         """Evaluate the MDM objective at given rates `r` `[B]` (t, or the count fraction
-        k/|E| in count mode) with rate weights `weight` (default 1): the entry point for the
-        P-POTS grid estimate and the nested variance design, which fix the rates themselves."""
+        k/|E| in count mode) with rate weights `weight` (default 1; count mode replaces it by
+        1 / (|E| q(k))): the entry point for the P-POTS grid estimate and the nested variance
+        design, which fix the rates themselves."""
         x0, eligible = batch["input_ids"], batch["eligible"]  # [B, L]
         attention = batch.get("attention_mask")
         b = x0.shape[0]
         r = r.to(x0.device)
         weight = torch.ones_like(r) if weight is None else weight.to(x0.device)
         if self.rate == "count":
-            p, rate, weight, masks = self._count_masks(eligible, r, weight, mask_generator)
+            if getattr(getattr(model, "module", model), "conditions_on_t", False):
+                raise ValueError(
+                    "rate='count' integrates t out, but this model declares conditions_on_t: "
+                    "it must see t, so train it with rate='t'"
+                )
+            p, rate, weight, masks = self._count_masks(eligible, r, mask_generator)
         else:
             p = p_mask(r, self.eps)  # [B]
             masks, weight = self._rate_masks(x0, eligible, p, weight, mask_generator)
@@ -183,18 +189,13 @@ class Objective:
             return (mask,), weight * torch.exp(isad_log_ratio(mask, eligible, p, q))
         return (iid_mask(eligible, p, generator),), weight
 
-    def _count_masks(self, eligible, r, weight, generator):
+    def _count_masks(self, eligible, r, generator):
         """Count mode: k = ceil(|E| r), its discretised-density weight 1 / (|E| q(k)), and
         k-subset masks; returns (ELBO factor k/|E|, reported rate, weight, masks)."""
         n = eligible.sum(dim=1)  # [B]
         if (n == 0).any():
             raise ValueError("count mode needs at least one eligible token in every sequence")
-        k = torch.clamp(torch.ceil(n * r), min=1).minimum(n).long()  # [B]
-        if self.sampler.unbiased:
-            q = self.sampler.cdf(k / n) - self.sampler.cdf((k - 1) / n)  # q(k) [B]
-            weight = 1.0 / (n * q)
-        else:
-            weight = torch.ones_like(weight)
+        k, weight = counts_from_rates(self.sampler, r, n)  # [B], [B]
         if self.masking == "mirror":
             masks = mirror_subset_masks(eligible, k, generator)
         else:

@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 from transformers import default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import ConfigError, StableMDMConfig, save_config
+from .config import ConfigError, StableMDMConfig, load_yaml, save_config
 from .data import encode_examples
 from .evaluation import evaluate
 from .model import ModelConfig, Transformer
@@ -197,7 +196,7 @@ def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
         torch.load(path / SAMPLER_STATE, weights_only=True)
     except Exception as err:  # any parse failure means the same thing to the user
         raise ConfigError(f"--resume: checkpoint {path} is corrupted ({type(err).__name__}: {err})") from err
-    saved = yaml.safe_load((path / RUN_CONFIG).read_text())
+    saved = load_yaml((path / RUN_CONFIG).read_text())
     now = config.resolved()
     changed = sorted(
         k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)

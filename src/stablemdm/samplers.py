@@ -581,9 +581,17 @@ def sample_counts(
         raise ValueError(f"n_eligible must be 1-D [B], got shape {tuple(n_eligible.shape)}")
     if (n_eligible < 1).any():
         raise ValueError("count mode needs at least one eligible token in every sequence")
-    L = n_eligible.to(device=generator.device, dtype=F64)  # [B]
-    r = sampler.icdf(sampler.uniforms(L.numel(), generator).clamp(U_MIN, 1.0))  # [B]
-    k = torch.minimum(torch.ceil(L * r).clamp(min=1.0), L)  # [B]
+    r = sampler.icdf(sampler.uniforms(n_eligible.numel(), generator).clamp(U_MIN, 1.0))  # [B]
+    return counts_from_rates(sampler, r, n_eligible)
+
+
+def counts_from_rates(
+    sampler: RateSampler, r: torch.Tensor, n_eligible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map rates r `[B]` drawn from `sampler` to counts k = clamp(ceil(L r), 1, L) and their
+    weights 1 / (L q(k)) (1 for a biased sampler); what `sample_counts` and the objective use."""
+    L = n_eligible.to(device=r.device, dtype=F64)  # [B]
+    k = torch.minimum(torch.ceil(L * r.to(F64)).clamp(min=1.0), L)  # [B]
     if sampler.unbiased:
         weight = 1.0 / (L * _count_probability(sampler, k, L))
     else:

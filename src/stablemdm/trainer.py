@@ -104,14 +104,15 @@ class StableMDMTrainer(Trainer):
         if "loss" in logs and self._seen["rate"]:
             rate, weight = torch.cat(self._seen["rate"]), torch.cat(self._seen["weight"])
             now = time.perf_counter()
-            logs.update(
-                t_mean=rate.mean().item(),
-                t_std=rate.std().item() if len(rate) > 1 else 0.0,
-                weight_mean=weight.mean().item(),
-                weight_std=weight.std().item() if len(weight) > 1 else 0.0,
-                weight_max=weight.max().item(),
-                tokens_per_s=self._tokens * self.args.world_size / max(now - self._clock, 1e-9),
-            )
+            if self.objective.kind == "mdm":  # an ARM draws no rates and carries no weights
+                logs.update(
+                    t_mean=rate.mean().item(),
+                    t_std=rate.std().item() if len(rate) > 1 else 0.0,
+                    weight_mean=weight.mean().item(),
+                    weight_std=weight.std().item() if len(weight) > 1 else 0.0,
+                    weight_max=weight.max().item(),
+                )
+            logs["tokens_per_s"] = self._tokens * self.args.world_size / max(now - self._clock, 1e-9)
             self._seen = {"rate": [], "weight": []}
             self._tokens, self._clock = 0, now
         super().log(logs, *args, **kwargs)
