@@ -11,10 +11,21 @@ from stablemdm.samplers import PPOTS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-TINY = ["task_options={n_train: 200, n_test: 10}", "d_model=32", "n_layers=1",
-        "per_device_train_batch_size=8", "max_steps=2", "save_steps=2", "logging_steps=1",
-        "disable_tqdm=true", "eval_strategy=no", "eval_accuracy=false", "ppots_sequences=3",
-        "ppots_rates=6", "ppots_masks=2"]
+TINY = [
+    "task_options={n_train: 200, n_test: 10}",
+    "d_model=32",
+    "n_layers=1",
+    "per_device_train_batch_size=8",
+    "max_steps=2",
+    "save_steps=2",
+    "logging_steps=1",
+    "disable_tqdm=true",
+    "eval_strategy=no",
+    "eval_accuracy=false",
+    "ppots_sequences=3",
+    "ppots_rates=6",
+    "ppots_masks=2",
+]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
@@ -28,35 +39,100 @@ def test_every_shipped_recipe_trains(recipe, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "mdm"
-    assert main(["train", "--config", str(ROOT / "recipes/chain_sum_mdm.yaml"), *TINY, f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(ROOT / "recipes/chain_sum_mdm.yaml"),
+                *TINY,
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_eval_writes_records_and_prints_accuracy(trained, capsys):
-    assert main(["eval", str(trained), "--task", "chain_sum", "--task-option", "n_train=200",
-                 "--task-option", "n_test=10", "--limit", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(trained),
+                "--task",
+                "chain_sum",
+                "--task-option",
+                "n_train=200",
+                "--task-option",
+                "n_test=10",
+                "--limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and summary["objective"] == "mdm"
     records = (trained / "eval-chain_sum-test.jsonl").read_text().splitlines()
-    assert len(records) == 4 and {"prompt", "output", "extracted", "gold", "correct"} <= json.loads(records[0]).keys()
+    assert (
+        len(records) == 4
+        and {"prompt", "output", "extracted", "gold", "correct"} <= json.loads(records[0]).keys()
+    )
 
 
 def test_generate_decodes_prompts_from_arguments_and_files(trained, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "1+2"}\n\n{"prompt": "3-1"}\n')
-    assert main(["generate", str(trained), "--prompt", "4+4", "--file", str(prompts), "--gen-length", "5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(trained),
+                "--prompt",
+                "4+4",
+                "--file",
+                str(prompts),
+                "--gen-length",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.splitlines()) == 3
 
 
 def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
     out = tmp_path / "density.json"
-    assert main(["fit-t", "--config", str(ROOT / "recipes/methods/ppots.yaml"), *TINY,
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit-t",
+                "--config",
+                str(ROOT / "recipes/methods/ppots.yaml"),
+                *TINY,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     density = PPOTS.from_dict(json.loads(out.read_text()))
     assert density.source["method"] == "family" and "written to" in capsys.readouterr().out
     run = tmp_path / "reuse"
-    assert main(["train", "--config", str(ROOT / "recipes/methods/ppots.yaml"), *TINY,
-                 f"ppots_file={out}", f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(ROOT / "recipes/methods/ppots.yaml"),
+                *TINY,
+                f"ppots_file={out}",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "ppots.json").read_text())["heights"] == density.to_dict()["heights"]
 
 
@@ -65,7 +141,10 @@ def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
     [
         (["train", "learning_rat=1"], "unknown config key 'learning_rat'"),
         (["train", "task=nope"], "unknown task 'nope'"),
-        (["train", "sampler=ppots", "ppots_file=/nonexistent.json"], "ppots_file /nonexistent.json does not exist"),
+        (
+            ["train", "sampler=ppots", "ppots_file=/nonexistent.json"],
+            "ppots_file /nonexistent.json does not exist",
+        ),
         (["eval", "/nonexistent", "--task", "chain_sum"], "does not exist"),
         (["generate", "/nonexistent", "--prompt", "x"], "does not exist"),
     ],
@@ -80,7 +159,10 @@ def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
 def test_bad_density_file_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"heights": [1, 2], "mix": 0.1}')
-    assert main(["train", "sampler=ppots", f"ppots_file={bad}", *TINY, f"output_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(["train", "sampler=ppots", f"ppots_file={bad}", *TINY, f"output_dir={tmp_path / 'r'}"])
+        == 2
+    )
     assert "integrate" in capsys.readouterr().err
 
 

@@ -62,8 +62,12 @@ def test_weight_and_hf_outputs():
     p = torch.full((3,), 0.5)
     mask = eligible.clone()
     plain = mdm_loss(Uniform(), x0, eligible, mask, p, MASK)
-    weighted = mdm_loss(HFStyle(), x0, eligible, mask, p, MASK, weight=torch.tensor([1.0, 2.0, 0.0]))
-    torch.testing.assert_close(weighted.per_sequence, plain.per_sequence * torch.tensor([1.0, 2.0, 0.0]))
+    weighted = mdm_loss(
+        HFStyle(), x0, eligible, mask, p, MASK, weight=torch.tensor([1.0, 2.0, 0.0])
+    )
+    torch.testing.assert_close(
+        weighted.per_sequence, plain.per_sequence * torch.tensor([1.0, 2.0, 0.0])
+    )
 
 
 def test_mdm_loss_sees_masked_input_and_scores_only_masked_eligible():

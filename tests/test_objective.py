@@ -13,7 +13,15 @@ from scipy.special import beta, betainc
 from stablemdm.losses import mdm_loss
 from stablemdm.model import ModelConfig, Transformer
 from stablemdm.objective import Objective
-from stablemdm.samplers import EMA, PPOTS, Clipped, Mirrored, Stratified, Uniform, count_probabilities
+from stablemdm.samplers import (
+    EMA,
+    PPOTS,
+    Clipped,
+    Mirrored,
+    Stratified,
+    Uniform,
+    count_probabilities,
+)
 
 MASK, V, L_ELIG = 1, 12, 5
 
@@ -22,13 +30,19 @@ MASK, V, L_ELIG = 1, 12, 5
 def toy():
     """A random tiny bidirectional transformer (its losses depend on the whole masked
     context) and two sequences with 5 eligible positions each after a 3-token prompt."""
-    cfg = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, mask_token_id=MASK)
+    cfg = ModelConfig(
+        vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, mask_token_id=MASK
+    )
     model = Transformer(cfg, generator=torch.Generator().manual_seed(0)).eval()
     g = torch.Generator().manual_seed(1)
     x0 = torch.randint(4, V, (2, 8), generator=g)
     eligible = torch.zeros(2, 8, dtype=torch.bool)
     eligible[:, 3:] = True
-    return model, {"input_ids": x0, "eligible": eligible, "attention_mask": torch.ones_like(eligible)}
+    return model, {
+        "input_ids": x0,
+        "eligible": eligible,
+        "attention_mask": torch.ones_like(eligible),
+    }
 
 
 def _pattern_sums(model, batch):
@@ -92,8 +106,11 @@ def test_count_mode_equals_the_bernoulli_t_objective_as_eps_goes_to_zero(toy):
     for sampler in (Uniform(), _fitted_ppots()):
         count = Objective(MASK, rate="count", sampler=sampler)
         assert exact_count_objective(model, batch, count) == pytest.approx(exact0, rel=1e-6)
-    gaps = [abs(exact_rate_objective(model, batch, eps) - exact0) for eps in (1e-1, 1e-2, 1e-3, 1e-5)]
-    assert all(a > b for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 1e-3 * exact0
+    gaps = [
+        abs(exact_rate_objective(model, batch, eps) - exact0) for eps in (1e-1, 1e-2, 1e-3, 1e-5)
+    ]
+    assert all(gaps[i] > gaps[i + 1] for i in range(len(gaps) - 1))
+    assert gaps[-1] < 1e-3 * exact0
 
 
 CONFIGS = {

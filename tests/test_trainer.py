@@ -17,9 +17,18 @@ from stablemdm.model import Transformer
 from stablemdm.run import train
 from stablemdm.trainer import StableMDMTrainer
 
-SMALL = ["task=chain_sum", "task_options={n_train: 300, n_test: 20}", "model_preset=tiny",
-         "d_model=32", "n_layers=1", "per_device_train_batch_size=8", "logging_steps=1",
-         "disable_tqdm=true", "warmup_steps=2", "learning_rate=0.003"]
+SMALL = [
+    "task=chain_sum",
+    "task_options={n_train: 300, n_test: 20}",
+    "model_preset=tiny",
+    "d_model=32",
+    "n_layers=1",
+    "per_device_train_batch_size=8",
+    "logging_steps=1",
+    "disable_tqdm=true",
+    "warmup_steps=2",
+    "learning_rate=0.003",
+]
 
 
 def _config(tmp_path: Path, name: str, *extra: str):
@@ -56,7 +65,9 @@ class _Kill(TrainerCallback):
             raise KeyboardInterrupt("killed")
 
 
-@pytest.mark.parametrize("method", [[], ["sampler=ema", "ema_refresh_every=2", "scheme=stratified"]])
+@pytest.mark.parametrize(
+    "method", [[], ["sampler=ema", "ema_refresh_every=2", "scheme=stratified"]]
+)
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
     steps = ["max_steps=8", "save_steps=4", *method]
     train(_config(tmp_path, "full", *steps))
@@ -83,31 +94,67 @@ def test_resolved_config_reruns_the_same_training(tmp_path):
 def test_checkpoint_describes_itself(tmp_path):
     train(_config(tmp_path, "a", "max_steps=2", "save_steps=2"))
     ckpt = tmp_path / "a" / "checkpoint-2"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "sampler.json",
-                 "config.yaml", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "sampler.json",
+        "config.yaml",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    ):
         assert (ckpt / name).is_file(), name
     assert Transformer.from_pretrained(ckpt).config.d_model == 32
 
 
 def test_logs_sampler_diagnostics_and_throughput(tmp_path):
-    train(_config(tmp_path, "a", "max_steps=2", "save_steps=2", "sampler=clipped"))
-    record = next(json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
-    for key in ("loss", "learning_rate", "t_mean", "t_std", "weight_mean", "weight_std", "tokens_per_s"):
+    train(
+        _config(tmp_path, "a", "max_steps=2", "save_steps=2", "sampler=clipped", "log_rate_bins=10")
+    )
+    record = next(
+        json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    )
+    for key in (
+        "loss",
+        "learning_rate",
+        "t_mean",
+        "t_std",
+        "weight_mean",
+        "weight_std",
+        "tokens_per_s",
+    ):
         assert key in record
     assert 0.2 <= record["t_mean"] <= 0.8
+    bins = {k for k in record if k.startswith("rate_bin/")}
+    assert bins and all(0.2 <= float(k.split("/")[1]) <= 0.8 for k in bins)
+    assert all(
+        record[k.replace("/mean", "/m2")] >= record[k] ** 2 - 1e-9
+        for k in bins
+        if k.endswith("/mean")
+    )
 
 
 def test_init_from_fine_tunes_a_saved_model(tmp_path):
     train(_config(tmp_path, "base", "max_steps=2", "save_steps=2"))
-    train(_config(tmp_path, "arm", "max_steps=2", "save_steps=2", "objective=arm",
-                  f"init_from={tmp_path / 'base'}"))
+    train(
+        _config(
+            tmp_path,
+            "arm",
+            "max_steps=2",
+            "save_steps=2",
+            "objective=arm",
+            f"init_from={tmp_path / 'base'}",
+        )
+    )
     assert Transformer.from_pretrained(tmp_path / "arm").config.causal
 
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     """Two gloo processes train, hold identical parameters, and write one checkpoint."""
     script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, torch
         from transformers import TrainerCallback
         from stablemdm.config import load_config
@@ -121,12 +168,27 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 
         config = load_config(None, sys.argv[1:])
         train(config, callbacks=[Dump()])
-    """))
-    args = [*SMALL, f"output_dir={tmp_path / 'ddp'}", "max_steps=3", "save_steps=3",
-            "scheme=stratified", "ddp_backend=gloo", "use_cpu=true"]
+    """)
+    )
+    args = [
+        *SMALL,
+        f"output_dir={tmp_path / 'ddp'}",
+        "max_steps=3",
+        "save_steps=3",
+        "scheme=stratified",
+        "ddp_backend=gloo",
+        "use_cpu=true",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29517", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        str(script),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     p0, p1 = torch.load(tmp_path / "params-0.pt"), torch.load(tmp_path / "params-1.pt")
@@ -155,7 +217,14 @@ def test_bad_config_values_are_named(tmp_path, override, message):
 
 def test_bad_runs_fail_clearly_and_keep_what_was_written(tmp_path):
     with pytest.raises(ValueError, match="missing.jsonl"):
-        train(_config(tmp_path, "j", "task=jsonl", f"task_options={{train: {tmp_path}/missing.jsonl, test: {tmp_path}/missing.jsonl}}"))
+        train(
+            _config(
+                tmp_path,
+                "j",
+                "task=jsonl",
+                f"task_options={{train: {tmp_path}/missing.jsonl, test: {tmp_path}/missing.jsonl}}",
+            )
+        )
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(_config(tmp_path, "none", "max_steps=2"), resume=True)
     train(_config(tmp_path, "done", "max_steps=2", "save_steps=2"))

@@ -236,14 +236,14 @@ def test_nested_design_recovers_rate_noise_of_an_importance_weighted_sampler():
 def test_rate_curves_integrands_match_the_toy():
     """On the toy, a(t) = Var_m(l | t) = (1 - p) sum c^2 / (L^2 p) and b(t) = 0 (the mean
     does not depend on t), within 5 SE at every grid rate."""
-    data, c = toy_data(60)
+    data, c = toy_data(100)
     standard = Objective(mask_token_id=MASK_ID, eps=EPS)
-    curves = vr.rate_curves(PositionTable(PROMPT + L), standard, data, torch.arange(60), 6, 4, 2)
+    curves = vr.rate_curves(PositionTable(PROMPT + L), standard, data, torch.arange(100), 6, 8, 2)
     t = np.asarray(curves["t"])
     truth_a = (1.0 - p_mask(t)) * float((c**2).sum()) / (L**2 * p_mask(t))
     assert np.all(np.abs(np.asarray(curves["a"]) - truth_a) < 5 * np.asarray(curves["se_a"]))
     assert np.all(np.abs(np.asarray(curves["b"])) < 5 * np.asarray(curves["se_b"]))
-    se_g = np.sqrt(np.asarray(curves["v"]) / (60 * 4))
+    se_g = np.sqrt(np.asarray(curves["v"]) / (100 * 8))
     assert np.all(np.abs(np.asarray(curves["g"]) - float(c.mean())) < 5 * se_g)
 
 

@@ -45,16 +45,26 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="flat YAML recipe (see recipes/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.add_argument(
-        "--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
         help="continue a stopped run: the latest checkpoint in output_dir, or the folder given",
     )
 
     def decoding_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--gen-length", type=int, help="response canvas length (default: the task's)")
-        p.add_argument("--steps", type=int, help="MDM decoding iterations (default: gen-length)")
-        p.add_argument("--block-length", type=int, help="MDM semi-autoregressive block (default: 32 or less)")
         p.add_argument(
-            "--remasking", default="low_confidence", choices=["low_confidence", "random"],
+            "--gen-length", type=int, help="response canvas length (default: the task's)"
+        )
+        p.add_argument("--steps", type=int, help="MDM decoding iterations (default: gen-length)")
+        p.add_argument(
+            "--block-length", type=int, help="MDM semi-autoregressive block (default: 32 or less)"
+        )
+        p.add_argument(
+            "--remasking",
+            default="low_confidence",
+            choices=["low_confidence", "random"],
             help="which predictions the MDM keeps each iteration",
         )
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -62,21 +72,31 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
 
     ev = verbs.add_parser(
-        "eval", help="decode a task split with a checkpoint and score it",
+        "eval",
+        help="decode a task split with a checkpoint and score it",
         description="Decode every item of a task split with a saved model and score it with "
         "the task's checker; prints the accuracy and writes one JSONL record per item.",
     )
     ev.add_argument("checkpoint", help="a run's output folder or checkpoint-N folder")
     ev.add_argument("--task", required=True, help="task name (see `stablemdm eval --list-tasks`)")
-    ev.add_argument("--task-option", action="append", default=[], metavar="key=value",
-                    help="task option, e.g. n_test=100 (repeatable)")
+    ev.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="task option, e.g. n_test=100 (repeatable)",
+    )
     ev.add_argument("--split", default="test", choices=["train", "test"], help="which split")
     ev.add_argument("--limit", type=int, help="score only the first N items")
-    ev.add_argument("--output", help="JSONL of per-item records (default: <checkpoint>/eval-<task>-<split>.jsonl)")
+    ev.add_argument(
+        "--output",
+        help="JSONL of per-item records (default: <checkpoint>/eval-<task>-<split>.jsonl)",
+    )
     decoding_options(ev)
 
     gen = verbs.add_parser(
-        "generate", help="decode prompts with a checkpoint",
+        "generate",
+        help="decode prompts with a checkpoint",
         description="Decode prompts given with --prompt or in a file (one per line, or JSONL "
         "with a 'prompt' field) and print one response per line.",
     )
@@ -86,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     decoding_options(gen)
 
     fit = verbs.add_parser(
-        "fit-t", help="estimate S(t) and fit the P-POTS density once, for reuse",
+        "fit-t",
+        help="estimate S(t) and fit the P-POTS density once, for reuse",
         description="Estimate S(t) = E[l^2 | t] on a grid of rates for the configured model "
         "(init_from, or a fresh initialisation) and task, fit the P-POTS density and write it "
         "as JSON; pass it to later runs with sampler=ppots ppots_file=PATH.",
@@ -96,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", required=True, help="where to write the density (JSON)")
 
     demo = verbs.add_parser(
-        "demo", help="train a tiny ARM and MDMs on a built-in task and compare accuracies",
+        "demo",
+        help="train a tiny ARM and MDMs on a built-in task and compare accuracies",
         description="What `make demo` runs: a tiny ARM, a Standard MDM and a P-POTS+MIRROR "
         "MDM of the same size trained on one task, each decoded on the test split. Re-running "
         "skips finished runs and resumes stopped ones.",
@@ -121,8 +143,11 @@ def _load_checkpoint(path: str):
 
 def _decoding_kwargs(args: argparse.Namespace) -> dict:
     return {
-        "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-        "remasking": args.remasking, "temperature": args.temperature,
+        "gen_length": args.gen_length,
+        "steps": args.steps,
+        "block_length": args.block_length,
+        "remasking": args.remasking,
+        "temperature": args.temperature,
     }
 
 
@@ -131,7 +156,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
-    print(f"trained to step {result.global_step}; model, tokenizer and config in {result.output_dir}")
+    print(
+        f"trained to step {result.global_step}; model, tokenizer and config in {result.output_dir}"
+    )
     return 0
 
 
@@ -145,14 +172,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     objective = "arm" if model.config.causal else "mdm"
     start = time.perf_counter()
     result = evaluate(
-        model, tokenizer, task, args.split, objective=objective, limit=args.limit,
-        batch_size=args.batch_size, seed=args.seed, output_path=output, **_decoding_kwargs(args),
+        model,
+        tokenizer,
+        task,
+        args.split,
+        objective=objective,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        output_path=output,
+        **_decoding_kwargs(args),
     )
-    print(json.dumps({
-        "task": args.task, "split": args.split, "objective": objective, "accuracy": result.accuracy,
-        "n": result.n, "n_correct": result.n_correct, "records": output,
-        "seconds": round(time.perf_counter() - start, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "task": args.task,
+                "split": args.split,
+                "objective": objective,
+                "accuracy": result.accuracy,
+                "n": result.n,
+                "n_correct": result.n_correct,
+                "records": output,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+    )
     return 0
 
 
@@ -169,7 +213,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 try:
                     prompts.append(json.loads(line)["prompt"])
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ConfigError(f"{path}:{n}: expected a JSON object with a 'prompt' field") from err
+                    raise ConfigError(
+                        f"{path}:{n}: expected a JSON object with a 'prompt' field"
+                    ) from err
             else:
                 prompts.append(line)
     if not prompts:
@@ -184,7 +230,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load_checkpoint(args.checkpoint)
     prompts = _read_prompts(args)
-    ids = [tokenizer.encode(p, where=f"prompt {i + 1}") + [tokenizer.sep_token_id] for i, p in enumerate(prompts)]
+    ids = [
+        tokenizer.encode(p, where=f"prompt {i + 1}") + [tokenizer.sep_token_id]
+        for i, p in enumerate(prompts)
+    ]
     gen_length = args.gen_length or max(8, model.config.max_seq_len - max(map(len, ids)))
     too_long = [i + 1 for i, x in enumerate(ids) if len(x) + gen_length > model.config.max_seq_len]
     if too_long:
@@ -193,8 +242,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"max_seq_len {model.config.max_seq_len}; shorten them or lower --gen-length"
         )
     generator = torch.Generator().manual_seed(args.seed)
-    common = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-              "temperature": args.temperature, "generator": generator}
+    common = {
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "temperature": args.temperature,
+        "generator": generator,
+    }
     for start in range(0, len(ids), args.batch_size):
         chunk = ids[start : start + args.batch_size]
         if model.config.causal:
@@ -203,9 +256,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             steps = args.steps or gen_length
             block = args.block_length or gen_length
             out = generate(
-                model, chunk, objective="mdm", mask_token_id=tokenizer.mask_token_id,
-                gen_length=gen_length, steps=steps, block_length=block,
-                remasking=args.remasking, **common,
+                model,
+                chunk,
+                objective="mdm",
+                mask_token_id=tokenizer.mask_token_id,
+                gen_length=gen_length,
+                steps=steps,
+                block_length=block,
+                remasking=args.remasking,
+                **common,
             )
         for tokens in out:
             print(tokenizer.decode(tokens))
@@ -226,9 +285,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(density.to_dict(), indent=1))
-    print(f"P-POTS density ({config.ppots_method}, {config.ppots_sequences} sequences x "
-          f"{config.ppots_rates} rates x {config.ppots_masks} masks) written to {out} "
-          f"in {time.perf_counter() - start:.1f} s")
+    print(
+        f"P-POTS density ({config.ppots_method}, {config.ppots_sequences} sequences x "
+        f"{config.ppots_rates} rates x {config.ppots_masks} masks) written to {out} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -240,7 +301,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "fit-t": _cmd_fit,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "fit-t": _cmd_fit,
     "demo": _cmd_demo,
 }
 

@@ -37,14 +37,21 @@ class StableMDMConfig(TrainingArguments):
     task: str = field(default="chain_sum", metadata={"help": "Built-in task name or 'jsonl'."})
     task_options: dict = field(
         default_factory=dict,
-        metadata={"help": "Options of the task, e.g. {n_train: 2000} or {train: a.jsonl, test: b.jsonl}."},
+        metadata={
+            "help": "Options of the task, e.g. {n_train: 2000} or {train: a.jsonl, test: b.jsonl}."
+        },
     )
-    model_preset: str = field(default="tiny", metadata={"help": "Model size preset: tiny, small, base."})
+    model_preset: str = field(
+        default="tiny", metadata={"help": "Model size preset: tiny, small, base."}
+    )
     d_model: int | None = field(default=None, metadata={"help": "Override the preset's width."})
     n_layers: int | None = field(default=None, metadata={"help": "Override the preset's depth."})
-    n_heads: int | None = field(default=None, metadata={"help": "Override the preset's head count."})
+    n_heads: int | None = field(
+        default=None, metadata={"help": "Override the preset's head count."}
+    )
     init_from: str | None = field(
-        default=None, metadata={"help": "Checkpoint folder to fine-tune from (the paper's protocol)."}
+        default=None,
+        metadata={"help": "Checkpoint folder to fine-tune from (the paper's protocol)."},
     )
     objective: Literal["mdm", "arm"] = field(
         default="mdm", metadata={"help": "mdm: masked diffusion; arm: the same network, causal."}
@@ -55,10 +62,12 @@ class StableMDMConfig(TrainingArguments):
         default="t", metadata={"help": "t: draw a masking rate; count: draw the number of masks."}
     )
     sampler: Literal["uniform", "clipped", "ppots", "ema"] = field(
-        default="uniform", metadata={"help": "Density of the rate: uniform (Standard), clipped, ppots, ema."}
+        default="uniform",
+        metadata={"help": "Density of the rate: uniform (Standard), clipped, ppots, ema."},
     )
     scheme: Literal["iid", "stratified", "mirrored"] = field(
-        default="iid", metadata={"help": "How uniforms are drawn: iid, stratified (StraTS), mirrored (SyRM)."}
+        default="iid",
+        metadata={"help": "How uniforms are drawn: iid, stratified (StraTS), mirrored (SyRM)."},
     )
     masking: Literal["iid", "mirror", "isad"] = field(
         default="iid", metadata={"help": "Mask draw: iid, mirror (MIRROR pairs), isad."}
@@ -67,13 +76,15 @@ class StableMDMConfig(TrainingArguments):
     clip_low: float = field(default=0.2, metadata={"help": "Clipped sampler: lower end of t."})
     clip_high: float = field(default=0.8, metadata={"help": "Clipped sampler: upper end of t."})
     mix: float = field(
-        default=0.1, metadata={"help": "P-POTS/EMA: weight of the uniform in the mixture; weights <= 1/mix."}
+        default=0.1,
+        metadata={"help": "P-POTS/EMA: weight of the uniform in the mixture; weights <= 1/mix."},
     )
     ppots_file: str | None = field(
         default=None, metadata={"help": "Use a density fitted earlier by `stablemdm fit-t` (JSON)."}
     )
     ppots_method: Literal["family", "grid"] = field(
-        default="family", metadata={"help": "P-POTS fit: the paper's smooth family or a smoothed grid."}
+        default="family",
+        metadata={"help": "P-POTS fit: the paper's smooth family or a smoothed grid."},
     )
     ppots_target: Literal["loss", "grad"] = field(
         default="loss", metadata={"help": "Second moment of the loss, or of the gradient norm."}
@@ -86,43 +97,72 @@ class StableMDMConfig(TrainingArguments):
     ppots_masks: int = field(default=4, metadata={"help": "P-POTS estimate: masks per rate."})
     ema_bins: int = field(default=20, metadata={"help": "EMA: bins of the rate."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA: decay of the per-bin moments."})
-    ema_refresh_every: int = field(default=50, metadata={"help": "EMA: steps between density refreshes."})
+    ema_refresh_every: int = field(
+        default=50, metadata={"help": "EMA: steps between density refreshes."}
+    )
     isad_tokens: list[str] = field(
-        default_factory=list, metadata={"help": "ISAD: token strings whose mask probability is raised."}
+        default_factory=list,
+        metadata={"help": "ISAD: token strings whose mask probability is raised."},
     )
     isad_delta: float = field(default=0.2, metadata={"help": "ISAD: q = min(p + delta, q_max)."})
     isad_q_max: float = field(default=0.95, metadata={"help": "ISAD: cap on q, must be < 1."})
     compute_matched: bool = field(
-        default=False, metadata={"help": "MIRROR: half the sequences per step, same forward tokens."}
+        default=False,
+        metadata={"help": "MIRROR: half the sequences per step, same forward tokens."},
+    )
+
+    log_rate_bins: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0, log the mean and second moment of the unweighted loss in this "
+            "many bins of t (watch S(t) move: what P-POTS and EMA feed on)."
+        },
     )
 
     # evaluation during training
     eval_accuracy: bool = field(
-        default=False, metadata={"help": "Also decode the test split at each evaluation and log accuracy."}
+        default=False,
+        metadata={"help": "Also decode the test split at each evaluation and log accuracy."},
     )
-    eval_limit: int = field(default=64, metadata={"help": "Test items decoded per accuracy evaluation."})
-    eval_heldout: int = field(default=128, metadata={"help": "Held-out sequences for the periodic eval loss."})
+    eval_limit: int = field(
+        default=64, metadata={"help": "Test items decoded per accuracy evaluation."}
+    )
+    eval_heldout: int = field(
+        default=128, metadata={"help": "Held-out sequences for the periodic eval loss."}
+    )
 
     # overridden defaults of TrainingArguments: a CPU-friendly, quiet, reproducible start
     output_dir: str = field(default="runs/default", metadata={"help": "Where the run writes."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     max_steps: int = field(default=200, metadata={"help": "Optimizer steps."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Sequences per process and micro-batch."})
+    per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Sequences per process and micro-batch."}
+    )
     warmup_steps: float = field(default=20, metadata={"help": "Linear warmup steps."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "linear, cosine, constant, ..."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "linear, cosine, constant, ..."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=10, metadata={"help": "Steps between log lines."})
     save_steps: float = field(default=100, metadata={"help": "Steps between checkpoints."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep 'eligible' in batches."})
+    report_to: str | list[str] = field(
+        default="none", metadata={"help": "none, tensorboard, wandb."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep 'eligible' in batches."}
+    )
     use_cpu: bool = field(default=False, metadata={"help": "Force CPU even when CUDA is present."})
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available, metadata={"help": "Pin batches (GPU only)."}
     )
     # the Trainer computes an eval loss only for batches with labels; "eligible" plays that role
-    label_names: list[str] | None = field(default_factory=lambda: ["eligible"], metadata={"help": "Do not change."})
-    prediction_loss_only: bool = field(default=True, metadata={"help": "Eval computes the loss only."})
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["eligible"], metadata={"help": "Do not change."}
+    )
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Eval computes the loss only."}
+    )
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -131,7 +171,9 @@ class StableMDMConfig(TrainingArguments):
         if not 0.0 < self.mix <= 1.0:
             raise ConfigError(f"mix (lambda) must lie in (0, 1], got {self.mix}")
         if not 0.0 <= self.clip_low < self.clip_high <= 1.0:
-            raise ConfigError(f"need 0 <= clip_low < clip_high <= 1, got {self.clip_low}, {self.clip_high}")
+            raise ConfigError(
+                f"need 0 <= clip_low < clip_high <= 1, got {self.clip_low}, {self.clip_high}"
+            )
         if self.isad_delta < 0:
             raise ConfigError(f"isad_delta must be >= 0, got {self.isad_delta}")
         if not 0.0 < self.isad_q_max < 1.0:
@@ -146,7 +188,10 @@ class StableMDMConfig(TrainingArguments):
         if self.compute_matched and self.masking != "mirror":
             raise ConfigError("compute_matched only applies to masking=mirror")
         if self.objective == "arm" and (
-            self.sampler != "uniform" or self.masking != "iid" or self.rate != "t" or self.scheme != "iid"
+            self.sampler != "uniform"
+            or self.masking != "iid"
+            or self.rate != "t"
+            or self.scheme != "iid"
         ):
             raise ConfigError(
                 "objective=arm draws no rates or masks: leave sampler, scheme, masking and rate at "
@@ -154,7 +199,15 @@ class StableMDMConfig(TrainingArguments):
             )
         if self.ppots_file is not None and self.sampler != "ppots":
             raise ConfigError("ppots_file is only used with sampler=ppots")
-        for name in ("ppots_sequences", "ppots_rates", "ppots_masks", "ema_bins", "ema_refresh_every"):
+        if self.log_rate_bins < 0:
+            raise ConfigError(f"log_rate_bins must be >= 0, got {self.log_rate_bins}")
+        for name in (
+            "ppots_sequences",
+            "ppots_rates",
+            "ppots_masks",
+            "ema_bins",
+            "ema_refresh_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ppots_rates < 2:
@@ -182,7 +235,11 @@ class StableMDMConfig(TrainingArguments):
             if not f.init or f.name in _DERIVED:
                 continue
             value = getattr(self, f.name)
-            if f.name in _OWN_FIELDS or f.name in _OVERRIDDEN or value != _BASE_DEFAULTS.get(f.name):
+            if (
+                f.name in _OWN_FIELDS
+                or f.name in _OVERRIDDEN
+                or value != _BASE_DEFAULTS.get(f.name)
+            ):
                 out[f.name] = _plain(value)
         return out
 
@@ -191,9 +248,22 @@ _OWN_FIELDS = {f.name for f in dataclasses.fields(StableMDMConfig)} - {
     f.name for f in dataclasses.fields(TrainingArguments)
 }
 _OVERRIDDEN = {
-    "output_dir", "learning_rate", "max_steps", "per_device_train_batch_size", "warmup_steps",
-    "lr_scheduler_type", "max_grad_norm", "weight_decay", "logging_steps", "save_steps",
-    "report_to", "remove_unused_columns", "use_cpu", "seed", "label_names", "prediction_loss_only",
+    "output_dir",
+    "learning_rate",
+    "max_steps",
+    "per_device_train_batch_size",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "weight_decay",
+    "logging_steps",
+    "save_steps",
+    "report_to",
+    "remove_unused_columns",
+    "use_cpu",
+    "seed",
+    "label_names",
+    "prediction_loss_only",
     "dataloader_pin_memory",
 }
 # TrainingArguments' declared defaults (building an instance would reset accelerate's state)
@@ -238,7 +308,11 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if origin is list or hint is list:
         inner = get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, inner[0]) for v in value) if inner else isinstance(value, list)
+        return (
+            isinstance(value, list) and all(_type_ok(v, inner[0]) for v in value)
+            if inner
+            else isinstance(value, list)
+        )
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if isinstance(hint, type):
@@ -252,7 +326,9 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         if get_origin(hint) is Literal:
             allowed = ", ".join(map(str, get_args(hint)))
             raise ConfigError(f"{where}: {key} must be one of {allowed}; got {value!r}")
-        raise ConfigError(f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}")
+        raise ConfigError(
+            f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}"
+        )
     if hint is float and isinstance(value, int):
         return float(value)
     return value
@@ -268,7 +344,11 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
@@ -276,7 +356,9 @@ _Loader.add_implicit_resolver(
 )
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
     list("-+0123456789."),
 )
 

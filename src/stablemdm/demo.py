@@ -46,7 +46,10 @@ def demo_config(name: str, output: Path, task: str, steps: int, seed: int) -> St
 
 
 def run_demo(
-    output: str | Path = "runs/demo", task: str = "chain_sum", steps: int = 600, seed: int = 42,
+    output: str | Path = "runs/demo",
+    task: str = "chain_sum",
+    steps: int = 600,
+    seed: int = 42,
     limit: int | None = None,
 ) -> dict[str, dict]:
     """Train and evaluate every demo run (resuming where a previous demo stopped)."""
@@ -60,8 +63,11 @@ def run_demo(
             print(f"[demo] {name}: already done ({result_file})")
             continue
         config = demo_config(name, output, task, steps, seed)
-        print(f"[demo] training {name} ({config.objective}, sampler={config.sampler}, "
-              f"masking={config.masking}) for {steps} steps ...", flush=True)
+        print(
+            f"[demo] training {name} ({config.objective}, sampler={config.sampler}, "
+            f"masking={config.masking}) for {steps} steps ...",
+            flush=True,
+        )
         start = time.perf_counter()
         resume = any(folder.glob("checkpoint-*"))
         if not resume and folder.exists():
@@ -72,13 +78,22 @@ def run_demo(
         tokenizer = CharTokenizer.from_pretrained(folder)
         start = time.perf_counter()
         ev = evaluate(
-            model, tokenizer, get_task(task), "test", objective=config.objective, limit=limit,
-            seed=seed, output_path=folder / "eval-test.jsonl",
+            model,
+            tokenizer,
+            get_task(task),
+            "test",
+            objective=config.objective,
+            limit=limit,
+            seed=seed,
+            output_path=folder / "eval-test.jsonl",
         )
         final_loss = next((r["loss"] for r in reversed(run.log_history) if "loss" in r), None)
         results[name] = {
-            "accuracy": ev.accuracy, "n": ev.n, "final_train_loss": final_loss,
-            "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+            "accuracy": ev.accuracy,
+            "n": ev.n,
+            "final_train_loss": final_loss,
+            "train_seconds": round(train_s, 1),
+            "eval_seconds": round(time.perf_counter() - start, 1),
             "parameters": model.num_parameters(),
         }
         result_file.write_text(json.dumps(results[name], indent=1))
@@ -96,7 +111,11 @@ def _print_table(results: dict[str, dict], task: str, steps: int, seed: int) -> 
     for name, r in results.items():
         loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "-"
         table.add_row(
-            name, f"{r['parameters']:,}", f"{100 * r['accuracy']:.1f}% of {r['n']}", loss,
-            str(r["train_seconds"]), str(r["eval_seconds"]),
+            name,
+            f"{r['parameters']:,}",
+            f"{100 * r['accuracy']:.1f}% of {r['n']}",
+            loss,
+            str(r["train_seconds"]),
+            str(r["eval_seconds"]),
         )
     Console().print(table)

@@ -39,7 +39,9 @@ def logits_of(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy `[B, L]` of targets under logits `[B, L, V]`, computed in fp32."""
     b, l, v = logits.shape
-    return F.cross_entropy(logits.float().reshape(b * l, v), targets.reshape(b * l), reduction="none").view(b, l)
+    return F.cross_entropy(
+        logits.float().reshape(b * l, v), targets.reshape(b * l), reduction="none"
+    ).view(b, l)
 
 
 def mdm_loss(

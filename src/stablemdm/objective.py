@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from .losses import Model, arm_loss, mdm_loss
 from .masking import (
     DEFAULT_EPS,
     bernoulli_mask,
@@ -34,7 +35,6 @@ from .masking import (
     p_mask,
     subset_mask,
 )
-from .losses import Model, arm_loss, mdm_loss
 from .samplers import RateSampler, Uniform, counts_from_rates
 
 ObjectiveKind = Literal["mdm", "arm"]
@@ -97,8 +97,11 @@ class Objective:
                     "use rate 't' with masking 'isad', or a different masking with rate 'count'"
                 )
             isad_probabilities(  # validates delta and q_max up front
-                torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool),
-                torch.full((1,), 0.5), self.isad_delta, self.isad_q_max,
+                torch.zeros(1, 1, dtype=torch.bool),
+                torch.zeros(1, 1, dtype=torch.bool),
+                torch.full((1,), 0.5),
+                self.isad_delta,
+                self.isad_q_max,
             )
         if self.compute_matched and self.masking != "mirror":
             raise ValueError("compute_matched only applies to masking 'mirror'")
@@ -124,7 +127,9 @@ class Objective:
     ) -> ObjectiveOutput:
         """Evaluate the objective on `batch` (`input_ids`, `attention_mask`, `eligible`)."""
         if self.kind == "arm":  # no rate, no mask: the only randomness is the data
-            out = arm_loss(model, batch["input_ids"], batch["eligible"], batch.get("attention_mask"))
+            out = arm_loss(
+                model, batch["input_ids"], batch["eligible"], batch.get("attention_mask")
+            )
             ones = torch.ones_like(out.per_sequence)
             unweighted = out.per_sequence.detach()
             return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
@@ -164,7 +169,9 @@ class Objective:
             rate = r
         p, weight, rate = p.float(), weight.float(), rate.float()  # samplers work in float64
         if len(masks) == 2:  # MIRROR: both copies in one forward pass of the 2B batch
-            pair = [torch.cat([a, a]) if a is not None else None for a in (x0, eligible, p, attention)]
+            pair = [
+                torch.cat([a, a]) if a is not None else None for a in (x0, eligible, p, attention)
+            ]
             out = mdm_loss(
                 model, pair[0], pair[1], torch.cat(masks), pair[2], self.mask_token_id, pair[3]
             )

@@ -21,7 +21,7 @@ from .evaluation import evaluate
 from .model import ModelConfig, Transformer
 from .objective import Objective
 from .ppots import fit_ppots
-from .samplers import PPOTS, Clipped, EMA, Stratified, Uniform, with_scheme
+from .samplers import EMA, PPOTS, Clipped, Stratified, Uniform, with_scheme
 from .tasks import Task, fits, get_task
 from .tokenizer import CharTokenizer
 from .trainer import (
@@ -38,9 +38,20 @@ PPOTS_FILE = "ppots.json"
 RUN_CONFIG = "config.yaml"
 # fields that may differ between a run and its resumption
 RESUMABLE_CHANGES = {
-    "output_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
-    "save_total_limit", "eval_steps", "eval_strategy", "eval_accuracy", "eval_limit",
-    "report_to", "disable_tqdm", "dataloader_num_workers", "resume_from_checkpoint",
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_steps",
+    "eval_strategy",
+    "eval_accuracy",
+    "eval_limit",
+    "report_to",
+    "disable_tqdm",
+    "dataloader_num_workers",
+    "resume_from_checkpoint",
 }
 
 
@@ -60,7 +71,9 @@ class TensorDataset(torch.utils.data.Dataset):
 def encode_split(task: Task, tokenizer: CharTokenizer, split: str, limit: int | None = None):
     """A task split encoded for training: prompt, separator, response canvas, padding.
     Test items whose gold response overflows the canvas are left out of a held-out loss."""
-    examples = [e for e in task.examples(split) if fits(e, task.max_length, task.gen_length)][:limit]
+    examples = [e for e in task.examples(split) if fits(e, task.max_length, task.gen_length)][
+        :limit
+    ]
     return TensorDataset(encode_examples(examples, tokenizer, task.max_length, task.gen_length))
 
 
@@ -82,7 +95,9 @@ def build_model(config: StableMDMConfig, task: Task, tokenizer: CharTokenizer) -
             )
         model.config.causal = causal
         return model
-    overrides = {k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads") if getattr(config, k)}
+    overrides = {
+        k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads") if getattr(config, k)
+    }
     model_config = ModelConfig.from_preset(
         config.model_preset,
         vocab_size=tokenizer.vocab_size,
@@ -99,7 +114,9 @@ def build_objective(config: StableMDMConfig, tokenizer: CharTokenizer, sampler=N
     isad_ids = tuple(tokenizer.encode(s, where="isad_tokens")[0] for s in config.isad_tokens)
     for s in config.isad_tokens:
         if len(s) != 1:
-            raise ConfigError(f"isad_tokens: {s!r} is not a single token of the character tokenizer")
+            raise ConfigError(
+                f"isad_tokens: {s!r} is not a single token of the character tokenizer"
+            )
     return Objective(
         mask_token_id=tokenizer.mask_token_id,
         kind=config.objective,
@@ -122,8 +139,10 @@ def build_sampler(config: StableMDMConfig, density: PPOTS | None = None):
         base = Clipped(config.clip_low, config.clip_high)
     elif config.sampler == "ema":
         base = EMA(
-            n_bins=config.ema_bins, decay=config.ema_decay,
-            refresh_every=config.ema_refresh_every, mix=config.mix,
+            n_bins=config.ema_bins,
+            decay=config.ema_decay,
+            refresh_every=config.ema_refresh_every,
+            mix=config.mix,
         )
     else:
         if density is None:
@@ -152,10 +171,16 @@ def fit_density(
     batch = default_data_collator([data[int(i)] for i in pick[: config.ppots_sequences]])
     plain = build_objective(config, tokenizer, sampler=Uniform())
     return fit_ppots(
-        plain, model, batch,
-        n_rates=config.ppots_rates, n_masks=config.ppots_masks,
-        method=config.ppots_method, target=config.ppots_target, params=config.ppots_params,
-        mix=config.mix, generator=seeded_generator(config.seed, "ppots-masks"),
+        plain,
+        model,
+        batch,
+        n_rates=config.ppots_rates,
+        n_masks=config.ppots_masks,
+        method=config.ppots_method,
+        target=config.ppots_target,
+        params=config.ppots_params,
+        mix=config.mix,
+        generator=seeded_generator(config.seed, "ppots-masks"),
     )
 
 
@@ -188,18 +213,24 @@ def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
     needed = ("trainer_state.json", "model.safetensors", RUN_CONFIG, SAMPLER_STATE)
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
-        raise ConfigError(f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)})")
+        raise ConfigError(
+            f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)})"
+        )
     try:
         json.loads((path / "trainer_state.json").read_text())
         with safe_open(str(path / "model.safetensors"), "pt") as f:
             list(f.keys())
         torch.load(path / SAMPLER_STATE, weights_only=True)
     except Exception as err:  # any parse failure means the same thing to the user
-        raise ConfigError(f"--resume: checkpoint {path} is corrupted ({type(err).__name__}: {err})") from err
+        raise ConfigError(
+            f"--resume: checkpoint {path} is corrupted ({type(err).__name__}: {err})"
+        ) from err
     saved = load_yaml((path / RUN_CONFIG).read_text())
     now = config.resolved()
     changed = sorted(
-        k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)
+        k
+        for k in set(saved) | set(now)
+        if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)
     )
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
@@ -239,8 +270,11 @@ def train(
     if checkpoint is not None:
         objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
     eval_objective = Objective(
-        mask_token_id=tokenizer.mask_token_id, kind=config.objective, rate=config.rate,
-        sampler=Stratified(Uniform()), eps=config.eps,
+        mask_token_id=tokenizer.mask_token_id,
+        kind=config.objective,
+        rate=config.rate,
+        sampler=Stratified(Uniform()),
+        eps=config.eps,
     )
 
     def save_extras(folder: Path) -> None:
@@ -258,20 +292,36 @@ def train(
         model=model,
         args=config,
         train_dataset=train_data,
-        eval_dataset=encode_split(task, tokenizer, "test", config.eval_heldout) if evaluating else None,
+        eval_dataset=encode_split(task, tokenizer, "test", config.eval_heldout)
+        if evaluating
+        else None,
         data_collator=default_data_collator,
         objective=objective,
         eval_objective=eval_objective,
         callbacks=[
-            MetricsCallback(), CheckpointCallback(save_extras), EMACallback(objective),
+            MetricsCallback(),
+            CheckpointCallback(save_extras),
+            EMACallback(objective),
             *(callbacks or []),
         ],
     )
     if config.eval_accuracy:
-        trainer.add_callback(AccuracyCallback(trainer, lambda m: evaluate(
-            m, tokenizer, task, "test", objective=config.objective, limit=config.eval_limit,
-            seed=config.seed,
-        ).accuracy))
+        trainer.add_callback(
+            AccuracyCallback(
+                trainer,
+                lambda m: (
+                    evaluate(
+                        m,
+                        tokenizer,
+                        task,
+                        "test",
+                        objective=config.objective,
+                        limit=config.eval_limit,
+                        seed=config.seed,
+                    ).accuracy
+                ),
+            )
+        )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.is_world_process_zero():
         save_extras(Path(config.output_dir))

@@ -50,7 +50,7 @@ class StableMDMTrainer(Trainer):
         self.objective = objective
         self.eval_objective = eval_objective
         self._micro = (-1, 0)  # (optimizer step, micro-batch index within it)
-        self._seen: dict[str, list[torch.Tensor]] = {"rate": [], "weight": []}
+        self._seen: dict[str, list[torch.Tensor]] = {"rate": [], "weight": [], "loss": []}
         self._tokens = 0
         self._clock = time.perf_counter()
 
@@ -74,7 +74,9 @@ class StableMDMTrainer(Trainer):
         else:  # held-out loss: a fixed draw per batch, the same for every method and eval
             key = int(inputs["input_ids"].sum()), int(inputs["eligible"].sum())
             out = self.eval_objective(
-                model, inputs, seeded_generator(seed, "eval-rate", *key),
+                model,
+                inputs,
+                seeded_generator(seed, "eval-rate", *key),
                 seeded_generator(seed, "eval-mask", *key),
             )
         if not torch.isfinite(out.loss):
@@ -90,6 +92,7 @@ class StableMDMTrainer(Trainer):
         rate, weight = out.rate.detach(), out.weight.detach()
         self._seen["rate"].append(rate.float().cpu())
         self._seen["weight"].append(weight.float().cpu())
+        self._seen["loss"].append(out.unweighted.float().cpu())
         n = len(rate)  # sequences actually used (compute_matched MIRROR uses half the batch)
         self._tokens += int(inputs["attention_mask"][:n].sum()) * (out.forward_passes // n)
         ema = ema_of(self.objective)
@@ -98,6 +101,22 @@ class StableMDMTrainer(Trainer):
             if self.args.world_size > 1:
                 both = self.accelerator.gather(both.T.contiguous()).T
             ema.observe(both[0].cpu(), both[1].cpu())
+
+    def _rate_bins(self, rate: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+        """Per-bin mean and second moment of the unweighted loss since the last log line."""
+        n_bins = self.args.log_rate_bins
+        if n_bins == 0:
+            return {}
+        bins = torch.clamp((rate * n_bins).long(), 0, n_bins - 1)
+        count = torch.bincount(bins, minlength=n_bins)
+        total = torch.bincount(bins, loss.double(), minlength=n_bins)
+        squares = torch.bincount(bins, loss.double() ** 2, minlength=n_bins)
+        out = {}
+        for j in torch.nonzero(count).flatten().tolist():
+            key = f"rate_bin/{(j + 0.5) / n_bins:.3f}"
+            out[f"{key}/mean"] = (total[j] / count[j]).item()
+            out[f"{key}/m2"] = (squares[j] / count[j]).item()
+        return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the sampler's diagnostics and throughput to each training log line."""
@@ -112,8 +131,11 @@ class StableMDMTrainer(Trainer):
                     weight_std=weight.std().item() if len(weight) > 1 else 0.0,
                     weight_max=weight.max().item(),
                 )
-            logs["tokens_per_s"] = self._tokens * self.args.world_size / max(now - self._clock, 1e-9)
-            self._seen = {"rate": [], "weight": []}
+                logs.update(self._rate_bins(rate, torch.cat(self._seen["loss"])))
+            logs["tokens_per_s"] = (
+                self._tokens * self.args.world_size / max(now - self._clock, 1e-9)
+            )
+            self._seen = {"rate": [], "weight": [], "loss": []}
             self._tokens, self._clock = 0, now
         super().log(logs, *args, **kwargs)
 

@@ -30,7 +30,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -594,11 +594,15 @@ class Method:
     config: StableMDMConfig
     objective: Objective
 
-    @property
-    def single_draw_key(self) -> tuple:
-        """Methods with equal keys have the same single-draw distribution (schemes aside)."""
-        fields = ("rate", "sampler", "masking")
-        return tuple(getattr(self.config, f) for f in fields)
+
+def _same_draw(a: Method, b: Method) -> bool:
+    """Whether one draw of a and one of b have the same distribution: the same rate mode,
+    masking and density (a scheme only couples the draws of a minibatch)."""
+    if any(getattr(a.config, f) != getattr(b.config, f) for f in ("rate", "sampler", "masking")):
+        return False
+    if a.config.sampler in ("uniform", "clipped"):  # both built from the same base fields
+        return True
+    return _density_sampler(a.objective.sampler) is _density_sampler(b.objective.sampler)
 
 
 def method_config(
@@ -705,7 +709,7 @@ def run_variance(
     config: StableMDMConfig,
     options: VarianceOptions,
     checkpoint: str | Path | None = None,
-    log: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the three measurements for `config`'s task and model (or `checkpoint`) and return
     the report (what `write_report` stores as variance.json). `log(str)` reports progress."""
@@ -768,14 +772,17 @@ def run_variance(
     timing["curves"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    decomposition: dict[str, dict[str, Any]] = {}
-    computed: dict[tuple, str] = {}
+    decomposition = {}
     for method in methods.values():
-        key = method.single_draw_key
-        if key in computed:
-            decomposition[method.name] = {"same_as": computed[key]}
+        same = next((m for m in decomposition if _same_draw(methods[m], method)), None)
+        if same is not None:
+            decomposition[method.name] = {"same_as": same}
+            notes.append(
+                f"{method.name}: one draw has the same distribution as under {same} (its "
+                "scheme couples rates across a minibatch), so its decomposition is that one; "
+                "its effect shows in the comparison"
+            )
             continue
-        computed[key] = method.name
         say(f"decomposition: {method.name}")
         decomposition[method.name] = _decompose_method(
             model, method.objective, data, index, options, feature, seed, method.name
@@ -784,13 +791,6 @@ def run_variance(
         decomposition[method.name]["semi_analytic_total"] = (
             semi_analytic_total(curves, method.objective.sampler) if iid_rate else None
         )
-    for name, entry in decomposition.items():
-        if "same_as" in entry:
-            notes.append(
-                f"{name}: one draw has the same distribution as under {entry['same_as']} (its "
-                "scheme couples rates across a minibatch), so its decomposition is that one; "
-                "its effect shows in the comparison"
-            )
     say("decomposition: arm")
     arm_objective = Objective(mask_token_id=tokenizer.mask_token_id, kind="arm")
     with causal(model):
@@ -979,7 +979,15 @@ def _comparison_rows(report: Mapping[str, Any], what: str) -> list[list[str]]:
     ]
 
 
-DECOMPOSITION_HEADER = ["method", "A (mask)", "B (rate)", "C (data)", "total", "semi-analytic", ""]
+DECOMPOSITION_HEADER = [
+    "method",
+    "A (mask)",
+    "B (rate)",
+    "C (data)",
+    "total",
+    "semi-analytic",
+    "flag",
+]
 COMPARISON_HEADER = ["method", "passes", "variance", "var x passes", "ratio to standard", "/ floor"]
 
 
@@ -1070,14 +1078,22 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
     for what, title in (("loss", "loss"), ("grad", "gradient (trace)")):
         table = Table(title=f"Decomposition of one draw: {title}")
         for column in DECOMPOSITION_HEADER:
-            table.add_column(column, justify="left" if column == "method" else "right")
+            table.add_column(
+                column,
+                justify="left" if column == "method" else "right",
+                no_wrap=column == "method",
+            )
         for row in _decomposition_rows(report, what):
             table.add_row(*row)
         console.print(table)
     for what, title in (("grad", "gradient"), ("loss", "loss")):
         table = Table(title=f"Equal-compute comparison: minibatch {title}")
         for column in COMPARISON_HEADER:
-            table.add_column(column, justify="left" if column == "method" else "right")
+            table.add_column(
+                column,
+                justify="left" if column == "method" else "right",
+                no_wrap=column == "method",
+            )
         for row in _comparison_rows(report, what):
             table.add_row(*row)
         console.print(table)
