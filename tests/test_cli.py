@@ -166,7 +166,7 @@ def test_bad_density_file_is_named(tmp_path, capsys):
     assert "integrate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "generate", "fit-t", "demo"])
+@pytest.mark.parametrize("verb", ["train", "eval", "generate", "fit-t", "demo", "variance"])
 def test_help_explains_every_option(verb, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([verb, "--help"])

@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     fit.add_argument("--output", required=True, help="where to write the density (JSON)")
 
+    from .variance_report import add_parser as add_variance_parser
+
+    add_variance_parser(verbs)
+
     demo = verbs.add_parser(
         "demo",
         help="train a tiny ARM and MDMs on a built-in task and compare accuracies",
@@ -293,6 +297,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_variance(args: argparse.Namespace) -> int:
+    from .variance_report import run_cli
+
+    return run_cli(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -305,7 +315,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "fit-t": _cmd_fit,
-    "demo": _cmd_demo,
+    "demo": _cmd_demo, "variance": _cmd_variance,
 }
 
 
@@ -321,7 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # torchrun on CPU: DDP over gloo
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:  # key=value overrides given after an option: argparse leaves them over
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.verb](args)
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
