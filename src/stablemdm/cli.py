@@ -315,7 +315,8 @@ COMMANDS = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "fit-t": _cmd_fit,
-    "demo": _cmd_demo, "variance": _cmd_variance,
+    "demo": _cmd_demo,
+    "variance": _cmd_variance,
 }
 
 
@@ -333,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # torchrun on CPU: DDP over gloo
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    stray = [
+        e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")
+    ]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:  # key=value overrides given after an option: argparse leaves them over
