@@ -136,6 +136,40 @@ def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
     assert json.loads((run / "ppots.json").read_text())["heights"] == density.to_dict()["heights"]
 
 
+def test_fit_t_on_the_gradient_norm(tmp_path):
+    out = tmp_path / "grad.json"
+    assert (
+        main(
+            [
+                "fit-t",
+                "--config",
+                str(ROOT / "recipes/methods/ppots.yaml"),
+                *TINY,
+                "ppots_target=grad",
+                "ppots_params=lm_head",
+                "ppots_method=grid",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert PPOTS.from_dict(json.loads(out.read_text())).source["target"] == "grad"
+    assert (
+        main(
+            [
+                "fit-t",
+                *TINY,
+                "ppots_target=grad",
+                "ppots_params=nothing_matches",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -147,6 +181,7 @@ def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
         ),
         (["eval", "/nonexistent", "--task", "chain_sum"], "does not exist"),
         (["generate", "/nonexistent", "--prompt", "x"], "does not exist"),
+        (["train", "masking=isad", "isad_tokens=['\u00e9']"], "not in the tokenizer's alphabet"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):

@@ -2,7 +2,9 @@
 folders, and clear errors that leave earlier output intact."""
 
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -66,7 +68,13 @@ class _Kill(TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    "method", [[], ["sampler=ema", "ema_refresh_every=2", "scheme=stratified"]]
+    "method",
+    [
+        [],
+        ["sampler=ema", "ema_refresh_every=2", "scheme=stratified"],
+        ["sampler=ppots", "ppots_sequences=3", "ppots_rates=8", "masking=mirror", "rate=count"],
+    ],
+    ids=["standard", "ema_strats", "count_ppots_mirror"],
 )
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
     steps = ["max_steps=8", "save_steps=4", *method]
@@ -80,6 +88,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
     a = Transformer.from_pretrained(tmp_path / "full").state_dict()
     b = Transformer.from_pretrained(tmp_path / "cut").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_and_gradient_accumulation_train(tmp_path):
+    train(
+        _config(
+            tmp_path,
+            "a",
+            "max_steps=2",
+            "save_steps=2",
+            "bf16=true",
+            "gradient_accumulation_steps=2",
+            "masking=mirror",
+        )
+    )
+    losses = _losses(tmp_path / "a")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
 
 
 def test_resolved_config_reruns_the_same_training(tmp_path):
@@ -150,6 +174,12 @@ def test_init_from_fine_tunes_a_saved_model(tmp_path):
     assert Transformer.from_pretrained(tmp_path / "arm").config.causal
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     """Two gloo processes train, hold identical parameters, and write one checkpoint."""
     script = tmp_path / "ddp.py"
@@ -177,7 +207,6 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "save_steps=3",
         "scheme=stratified",
         "ddp_backend=gloo",
-        "use_cpu=true",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -185,7 +214,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29517",
+        f"--master_port={_free_port()}",
         str(script),
         *args,
     ]

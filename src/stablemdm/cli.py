@@ -320,18 +320,10 @@ COMMANDS = {
 }
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `stablemdm` console command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # torchrun on CPU: DDP over gloo
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     stray = [

@@ -152,7 +152,12 @@ class StableMDMConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep 'eligible' in batches."}
     )
-    use_cpu: bool = field(default=False, metadata={"help": "Force CPU even when CUDA is present."})
+    use_cpu: bool = field(
+        default_factory=lambda: not torch.cuda.is_available(),
+        metadata={
+            "help": "Train on the CPU (the default when there is no GPU; then DDP uses gloo)."
+        },
+    )
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available, metadata={"help": "Pin batches (GPU only)."}
     )
@@ -235,6 +240,8 @@ class StableMDMConfig(TrainingArguments):
             if not f.init or f.name in _DERIVED:
                 continue
             value = getattr(self, f.name)
+            if f.name == "use_cpu" and value != torch.cuda.is_available():
+                continue  # the machine's default: a config written on a CPU box runs on a GPU
             if (
                 f.name in _OWN_FIELDS
                 or f.name in _OVERRIDDEN

@@ -107,7 +107,7 @@ def _print_table(results: dict[str, dict], task: str, steps: int, seed: int) -> 
 
     table = Table(title=f"stablemdm demo: {task}, {steps} steps, seed {seed}")
     for column in ("run", "parameters", "test accuracy", "final train loss", "train s", "eval s"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for name, r in results.items():
         loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "-"
         table.add_row(
