@@ -33,6 +33,7 @@ from stablemdm.config import ConfigError
 from stablemdm.objective import Objective
 from stablemdm.run import TensorDataset
 from stablemdm.samplers import PPOTS
+from stablemdm.variance_output import PLOTS
 
 EPS = 0.05  # a larger eps than training's keeps the 1/p tail short, so SEs are reliable
 MASK_ID = 1
@@ -171,7 +172,7 @@ def test_report_writes_every_output(report_dir):
     markdown = (report_dir / "variance.md").read_text()
     for heading in ("## Decomposition", "## Equal-compute comparison", "## Per-rate curves"):
         assert heading in markdown
-    for name in vr.PLOTS:
+    for name in PLOTS:
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,0 +1,311 @@
+"""Outputs of the `stablemdm variance` experiment: the terminal tables, `variance.json`,
+`variance.md` and the PNG plots (stacked A/B/C bars per method, the per-rate curves, the
+efficiency ratios), all rendered from the report dict that `variance_report.run_variance`
+returns, so the numbers everywhere are the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError
+
+TERMINAL_WIDTH = 120  # rich's width when stdout is not a terminal (a log file)
+PLOTS = ("components.png", "curves.png", "efficiency.png")
+
+
+def _number(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def _pm(x: float | None, se: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{_number(x)} ± {_number(se, 2)}"
+
+
+def _decomposition_rows(report: Mapping[str, Any], what: str) -> list[list[str]]:
+    """Rows (method, A, B, C, total, semi-analytic total, flag) for the loss or gradient."""
+    rows = []
+    entries = [*report["decomposition"].items(), ("arm", report["arm"])]
+    for name, entry in entries:
+        if "same_as" in entry:
+            rows.append([name, f"= {entry['same_as']}", "", "", "", "", ""])
+            continue
+        c = entry[what]
+        semi = entry.get("semi_analytic_total") if what == "loss" else None
+        flag = "unstable" if c.get("unstable") else ""
+        rows.append(
+            [
+                name,
+                *(_pm(c[k], c[f"se_{k}"]) for k in ("A", "B", "C", "total")),
+                _number(semi),
+                flag,
+            ]
+        )
+    return rows
+
+
+def _comparison_rows(report: Mapping[str, Any], what: str) -> list[list[str]]:
+    """Rows (method, passes, variance, variance x passes, ratio to Standard, gap to floor)."""
+    return [
+        [
+            row["name"],
+            str(row["forward_passes"]),
+            _pm(row["variance"], row["se"]),
+            _number(row["variance_x_passes"]),
+            _pm(row["ratio_to_reference"], row["ratio_se"]),
+            _number(row.get("gap_to_floor")),
+        ]
+        for row in report["comparison"][what]
+    ]
+
+
+DECOMPOSITION_HEADER = [
+    "method",
+    "A (mask)",
+    "B (rate)",
+    "C (data)",
+    "total",
+    "semi-analytic",
+    "flag",
+]
+COMPARISON_HEADER = ["method", "passes", "variance", "var x passes", "ratio to standard", "/ floor"]
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """The report as Markdown tables (what variance.md holds)."""
+    feature = report["feature"]
+    grad_what = (
+        f"projection of {feature['coordinates']} coordinates to {feature['projection']} dims"
+        if feature["projection"]
+        else f"{feature['coordinates']} coordinates"
+    )
+    options = report["options"]
+    curves = report["curves"]
+    parts = [
+        "# Variance report",
+        f"Task `{report['config']['task']}`, model "
+        f"{report['checkpoint'] or 'fresh initialisation of ' + report['config']['model_preset']}, "
+        f"seed {report['config']['seed']}. Gradient: params `{feature['params']}`, {grad_what}.",
+        "## Decomposition of one draw (paper.md section 2)",
+        f"Loss: I x J x K = {_design_label(options['loss_design'])}; "
+        f"traces of covariance for the gradient: {_design_label(options['grad_design'])}. "
+        "Estimates ± jackknife SE; negative values are noise around a small component.",
+        "### Loss",
+        _markdown_table(DECOMPOSITION_HEADER, _decomposition_rows(report, "loss")),
+        "### Gradient",
+        _markdown_table(DECOMPOSITION_HEADER, _decomposition_rows(report, "grad")),
+        "## Equal-compute comparison",
+        f"{options['draws']} independent minibatches of {options['batch']} sequences per method; "
+        "ratio > 1 means more variance reduction per forward pass than Standard; "
+        "/ floor = variance / (C / n).",
+        "### Gradient",
+        _markdown_table(COMPARISON_HEADER, _comparison_rows(report, "grad")),
+        "### Loss",
+        _markdown_table(COMPARISON_HEADER, _comparison_rows(report, "loss")),
+        "## Per-rate curves (Standard, unweighted loss)",
+        _markdown_table(
+            ["t", "g(t)", "v(t)", "S(t)", "P-POTS fit", "a(t)", "b(t)"],
+            [
+                [
+                    f"{t:.3f}",
+                    _number(g),
+                    _number(v),
+                    _number(S),
+                    _number(p),
+                    _pm(a, sa),
+                    _pm(b, sb),
+                ]
+                for t, g, v, S, p, a, sa, b, sb in zip(
+                    curves["t"],
+                    curves["g"],
+                    curves["v"],
+                    curves["S"],
+                    (curves["ppots_fit"] or {}).get("density", [None] * len(curves["t"])),
+                    curves["a"],
+                    curves["se_a"],
+                    curves["b"],
+                    curves["se_b"],
+                    strict=True,
+                )
+            ],
+        ),
+        "Integrals over the grid (midpoint rule): "
+        + ", ".join(f"{k} = {_number(v)}" for k, v in curves["integrals"].items()),
+    ]
+    warnings = [report["heavy_tail_warning"]] if report["heavy_tail_warning"] else []
+    if warnings or report["notes"]:
+        parts += ["## Notes", *(f"- **warning**: {w}" for w in warnings)]
+        parts += [f"- {note}" for note in report["notes"]]
+    return "\n\n".join(parts) + "\n"
+
+
+def _design_label(design: Mapping[str, int]) -> str:
+    return f"{design['sequences']} x {design['rates']} x {design['masks']}"
+
+
+def print_report(report: Mapping[str, Any], console: Any = None) -> None:
+    """The decomposition and comparison tables on the terminal (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for what, title in (("loss", "loss"), ("grad", "gradient (trace)")):
+        table = Table(title=f"Decomposition of one draw: {title}")
+        for column in DECOMPOSITION_HEADER:
+            table.add_column(
+                column,
+                justify="left" if column == "method" else "right",
+                no_wrap=column == "method",
+            )
+        for row in _decomposition_rows(report, what):
+            table.add_row(*row)
+        console.print(table)
+    for what, title in (("grad", "gradient"), ("loss", "loss")):
+        table = Table(title=f"Equal-compute comparison: minibatch {title}")
+        for column in COMPARISON_HEADER:
+            table.add_column(
+                column,
+                justify="left" if column == "method" else "right",
+                no_wrap=column == "method",
+            )
+        for row in _comparison_rows(report, what):
+            table.add_row(*row)
+        console.print(table)
+    if report["heavy_tail_warning"]:
+        console.print(f"[bold yellow]warning:[/] {report['heavy_tail_warning']}")
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_report(report: Mapping[str, Any], output_dir: str | Path) -> list[Path]:
+    """Write variance.json, variance.md and the PNG plots into `output_dir`; return the paths."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--output {folder} cannot be created: {err.strerror}") from err
+    json_path, md_path = folder / "variance.json", folder / "variance.md"
+    json_path.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    md_path.write_text(markdown_report(report))
+    plots = [folder / name for name in PLOTS]
+    _plot_components(report, plots[0])
+    _plot_curves(report["curves"], plots[1])
+    _plot_efficiency(report, plots[2])
+    return [json_path, md_path, *plots]
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, cols, squeeze=False)
+
+
+def _plot_components(report: Mapping[str, Any], path: Path) -> None:
+    """Stacked A/B/C bars per method (negative estimates drawn as 0), SE bars on the total."""
+    entries = {
+        name: entry for name, entry in report["decomposition"].items() if "same_as" not in entry
+    }
+    entries["arm"] = report["arm"]
+    names = list(entries)
+    figure, axes = _figure(1, 2, (max(8.0, 1.1 * len(names) + 3), 4.5))
+    x = np.arange(len(names))
+    titles = ("loss", "gradient (trace)")
+    for ax, what, title in zip(axes[0], ("loss", "grad"), titles, strict=True):
+        bottom = np.zeros(len(names))
+        for part, colour in (("A", "tab:blue"), ("B", "tab:orange"), ("C", "tab:green")):
+            height = np.array([max(entries[n][what][part], 0.0) for n in names])
+            ax.bar(x, height, bottom=bottom, color=colour, label=f"{part}")
+            bottom += height
+        totals = np.array([entries[n][what]["total"] for n in names])
+        ses = np.nan_to_num(np.array([entries[n][what]["se_total"] for n in names]))
+        ax.errorbar(x, totals, yerr=ses, fmt="none", ecolor="black", capsize=3)
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_title(f"one draw: {title}")
+        ax.set_yscale("symlog", linthresh=max(1e-12, float(np.abs(totals).min()) / 10))
+        ax.legend(title="A mask, B rate, C data")
+    figure.savefig(path, dpi=110)
+
+
+def _plot_curves(curves: Mapping[str, Any], path: Path) -> None:
+    """g, sqrt(v); S; the densities; the A and B integrands, against t."""
+    t = np.asarray(curves["t"])
+    figure, axes = _figure(2, 2, (10.0, 7.5))
+    ax = axes[0, 0]
+    ax.plot(t, curves["g"], "o-", label="g(t) = E[l | t]")
+    ax.plot(t, np.sqrt(np.maximum(curves["v"], 0.0)), "s--", label="sqrt v(t)")
+    ax.set_xlabel("t")
+    ax.legend()
+    ax = axes[0, 1]
+    ax.semilogy(t, curves["S"], "o-", label="S(t) = E[l^2 | t]")
+    ax.set_xlabel("t")
+    ax.legend()
+    ax = axes[1, 0]
+    ax.plot(t, np.ones_like(t), ":", label="uniform (Standard)")
+    fit = curves.get("ppots_fit")
+    if fit:
+        ax.plot(t, fit["optimal"], "o", label="sqrt S, normalised (p*)")
+        ax.plot(t, fit["density"], "-", label=f"P-POTS fit ({fit['method']}, mix {fit['mix']})")
+    if curves.get("ppots_method_density"):
+        ax.plot(t, curves["ppots_method_density"], "--", label="ppots method's density")
+    ax.set_xlabel("t")
+    ax.set_ylabel("density")
+    ax.legend()
+    ax = axes[1, 1]
+    for key, label in (("a", "a(t): integrand of A"), ("b", "b(t): integrand of B")):
+        ax.errorbar(t, curves[key], yerr=curves[f"se_{key}"], fmt="o-", capsize=2, label=label)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("t")
+    scale = float(np.abs(curves["b"]).max()) / 10
+    ax.set_yscale("symlog", linthresh=scale if scale > 0 else 1e-9)
+    ax.legend()
+    figure.savefig(path, dpi=110)
+
+
+def _plot_efficiency(report: Mapping[str, Any], path: Path) -> None:
+    """Ratio to Standard of variance x forward passes (> 1 is better), with SE bars."""
+    figure, axes = _figure(1, 2, (11.0, 0.35 * len(report["comparison"]["loss"]) + 2.5))
+    for ax, what in zip(axes[0], ("grad", "loss"), strict=True):
+        rows = report["comparison"][what]
+        y = np.arange(len(rows))
+        ratio = np.array([r["ratio_to_reference"] for r in rows], dtype=float)
+        err = np.array([r["ratio_se"] for r in rows], dtype=float)
+        shown = np.isfinite(ratio)
+        ax.barh(y[shown], ratio[shown], xerr=np.nan_to_num(err[shown]), color="tab:blue")
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yticks(y, [r["name"] for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("Standard's variance x passes / this one's")
+        ax.set_title(f"minibatch {'gradient' if what == 'grad' else 'loss'}")
+    figure.savefig(path, dpi=110)
