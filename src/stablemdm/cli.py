@@ -135,16 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_checkpoint(path: str):
-    from .model import Transformer
-    from .tokenizer import CharTokenizer
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(f"checkpoint folder {folder} does not exist")
-    return Transformer.from_pretrained(folder), CharTokenizer.from_pretrained(folder)
-
-
 def _decoding_kwargs(args: argparse.Namespace) -> dict:
     return {
         "gen_length": args.gen_length,
@@ -168,9 +158,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
+    from .run import load_checkpoint
     from .tasks import get_task
 
-    model, tokenizer = _load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
     output = args.output or str(Path(args.checkpoint) / f"eval-{args.task}-{args.split}.jsonl")
     objective = "arm" if model.config.causal else "mdm"
@@ -231,8 +222,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .decoding import generate
+    from .run import load_checkpoint
 
-    model, tokenizer = _load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     prompts = _read_prompts(args)
     ids = [
         tokenizer.encode(p, where=f"prompt {i + 1}") + [tokenizer.sep_token_id]

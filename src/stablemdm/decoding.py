@@ -95,6 +95,18 @@ def _check_temperature(temperature: float, generator: torch.Generator | None, wh
         _require_generator(generator, f"{where} with temperature={temperature}")
 
 
+def _right_padded(
+    rows: list[list[int]], room: int, pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-padded with `room` free positions after the longest: x `[B, L]` and
+    the prompt lengths `[B]`."""
+    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
+    x = torch.full((len(rows), int(prompt_len.max()) + room), pad_token_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        x[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return x.to(device), prompt_len
+
+
 def generate_mdm(
     model: Model,
     prompts: Sequence[Sequence[int]],
@@ -146,13 +158,9 @@ def generate_mdm(
         return []
 
     device = _model_device(model)
-    n_rows = len(rows)
-    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
-    total = int(prompt_len.max()) + gen_length
+    x, prompt_len = _right_padded(rows, gen_length, pad_token_id, device)  # [B, L], [B]
+    n_rows, total = x.shape
     positions = torch.arange(total, device=device)  # [L]
-    x = torch.full((n_rows, total), pad_token_id, dtype=torch.long, device=device)  # [B, L]
-    for b, row in enumerate(rows):
-        x[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
     x.scatter_(1, canvas, mask_token_id)
     attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
@@ -209,13 +217,9 @@ def generate_arm(
         return []
 
     device = _model_device(model)
-    n_rows = len(rows)
-    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
-    total = int(prompt_len.max()) + max_new_tokens
+    x, prompt_len = _right_padded(rows, max_new_tokens, pad_token_id, device)  # [B, L], [B]
+    n_rows, total = x.shape
     positions = torch.arange(total, device=device)  # [L]
-    x = torch.full((n_rows, total), pad_token_id, dtype=torch.long, device=device)  # [B, L]
-    for b, row in enumerate(rows):
-        x[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     length = prompt_len.clone()  # [B]
     active = torch.ones(n_rows, dtype=torch.bool, device=device)  # [B]
     row_index = torch.arange(n_rows, device=device)  # [B]

@@ -77,22 +77,37 @@ def encode_split(task: Task, tokenizer: CharTokenizer, split: str, limit: int | 
     return TensorDataset(encode_examples(examples, tokenizer, task.max_length, task.gen_length))
 
 
+def check_fits(model: Transformer, tokenizer: CharTokenizer, task: Task, where: str) -> None:
+    """Refuse a model whose vocabulary or length does not match the tokenizer and task."""
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"{where}: the model has {model.config.vocab_size} tokens, the tokenizer "
+            f"{tokenizer.vocab_size}"
+        )
+    if model.config.max_seq_len < task.max_length:
+        raise ConfigError(
+            f"{where}: max_seq_len {model.config.max_seq_len} is shorter than task "
+            f"{task.name}'s sequences ({task.max_length})"
+        )
+
+
+def load_checkpoint(folder: str | Path) -> tuple[Transformer, CharTokenizer]:
+    """A saved model and its tokenizer (the default character tokenizer if none is saved)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint folder {folder} does not exist")
+    model = Transformer.from_pretrained(folder)
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    return model, CharTokenizer.from_pretrained(folder) if has_tokenizer else CharTokenizer()
+
+
 def build_model(config: StableMDMConfig, task: Task, tokenizer: CharTokenizer) -> Transformer:
     """A fresh model of the configured size, or the `init_from` checkpoint with the
     attention pattern the objective needs (same parameters either way)."""
     causal = config.objective == "arm"
     if config.init_from:
         model = Transformer.from_pretrained(config.init_from)
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise ConfigError(
-                f"init_from={config.init_from}: its vocabulary has {model.config.vocab_size} "
-                f"tokens, the tokenizer {tokenizer.vocab_size}"
-            )
-        if model.config.max_seq_len < task.max_length:
-            raise ConfigError(
-                f"init_from={config.init_from}: max_seq_len {model.config.max_seq_len} is "
-                f"shorter than task {task.name}'s sequences ({task.max_length})"
-            )
+        check_fits(model, tokenizer, task, f"init_from={config.init_from}")
         model.config.causal = causal
         return model
     overrides = {

@@ -47,8 +47,10 @@ from .run import (
     build_model,
     build_objective,
     build_sampler,
+    check_fits,
     encode_split,
     fit_density,
+    load_checkpoint,
     load_density,
 )
 from .samplers import PPOTS, Mirrored, RateSampler, Stratified
@@ -680,22 +682,8 @@ def load_model(
     if checkpoint is None:
         tokenizer = CharTokenizer()
         return build_model(config, task, tokenizer), tokenizer
-    folder = Path(checkpoint)
-    if not folder.is_dir():
-        raise ConfigError(f"--checkpoint {folder} is not a folder")
-    model = Transformer.from_pretrained(folder)
-    has_tokenizer = (folder / "tokenizer.json").is_file()
-    tokenizer = CharTokenizer.from_pretrained(folder) if has_tokenizer else CharTokenizer()
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(
-            f"--checkpoint {folder}: the model has {model.config.vocab_size} tokens, the "
-            f"tokenizer {tokenizer.vocab_size}"
-        )
-    if model.config.max_seq_len < task.max_length:
-        raise ConfigError(
-            f"--checkpoint {folder}: max_seq_len {model.config.max_seq_len} is shorter than "
-            f"task {task.name}'s sequences ({task.max_length})"
-        )
+    model, tokenizer = load_checkpoint(checkpoint)
+    check_fits(model, tokenizer, task, f"--checkpoint {checkpoint}")
     model.config.causal = False
     return model, tokenizer
 
