@@ -159,7 +159,7 @@ def generate_mdm(
 
     device = _model_device(model)
     x, prompt_len = _right_padded(rows, gen_length, pad_token_id, device)  # [B, L], [B]
-    n_rows, total = x.shape
+    total = x.shape[1]
     positions = torch.arange(total, device=device)  # [L]
     canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
     x.scatter_(1, canvas, mask_token_id)
