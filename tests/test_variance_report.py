@@ -298,3 +298,45 @@ def test_non_finite_observations_are_reported():
     objective = Objective(mask_token_id=MASK_ID, eps=EPS)
     with pytest.raises(ConfigError, match="non-finite observation"):
         vr.decompose(model, objective, data, torch.arange(4), vr.Design(4, 2, 2), 0, "nan")
+
+
+def test_arm_reference_from_a_trained_arm_checkpoint(tmp_path):
+    """--arm-checkpoint measures a trained ARM's data noise; it has no A or B either."""
+    from stablemdm.config import load_config
+    from stablemdm.run import train
+
+    small = ["task_options={n_train: 40, n_test: 4}", "d_model=32", "n_layers=1", "n_heads=2"]
+    arm_dir = tmp_path / "arm"
+    train(
+        load_config(
+            None,
+            [
+                *small,
+                "objective=arm",
+                "max_steps=2",
+                "save_steps=2",
+                "disable_tqdm=true",
+                f"output_dir={arm_dir}",
+            ],
+        )
+    )
+    options = vr.VarianceOptions(
+        methods=("standard",),
+        loss_design=vr.Design(4, 2, 2),
+        grad_design=vr.Design(3, 2, 2),
+        draws=3,
+        batch=2,
+        project=8,
+        bootstrap=0,
+        grid=3,
+        grid_sequences=3,
+        grid_masks=2,
+    )
+    config = load_config(None, [*small, f"output_dir={tmp_path / 'unused'}"])
+    own = vr.run_variance(config, options)
+    trained = vr.run_variance(config, options, arm_checkpoint=arm_dir)
+    for report in (own, trained):
+        assert abs(report["arm"]["loss"]["A"]) < 1e-9 and abs(report["arm"]["loss"]["B"]) < 1e-9
+    assert trained["arm"]["loss"]["C"] != own["arm"]["loss"]["C"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        vr.run_variance(config, options, arm_checkpoint=tmp_path / "missing")

@@ -696,9 +696,12 @@ def run_variance(
     options: VarianceOptions,
     checkpoint: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    arm_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the three measurements for `config`'s task and model (or `checkpoint`) and return
-    the report (what `write_report` stores as variance.json). `log(str)` reports progress."""
+    the report (what `write_report` stores as variance.json). `log(str)` reports progress.
+    The ARM reference is `arm_checkpoint`, else the same weights with causal attention
+    (a like-for-like baseline at initialisation, not for a trained MDM)."""
     say = log or (lambda message: None)
     if config.objective != "mdm":
         raise ConfigError(
@@ -715,6 +718,10 @@ def run_variance(
     task = get_task(config.task, **config.task_options)
     model, tokenizer = load_model(config, checkpoint, task)
     model.eval()
+    if arm_checkpoint is not None:  # checked before any measurement starts
+        arm_model, _ = load_checkpoint(arm_checkpoint)
+        check_fits(arm_model, tokenizer, task, f"--arm-checkpoint {arm_checkpoint}")
+        arm_model.config.causal = True
     data = encode_split(task, tokenizer, "train")
     needed = max(
         options.loss_design.sequences, options.grad_design.sequences, options.grid_sequences
@@ -779,8 +786,21 @@ def run_variance(
         )
     say("decomposition: arm")
     arm_objective = Objective(mask_token_id=tokenizer.mask_token_id, kind="arm")
-    with causal(model):
-        arm = _decompose_method(model, arm_objective, data, index, options, feature, seed, "arm")
+    if arm_checkpoint is None:
+        if checkpoint is not None or config.init_from:
+            notes.append(
+                "arm: the MDM's own weights with causal attention; for a trained model this is "
+                "not a trained ARM (pass --arm-checkpoint for one)"
+            )
+        with causal(model):
+            arm = _decompose_method(
+                model, arm_objective, data, index, options, feature, seed, "arm"
+            )
+    else:
+        arm_feature = GradientFeature(arm_model.eval(), options.params, options.project, seed)
+        arm = _decompose_method(
+            arm_model, arm_objective, data, index, options, arm_feature, seed, "arm"
+        )
     timing["decomposition"] = time.perf_counter() - mark
 
     say(f"comparison: {options.draws} minibatches of {options.batch} per method")
@@ -979,6 +999,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="project the gradient onto P seeded Gaussian directions (traces stay unbiased)",
     )
     parser.add_argument(
+        "--arm-checkpoint",
+        metavar="DIR",
+        help="a trained ARM of the same size for the reference C (default: the model's own "
+        "weights with causal attention, a like-for-like baseline only at initialisation)",
+    )
+    parser.add_argument(
         "--output",
         default="runs/variance",
         metavar="DIR",
@@ -1016,7 +1042,13 @@ def run_cli(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
     config = load_config(args.config, overrides)
     console = Console() if sys.stdout.isatty() else Console(width=TERMINAL_WIDTH)
-    report = run_variance(config, options, args.checkpoint, log=lambda m: console.log(m))
+    report = run_variance(
+        config,
+        options,
+        args.checkpoint,
+        log=lambda m: console.log(m),
+        arm_checkpoint=args.arm_checkpoint,
+    )
     print_report(report, console)
     paths = write_report(report, args.output)
     console.print(f"report in {paths[0].parent} ({report['timing_s']['total']:.0f} s)")
