@@ -206,6 +206,9 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "max_steps=3",
         "save_steps=3",
         "scheme=stratified",
+        "sampler=ppots",
+        "ppots_sequences=3",
+        "ppots_rates=8",
         "ddp_backend=gloo",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -180,10 +180,18 @@ def load_density(path: str | Path) -> PPOTS:
 def fit_density(
     config: StableMDMConfig, model: Transformer, task: Task, tokenizer: CharTokenizer
 ) -> PPOTS:
-    """Estimate S(t) on a grid for this model and data and fit the P-POTS density."""
+    """Estimate S(t) on a grid for this model and data and fit the P-POTS density. With
+    several processes each estimates on its own `ppots_sequences` sequences and `fit_ppots`
+    averages the estimates, so all processes fit the same density from the pooled data."""
     data = encode_split(task, tokenizer, "train")
+    rank, n = config.process_index, config.ppots_sequences
+    if (rank + 1) * n > len(data):
+        raise ConfigError(
+            f"ppots_sequences={n} per process needs {(rank + 1) * n} train sequences; "
+            f"task {task.name} has {len(data)}"
+        )
     pick = torch.randperm(len(data), generator=seeded_generator(config.seed, "ppots-data"))
-    batch = default_data_collator([data[int(i)] for i in pick[: config.ppots_sequences]])
+    batch = default_data_collator([data[int(i)] for i in pick[rank * n : (rank + 1) * n]])
     plain = build_objective(config, tokenizer, sampler=Uniform())
     return fit_ppots(
         plain,
@@ -195,7 +203,7 @@ def fit_density(
         target=config.ppots_target,
         params=config.ppots_params,
         mix=config.mix,
-        generator=seeded_generator(config.seed, "ppots-masks"),
+        generator=seeded_generator(config.seed, "ppots-masks", rank),
     )
 
 
