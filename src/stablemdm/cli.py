@@ -150,9 +150,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
-    print(
-        f"trained to step {result.global_step}; model, tokenizer and config in {result.output_dir}"
-    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained to step {result.global_step}; model, tokenizer and config in "
+            f"{result.output_dir}"
+        )
     return 0
 
 
