@@ -36,9 +36,10 @@ def _parser() -> argparse.ArgumentParser:
         help="train an MDM or ARM from a recipe",
         description="Train from a YAML recipe with key=value overrides; the resolved config "
         "is written to <output_dir>/config.yaml, so `stablemdm train --config "
-        "<output_dir>/config.yaml` re-runs it. Launch with `accelerate launch -m "
-        "stablemdm.cli train ...` or `torchrun --nproc_per_node N -m stablemdm.cli train ...` "
-        "for several processes.",
+        "<output_dir>/config.yaml` re-runs it. For several processes: `torchrun "
+        "--nproc_per_node N -m stablemdm.cli train ...` (CPU or GPU), or `accelerate launch "
+        "--config_file configs/accelerate/{ddp_gpu,fsdp,deepspeed_zero2}.yaml -m stablemdm.cli "
+        "train ...` on GPUs.",
         epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
