@@ -240,6 +240,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         ("mix=0", r"mix \(lambda\) must lie in \(0, 1\]"),
         ("isad_q_max=1.0", "isad_q_max must be < 1"),
         ("masking=isad", "needs isad_tokens"),
+        ("eval_accuracy=true", "set eval_strategy=steps"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path, override, message):

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import torch
 import yaml
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 SAMPLER_NAMES = ("uniform", "clipped", "ppots", "ema")
 SCHEME_NAMES = ("iid", "stratified", "mirrored")
@@ -204,6 +205,10 @@ class StableMDMConfig(TrainingArguments):
             )
         if self.ppots_file is not None and self.sampler != "ppots":
             raise ConfigError("ppots_file is only used with sampler=ppots")
+        if self.eval_accuracy and self.eval_strategy in ("no", IntervalStrategy.NO):
+            raise ConfigError(
+                "eval_accuracy=true decodes at each evaluation: set eval_strategy=steps"
+            )
         if self.log_rate_bins < 0:
             raise ConfigError(f"log_rate_bins must be >= 0, got {self.log_rate_bins}")
         for name in (
