@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output", default="runs/demo", help="folder for the runs")
     demo.add_argument("--task", default="chain_sum", help="built-in task")
-    demo.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    demo.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
     demo.add_argument("--seed", type=int, default=42, help="seed of every run")
     demo.add_argument("--limit", type=int, help="decode only the first N test items")
     return parser

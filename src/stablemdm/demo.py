@@ -39,7 +39,8 @@ def demo_config(name: str, output: Path, task: str, steps: int, seed: int) -> St
         learning_rate=2e-3,
         warmup_steps=min(30, steps // 10),
         logging_steps=max(1, steps // 10),
-        save_steps=steps,
+        save_steps=min(steps, 500),  # a stopped demo resumes from its last checkpoint
+        save_total_limit=2,
         disable_tqdm=True,
         **RUNS[name],
     )
@@ -48,7 +49,7 @@ def demo_config(name: str, output: Path, task: str, steps: int, seed: int) -> St
 def run_demo(
     output: str | Path = "runs/demo",
     task: str = "chain_sum",
-    steps: int = 600,
+    steps: int = 3000,
     seed: int = 42,
     limit: int | None = None,
 ) -> dict[str, dict]:
@@ -106,7 +107,7 @@ def _print_table(results: dict[str, dict], task: str, steps: int, seed: int) -> 
     from rich.table import Table
 
     table = Table(title=f"stablemdm demo: {task}, {steps} steps, seed {seed}")
-    for column in ("run", "parameters", "test accuracy", "final train loss", "train s", "eval s"):
+    for column in ("run", "params", "test accuracy", "train loss", "train s", "eval s"):
         table.add_column(column, no_wrap=True)
     for name, r in results.items():
         loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "-"
