@@ -122,7 +122,7 @@ def test_checkpoint_describes_itself(tmp_path):
         "config.json",
         "model.safetensors",
         "tokenizer.json",
-        "sampler.json",
+        "sampler_state.pt",
         "config.yaml",
         "optimizer.pt",
         "scheduler.pt",

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from .objective import Objective
 from .samplers import EMA
 
-SAMPLER_STATE = "sampler.json"
+SAMPLER_STATE = "sampler_state.pt"  # torch.save of the sampler's state_dict
 
 
 def seeded_generator(seed: int, *key: object) -> torch.Generator:
