@@ -125,8 +125,9 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="train a tiny ARM and MDMs on a built-in task and compare accuracies",
         description="What `make demo` runs: a tiny ARM, a Standard MDM and a P-POTS+MIRROR "
-        "MDM of the same size trained on one task, each decoded on the test split. Re-running "
-        "skips finished runs and resumes stopped ones.",
+        "MDM (as published, and compute-matched to a Standard step) of the same size trained "
+        "on one task, each decoded on the test split. Re-running skips finished runs and "
+        "resumes stopped ones.",
     )
     demo.add_argument("--output", default="runs/demo", help="folder for the runs")
     demo.add_argument("--task", default="chain_sum", help="built-in task")
