@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def run_demo(
         config = demo_config(name, output, task, steps, seed)
         print(
             f"[demo] training {name} ({config.objective}, sampler={config.sampler}, "
-            f"masking={config.masking}) for {steps} steps ...",
+            f"masking={config.masking}, compute_matched={config.compute_matched}) for {steps} steps ...",
             flush=True,
         )
         start = time.perf_counter()
@@ -122,4 +123,4 @@ def _print_table(results: dict[str, dict], task: str, steps: int, seed: int) -> 
             str(r["train_seconds"]),
             str(r["eval_seconds"]),
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 100).print(table)
