@@ -70,7 +70,8 @@ def run_demo(
         config = demo_config(name, output, task, steps, seed)
         print(
             f"[demo] training {name} ({config.objective}, sampler={config.sampler}, "
-            f"masking={config.masking}, compute_matched={config.compute_matched}) for {steps} steps ...",
+            f"masking={config.masking}, compute_matched={config.compute_matched}) "
+            f"for {steps} steps ...",
             flush=True,
         )
         start = time.perf_counter()
