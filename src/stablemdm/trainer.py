@@ -88,13 +88,14 @@ class StableMDMTrainer(Trainer):
         return (out.loss, {"per_sequence": out.per_sequence}) if return_outputs else out.loss
 
     def _record(self, out, inputs) -> None:
-        """Remember what the sampler drew; feed the EMA sampler (pooled over processes)."""
+        """Remember what the sampler drew (on the device: no host sync in the training step;
+        `log` moves it once per log line); feed the EMA sampler (pooled over processes)."""
         rate, weight = out.rate.detach(), out.weight.detach()
-        self._seen["rate"].append(rate.float().cpu())
-        self._seen["weight"].append(weight.float().cpu())
-        self._seen["loss"].append(out.unweighted.float().cpu())
+        self._seen["rate"].append(rate.float())
+        self._seen["weight"].append(weight.float())
+        self._seen["loss"].append(out.unweighted.float())
         n = len(rate)  # sequences actually used (compute_matched MIRROR uses half the batch)
-        self._tokens += int(inputs["attention_mask"][:n].sum()) * (out.forward_passes // n)
+        self._tokens = self._tokens + inputs["attention_mask"][:n].sum() * (out.forward_passes // n)
         ema = ema_of(self.objective)
         if ema is not None:
             both = torch.stack([rate.float(), out.unweighted.float()])  # [2, B]
@@ -121,7 +122,9 @@ class StableMDMTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the sampler's diagnostics and throughput to each training log line."""
         if "loss" in logs and self._seen["rate"]:
-            rate, weight = torch.cat(self._seen["rate"]), torch.cat(self._seen["weight"])
+            rate, weight, loss = (
+                torch.cat(self._seen[k]).cpu() for k in ("rate", "weight", "loss")
+            )
             now = time.perf_counter()
             if self.objective.kind == "mdm":  # an ARM draws no rates and carries no weights
                 logs.update(
@@ -131,9 +134,9 @@ class StableMDMTrainer(Trainer):
                     weight_std=weight.std().item() if len(weight) > 1 else 0.0,
                     weight_max=weight.max().item(),
                 )
-                logs.update(self._rate_bins(rate, torch.cat(self._seen["loss"])))
+                logs.update(self._rate_bins(rate, loss))
             logs["tokens_per_s"] = (
-                self._tokens * self.args.world_size / max(now - self._clock, 1e-9)
+                float(self._tokens) * self.args.world_size / max(now - self._clock, 1e-9)
             )
             self._seen = {"rate": [], "weight": [], "loss": []}
             self._tokens, self._clock = 0, now
