@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import default_data_collator
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ConfigError, StableMDMConfig, load_yaml, save_config
@@ -30,6 +31,7 @@ from .trainer import (
     CheckpointCallback,
     EMACallback,
     MetricsCallback,
+    ProgressBar,
     StableMDMTrainer,
     seeded_generator,
 )
@@ -328,6 +330,8 @@ def train(
             *(callbacks or []),
         ],
     )
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar)
     if config.eval_accuracy:
         trainer.add_callback(
             AccuracyCallback(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .objective import Objective
 from .samplers import EMA
@@ -141,6 +142,20 @@ class StableMDMTrainer(Trainer):
             self._seen = {"rate": [], "weight": [], "loss": []}
             self._tokens, self._clock = 0, now
         super().log(logs, *args, **kwargs)
+
+
+class ProgressBar(ProgressCallback):
+    """The engine's progress bar, with the latest loss, learning rate and tokens/s on it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(
+                loss=f"{logs['loss']:.4g}",
+                lr=f"{logs.get('learning_rate', 0.0):.3g}",
+                tok_s=f"{logs.get('tokens_per_s', 0.0):.0f}",
+                refresh=False,
+            )
+        super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class EMACallback(TrainerCallback):
