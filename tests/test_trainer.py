@@ -296,3 +296,9 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train(_config(tmp_path, "nan", "max_steps=3", "save_steps=1"))
     assert (tmp_path / "nan" / "checkpoint-1" / "model.safetensors").is_file()
+
+
+def test_progress_bar_shows_loss_learning_rate_and_throughput(tmp_path, capsys):
+    train(_config(tmp_path, "bar", "max_steps=2", "save_steps=2", "disable_tqdm=false"))
+    err = capsys.readouterr().err
+    assert "loss=" in err and "lr=" in err and "tok_s=" in err
