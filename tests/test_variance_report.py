@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from stablemdm import variance_measure as vm
 from stablemdm import variance_report as vr
 from stablemdm.config import ConfigError
 from stablemdm.objective import Objective
@@ -200,7 +201,7 @@ def test_comparison_ranks_count_mode_ahead_of_standard():
         "standard": Objective(mask_token_id=MASK_ID, eps=EPS),
         "count": Objective(mask_token_id=MASK_ID, rate="count", eps=EPS),
     }
-    rows = vr.compare_methods(PositionTable(PROMPT + L), objectives, data, draws, batch, seed=0)
+    rows = vm.compare_methods(PositionTable(PROMPT + L), objectives, data, draws, batch, seed=0)
     rows = {row["name"]: row for row in rows["loss"]}
     assert list(rows)[0] == "count"
     assert rows["count"]["ratio_to_reference"] - 1.0 > 4 * rows["count"]["ratio_se"]
@@ -217,8 +218,8 @@ def test_nested_design_recovers_rate_noise_of_an_importance_weighted_sampler():
     sampler = PPOTS([3.0, 1.0], mix=0.5)
     d1, d2 = (float(sampler.density(torch.tensor([t]))) for t in (0.25, 0.75))
     objective = Objective(mask_token_id=MASK_ID, eps=EPS, sampler=sampler)
-    design = vr.Design(120, 6, 4)
-    components = vr.decompose(
+    design = vm.Design(120, 6, 4)
+    components = vm.decompose(
         PositionTable(PROMPT + L), objective, data, torch.arange(120), design, seed=1, tag="t"
     )
 
@@ -239,7 +240,7 @@ def test_rate_curves_integrands_match_the_toy():
     does not depend on t), within 5 SE at every grid rate."""
     data, c = toy_data(100)
     standard = Objective(mask_token_id=MASK_ID, eps=EPS)
-    curves = vr.rate_curves(PositionTable(PROMPT + L), standard, data, torch.arange(100), 6, 8, 2)
+    curves = vm.rate_curves(PositionTable(PROMPT + L), standard, data, torch.arange(100), 6, 8, 2)
     t = np.asarray(curves["t"])
     truth_a = (1.0 - p_mask(t)) * float((c**2).sum()) / (L**2 * p_mask(t))
     assert np.all(np.abs(np.asarray(curves["a"]) - truth_a) < 5 * np.asarray(curves["se_a"]))
@@ -252,16 +253,16 @@ def test_projection_is_reproducible_and_preserves_squared_norms_on_average(monke
     """G has N(0, 1/P) entries, so E ||G v||^2 = ||v||^2; blocks kept in memory and blocks
     regenerated on every use give the same G."""
     model = PositionTable(PROMPT + L)
-    monkeypatch.setattr(vr, "PROJECTION_CHUNK", 64)  # many blocks of 4 columns for P = 16
+    monkeypatch.setattr(vm, "PROJECTION_CHUNK", 64)  # many blocks of 4 columns for P = 16
     v = torch.randn(3, model.table.numel(), generator=torch.Generator().manual_seed(0))
-    cached = vr.GradientFeature(model, None, 16, seed=3)
+    cached = vm.GradientFeature(model, None, 16, seed=3)
     first = cached.reduce(v)
     assert torch.equal(cached.reduce(v), first)
-    monkeypatch.setattr(vr, "PROJECTION_CACHE", 0)
-    assert torch.equal(vr.GradientFeature(model, None, 16, seed=3).reduce(v), first)
+    monkeypatch.setattr(vm, "PROJECTION_CACHE", 0)
+    assert torch.equal(vm.GradientFeature(model, None, 16, seed=3).reduce(v), first)
     ratios = torch.stack(
         [
-            vr.GradientFeature(model, None, 16, seed=s).reduce(v).pow(2).sum(1) / v.pow(2).sum(1)
+            vm.GradientFeature(model, None, 16, seed=s).reduce(v).pow(2).sum(1) / v.pow(2).sum(1)
             for s in range(200)
         ]
     ).flatten()  # [600]
@@ -275,8 +276,8 @@ def test_projection_is_reproducible_and_preserves_squared_norms_on_average(monke
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"loss_design": vr.Design(1, 4, 4)}, "--sequences = 1: need at least 2 sequences"),
-        ({"grad_design": vr.Design(4, 4, 1)}, "--grad-masks = 1: need at least 2 masks"),
+        ({"loss_design": vm.Design(1, 4, 4)}, "--sequences = 1: need at least 2 sequences"),
+        ({"grad_design": vm.Design(4, 4, 1)}, "--grad-masks = 1: need at least 2 masks"),
         ({"methods": ("standard", "bogus")}, "unknown method.*'bogus'.*ppots_mirror"),
         ({"draws": 2}, "--draws"),
         ({"project": 0}, "--project"),
@@ -289,7 +290,7 @@ def test_bad_options_name_the_fix(options, message):
 
 def test_parameter_regex_that_matches_nothing_lists_names():
     with pytest.raises(ConfigError, match="matches no parameter.*table"):
-        vr.GradientFeature(PositionTable(PROMPT + L), "^lm_head", None, seed=0)
+        vm.GradientFeature(PositionTable(PROMPT + L), "^lm_head", None, seed=0)
 
 
 def test_non_finite_observations_are_reported():
@@ -297,7 +298,7 @@ def test_non_finite_observations_are_reported():
     model = PositionTable(PROMPT + L, fill=float("nan"))
     objective = Objective(mask_token_id=MASK_ID, eps=EPS)
     with pytest.raises(ConfigError, match="non-finite observation"):
-        vr.decompose(model, objective, data, torch.arange(4), vr.Design(4, 2, 2), 0, "nan")
+        vm.decompose(model, objective, data, torch.arange(4), vm.Design(4, 2, 2), 0, "nan")
 
 
 def test_arm_reference_from_a_trained_arm_checkpoint(tmp_path):
@@ -322,8 +323,8 @@ def test_arm_reference_from_a_trained_arm_checkpoint(tmp_path):
     )
     options = vr.VarianceOptions(
         methods=("standard",),
-        loss_design=vr.Design(4, 2, 2),
-        grad_design=vr.Design(3, 2, 2),
+        loss_design=vm.Design(4, 2, 2),
+        grad_design=vm.Design(3, 2, 2),
         draws=3,
         batch=2,
         project=8,

@@ -17,6 +17,9 @@ seed, with every estimator built by `run.build_objective` exactly as training bu
 3. Per-rate curves of the Standard estimator on a grid of t: g(t), v(t), S(t), the P-POTS
    fit, and the integrands a(t), b(t) whose integrals are A and B (see docs/variance.md).
 
+The measurement primitives live in `variance_measure`, the tables and plots in
+`variance_output`; this module builds the methods, runs the experiment and is the CLI.
+
 Scheme methods (StraTS, SyRM) couple the rates *across the sequences of a minibatch*; a single
 draw has the same distribution as under their base density, so their decomposition is the
 base's (reported as `same_as`) and their effect shows only in the comparison.
@@ -25,12 +28,9 @@ base's (reported as `same_as`) and their effect shows only in the comparison.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ppots
 from .config import ConfigError, StableMDMConfig, load_config
 from .model import Transformer
-from .objective import Objective, ObjectiveOutput
+from .objective import Objective
 from .run import (
     TensorDataset,
     build_model,
@@ -53,15 +52,27 @@ from .run import (
     load_checkpoint,
     load_density,
 )
-from .samplers import PPOTS, Mirrored, RateSampler, Stratified
+from .samplers import PPOTS
 from .tasks import get_task
 from .tokenizer import CharTokenizer
-from .trainer import ema_of, seeded_generator
-from .variance import Components, compare_estimators, nested_components
+from .trainer import seeded_generator
+from .variance_measure import (
+    DEFAULT_PROJECTION,
+    FULL_GRADIENT_MAX,
+    REFERENCE,
+    Design,
+    GradientFeature,
+    causal,
+    compare_methods,
+    decompose,
+    density_sampler,
+    rate_curves,
+    semi_analytic_total,
+    warm_ema,
+)
 from .variance_output import TERMINAL_WIDTH, print_report, write_report
 
 F64 = torch.float64
-REFERENCE = "standard"
 # The estimator fields every method starts from, so "standard" means Standard whatever the
 # base config says; each method then overrides a few of them.
 ESTIMATOR_DEFAULTS: dict[str, Any] = {
@@ -99,34 +110,6 @@ ISAD_DEFAULT_TOKENS: dict[str, list[str]] = {
     "gsm8k": ["#"],
     "gsm_symbolic": ["#"],
 }
-FULL_GRADIENT_MAX = 200_000  # more coordinates than this and no --params: project by default
-DEFAULT_PROJECTION = 128  # dimensions of the default random projection
-PROJECTION_CHUNK = 1 << 22  # entries of one projection block [columns, P] (16 MiB in fp32)
-PROJECTION_CACHE = 1 << 26  # keep the projection in memory up to this many entries (256 MiB)
-PROJECTION_ROWS = 64  # gradients buffered and projected together (bounds memory and reuse cost)
-
-
-@dataclass(frozen=True)
-class Design:
-    """A balanced nested design: I sequences x J rates x K masks (paper.md section 2)."""
-
-    sequences: int
-    rates: int
-    masks: int
-
-    def check(self, prefix: str) -> None:
-        """Raise a ConfigError naming the CLI option when a level has fewer than 2 draws."""
-        levels = (
-            ("sequences", self.sequences, "data noise C is the spread between sequences"),
-            ("rates", self.rates, "rate noise B is the spread between rates of one sequence"),
-            ("masks", self.masks, "mask noise A is the spread between masks of one rate"),
-        )
-        for name, value, why in levels:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ConfigError(
-                    f"--{prefix}{name} = {value!r}: need at least 2 {name} ({why}); "
-                    f"raise --{prefix}{name}"
-                )
 
 
 @dataclass(frozen=True)
@@ -174,414 +157,6 @@ class VarianceOptions:
             raise ConfigError(f"--project must be >= 1 dimensions, got {self.project}")
 
 
-class GradientFeature:
-    """What one gradient observation is: the flattened gradient of the chosen parameters
-    (`params`, a regex searched in parameter names; all by default), or its projection
-    G g with a seeded Gaussian G `[P, D]` of variance 1/P (E[G^T G] = I, so every covariance
-    trace is preserved in expectation and all methods share the same G).
-
-    G is drawn block by block of columns (`PROJECTION_CHUNK` entries) from generators seeded by
-    (seed, "projection", block), so it is reproducible and never materialised whole when it
-    has more than `PROJECTION_CACHE` entries; smaller ones are kept after the first use.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module, params: str | None, project: int | None, seed: int
-    ) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if params is not None:
-            try:
-                pattern = re.compile(params)
-            except re.error as err:
-                raise ConfigError(
-                    f"--params {params!r} is not a valid regular expression ({err})"
-                ) from None
-            chosen = [(n, p) for n, p in named if pattern.search(n)]
-            if not chosen:
-                some = ", ".join(n for n, _ in named[:8])
-                raise ConfigError(
-                    f"--params {params!r} matches no parameter; the model has {len(named)} "
-                    f"parameter tensors, e.g. {some}"
-                )
-            named = chosen
-        self.params = [p for _, p in named]
-        self.n_coordinates = sum(p.numel() for p in self.params)
-        if project is None and params is None and self.n_coordinates > FULL_GRADIENT_MAX:
-            project = DEFAULT_PROJECTION
-        self.project = project
-        self.pattern = params
-        self.seed = seed
-        self._cache: list[tuple[int, torch.Tensor]] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready summary of the feature."""
-        return {
-            "params": self.pattern or "all",
-            "tensors": len(self.params),
-            "coordinates": self.n_coordinates,
-            "projection": self.project,
-        }
-
-    def gradient(self, value: torch.Tensor, retain_graph: bool) -> torch.Tensor:
-        """The flattened fp32 CPU gradient `[D]` of the scalar `value`."""
-        grads = torch.autograd.grad(
-            value, self.params, retain_graph=retain_graph, allow_unused=True
-        )
-        flat = [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-            for g, p in zip(grads, self.params, strict=True)
-        ]
-        return torch.cat(flat).float().cpu()  # [D]
-
-    def reduce(self, rows: torch.Tensor) -> torch.Tensor:
-        """Observations `[N, P]` from flat gradients `[N, D]` (identity without projection)."""
-        if self.project is None:
-            return rows
-        out = torch.zeros(rows.shape[0], self.project)  # [N, P]
-        for start, block in self._blocks():
-            out += rows[:, start : start + block.shape[0]] @ block
-        return out
-
-    def _blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first column, G^T block `[columns, P]`) over the columns of G."""
-        if self._cache is not None:
-            yield from self._cache
-            return
-        width = max(1, PROJECTION_CHUNK // self.project)
-        keep = self.n_coordinates * self.project <= PROJECTION_CACHE
-        blocks = []
-        for index, start in enumerate(range(0, self.n_coordinates, width)):
-            columns = min(width, self.n_coordinates - start)
-            generator = seeded_generator(self.seed, "projection", self.project, index)
-            block = torch.randn(columns, self.project, generator=generator)  # [columns, P]
-            block /= math.sqrt(self.project)
-            if keep:
-                blocks.append((start, block))
-            yield start, block
-        if keep:
-            self._cache = blocks
-
-
-class _Collector:
-    """Collects flat gradients one at a time and reduces them in blocks of PROJECTION_ROWS."""
-
-    def __init__(self, feature: GradientFeature) -> None:
-        self.feature = feature
-        self.pending: list[torch.Tensor] = []
-        self.done: list[torch.Tensor] = []
-
-    def add(self, flat: torch.Tensor) -> None:
-        self.pending.append(flat)
-        if len(self.pending) >= PROJECTION_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.pending:
-            self.done.append(self.feature.reduce(torch.stack(self.pending)))  # [N, P]
-            self.pending = []
-
-    def result(self) -> torch.Tensor:
-        """All observations so far `[N, P]`."""
-        self._flush()
-        return torch.cat(self.done)
-
-
-def _rows(data: TensorDataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The batch of `data` rows `index` `[n]` (each tensor `[n, L]`)."""
-    return {k: v[index] for k, v in data.tensors.items()}
-
-
-def _repeat(rows: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """A one-row batch repeated n times `[n, L]`."""
-    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in rows.items()}
-
-
-def _density_sampler(sampler: RateSampler) -> RateSampler:
-    """The density under a uniform scheme: what one draw's rate is distributed as."""
-    return sampler.base if isinstance(sampler, Stratified | Mirrored) else sampler
-
-
-def _evaluate(
-    objective: Objective,
-    model: torch.nn.Module,
-    rows: dict[str, torch.Tensor],
-    r: torch.Tensor,
-    weight: torch.Tensor,
-    mask_generator: torch.Generator,
-) -> ObjectiveOutput:
-    """The objective at given rates (an ARM draws no rate or mask and ignores them)."""
-    if objective.kind == "arm":
-        return objective(model, rows)
-    return objective.at_rates(model, rows, r, weight, mask_generator)
-
-
-def _check_finite(y: torch.Tensor, what: str) -> None:
-    """Raise one ConfigError naming the first non-finite observation of a nested design."""
-    bad = ~torch.isfinite(y)
-    if bool(bad.any()):
-        first = tuple(int(v) for v in bad.nonzero()[0])
-        raise ConfigError(
-            f"{what}: {int(bad.sum())} non-finite observation(s), the first at (sequence, rate, "
-            f"mask{', coordinate' if y.dim() == 4 else ''}) = {first}; the model's forward pass "
-            "overflows or the checkpoint is broken: check it (e.g. `stablemdm eval`) first"
-        )
-
-
-def nested_observations(
-    model: torch.nn.Module,
-    objective: Objective,
-    data: TensorDataset,
-    index: torch.Tensor,
-    rates: int,
-    masks: int,
-    seed: int,
-    tag: str,
-    feature: GradientFeature | None = None,
-) -> torch.Tensor:
-    """The nested design's observations: per-sequence losses `[I, J, K]` or gradient features
-    `[I, J, K, P]` for sequences `index` `[I]` of `data`.
-
-    Sequence i gets J rates iid from the method's density (with their weights) and, per rate,
-    K masks from `objective.at_rates` on K copies of the sequence sharing that rate; in count
-    mode the rate becomes the count k = ceil(|E| r). Rates and masks come from generators
-    seeded by (seed, tag, i). Gradients take one backward per observation.
-    """
-    density = _density_sampler(objective.sampler)
-    I, J, K = len(index), rates, masks
-    values = []
-    collector = _Collector(feature) if feature is not None else None
-    for i in range(I):
-        rate_generator = seeded_generator(seed, "nested-rate", tag, i)
-        mask_generator = seeded_generator(seed, "nested-mask", tag, i)
-        t, w = density.sample(J, rate_generator)  # [J], [J]
-        sequence = _rows(data, index[i : i + 1])
-        if collector is None:
-            with torch.no_grad():
-                out = _evaluate(
-                    objective,
-                    model,
-                    _repeat(sequence, J * K),
-                    t.repeat_interleave(K),
-                    w.repeat_interleave(K),
-                    mask_generator,
-                )
-            values.append(out.per_sequence.detach().to("cpu", F64).view(J, K))
-            continue
-        rows = _repeat(sequence, K)
-        for j in range(J):
-            out = _evaluate(objective, model, rows, t[j].expand(K), w[j].expand(K), mask_generator)
-            for k in range(K):
-                collector.add(feature.gradient(out.per_sequence[k], retain_graph=k + 1 < K))
-    y = torch.stack(values) if collector is None else collector.result().view(I, J, K, -1)
-    _check_finite(y, f"{tag}: the nested design")
-    return y
-
-
-def decompose(
-    model: torch.nn.Module,
-    objective: Objective,
-    data: TensorDataset,
-    index: torch.Tensor,
-    design: Design,
-    seed: int,
-    tag: str,
-    feature: GradientFeature | None = None,
-    bootstrap: int = 0,
-) -> Components:
-    """A, B, C (with jackknife SEs and the bootstrap flag) of the per-sequence loss, or of its
-    gradient feature, over the first `design.sequences` entries of `index`."""
-    if len(index) < design.sequences:
-        raise ConfigError(
-            f"the design needs {design.sequences} sequences but only {len(index)} were given"
-        )
-    y = nested_observations(
-        model,
-        objective,
-        data,
-        index[: design.sequences],
-        design.rates,
-        design.masks,
-        seed,
-        tag,
-        feature,
-    )
-    return nested_components(y, bootstrap=bootstrap, seed=seed)
-
-
-@contextmanager
-def causal(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The same network with causal attention (the ARM baseline) for the duration."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "causal"):
-        raise ConfigError(
-            f"{type(model).__name__} has no config.causal switch, so its ARM baseline cannot "
-            "be evaluated; use a stablemdm Transformer"
-        )
-    before = config.causal
-    config.causal = True
-    try:
-        yield model
-    finally:
-        config.causal = before
-
-
-def warm_ema(
-    objective: Objective,
-    model: torch.nn.Module,
-    data: TensorDataset,
-    draws: int,
-    batch: int,
-    seed: int,
-) -> int:
-    """Let an EMA sampler observe `draws` draws (in minibatches of `batch`, as the trainer
-    feeds it) and refresh its density once; it is then frozen for the measurement. Returns
-    the number of draws observed (0 when the sampler is not EMA)."""
-    ema = ema_of(objective)
-    if ema is None or draws == 0:
-        return 0
-    data_generator = seeded_generator(seed, "ema-data")
-    steps = math.ceil(draws / batch)
-    with torch.no_grad():
-        for step in range(steps):
-            rows = _rows(data, torch.randint(len(data), (batch,), generator=data_generator))
-            out = objective(
-                model,
-                rows,
-                seeded_generator(seed, "ema-rate", step),
-                seeded_generator(seed, "ema-mask", step),
-            )
-            ema.observe(out.rate.float().cpu(), out.unweighted.float().cpu())
-    ema.refresh()
-    return steps * batch
-
-
-def compare_methods(
-    model: torch.nn.Module,
-    objectives: Mapping[str, Objective],
-    data: TensorDataset,
-    draws: int,
-    batch: int,
-    seed: int,
-    feature: GradientFeature | None = None,
-    loss_floor: float | None = None,
-    grad_floor: float | None = None,
-) -> dict[str, list[dict]]:
-    """Equal-compute comparison: per method, `draws` independent minibatches of `batch`
-    sequences drawn with replacement from `data` (so data noise is included) with fresh rates
-    and masks; the minibatch loss `ObjectiveOutput.loss` and its gradient feature go to
-    `variance.compare_estimators` with the method's forward passes per minibatch.
-
-    Returns {"loss": rows, "grad": rows} (no "grad" without a feature); `REFERENCE` must be
-    among the objectives. Floors are C / batch of the loss and of the gradient.
-    """
-    losses: dict[str, tuple[torch.Tensor, int]] = {}
-    grads: dict[str, tuple[torch.Tensor, int]] = {}
-    for name, objective in objectives.items():
-        data_generator = seeded_generator(seed, "compare-data", name)
-        collector = _Collector(feature) if feature is not None else None
-        values, passes = [], set()
-        for r in range(draws):
-            rows = _rows(data, torch.randint(len(data), (batch,), generator=data_generator))
-            with torch.set_grad_enabled(collector is not None):
-                out = objective(
-                    model,
-                    rows,
-                    seeded_generator(seed, "compare-rate", name, r),
-                    seeded_generator(seed, "compare-mask", name, r),
-                )
-            values.append(out.loss.detach().to("cpu", F64))
-            passes.add(out.forward_passes)
-            if collector is not None:
-                collector.add(feature.gradient(out.loss, retain_graph=False))
-        if len(passes) != 1:
-            raise ValueError(f"{name}: forward passes per minibatch varied ({sorted(passes)})")
-        values = torch.stack(values)  # [R]
-        if not bool(torch.isfinite(values).all()):
-            raise ConfigError(
-                f"{name}: {int((~torch.isfinite(values)).sum())} of {draws} minibatch losses are "
-                "not finite; the model's forward pass overflows: check the checkpoint"
-            )
-        losses[name] = (values, passes.pop())
-        if collector is not None:
-            grads[name] = (collector.result(), losses[name][1])  # [R, P]
-    result = {"loss": compare_estimators(losses, REFERENCE, loss_floor)}
-    if feature is not None:
-        result["grad"] = compare_estimators(grads, REFERENCE, grad_floor)
-    return result
-
-
-def rate_curves(
-    model: torch.nn.Module,
-    objective: Objective,
-    data: TensorDataset,
-    index: torch.Tensor,
-    grid: int,
-    masks: int,
-    seed: int,
-) -> dict[str, Any]:
-    """Per-rate curves of the unweighted per-sequence loss on G midpoints t_g, from
-    l `[I, G, K]` (sequences `index` x grid x masks; rate-mode `objective`, iid masks):
-
-    g(t) = E[l | t]; v(t) = Var(l | t) over x0 and masks; S(t) = E[l^2 | t];
-    a(t) = E_x0[Var_m(l | x0, t)], whose integral over t is A (Standard);
-    b(t) = E_x0[(E_m[l | x0, t] - E[l | x0])^2], whose integral is B (Standard), with the
-    mask noise of the per-(x0, t) means removed so that it is unbiased on the grid;
-    `se_a`, `se_b` are their SEs over sequences, and `integrals` the midpoint-rule integrals
-    (A, B, C and total = int S - (int g)^2).
-    """
-    if objective.rate != "t" or objective.masking != "iid":
-        raise ValueError("rate_curves needs a rate-mode objective with iid masks (Standard)")
-    I, G, K = len(index), grid, masks
-    t = (torch.arange(G, dtype=F64) + 0.5) / G  # [G]
-    losses = []
-    with torch.no_grad():
-        for i in range(I):
-            rows = _repeat(_rows(data, index[i : i + 1]), G * K)
-            mask_generator = seeded_generator(seed, "curves-mask", i)
-            out = objective.at_rates(model, rows, t.repeat_interleave(K), None, mask_generator)
-            losses.append(out.unweighted.to("cpu", F64).view(G, K))
-    l = torch.stack(losses).numpy()  # [I, G, K]
-    _check_finite(torch.from_numpy(l), "per-rate curves")
-    S = ppots.second_moment(l)  # [G]
-    g = l.mean(axis=(0, 2))  # [G]
-    v = l.transpose(1, 0, 2).reshape(G, I * K).var(axis=1, ddof=1)  # [G]
-    m = l.mean(axis=2)  # [I, G] E_m[l | x0, t]
-    s2 = l.var(axis=2, ddof=1)  # [I, G] Var_m(l | x0, t)
-    m_i = m.mean(axis=1, keepdims=True)  # [I, 1] E[l | x0] by the midpoint rule
-    noise = ((1.0 - 2.0 / G) * s2 + s2.mean(axis=1, keepdims=True) / G) / K  # [I, G]
-    b_terms = (m - m_i) ** 2 - noise  # [I, G]
-    C = float(m_i[:, 0].var(ddof=1) - s2.mean(axis=1).mean() / (G * K))
-    return {
-        "t": t.tolist(),
-        "g": g.tolist(),
-        "v": v.tolist(),
-        "S": S.tolist(),
-        "a": s2.mean(axis=0).tolist(),
-        "b": b_terms.mean(axis=0).tolist(),
-        "se_a": (s2.std(axis=0, ddof=1) / math.sqrt(I)).tolist(),
-        "se_b": (b_terms.std(axis=0, ddof=1) / math.sqrt(I)).tolist(),
-        "integrals": {
-            "A": float(s2.mean()),
-            "B": float(b_terms.mean()),
-            "C": C,
-            "total": float(S.mean() - g.mean() ** 2),
-        },
-        "sequences": I,
-        "masks": K,
-    }
-
-
-def semi_analytic_total(curves: Mapping[str, Any], sampler: RateSampler) -> float:
-    """Variance of one draw w(t) l under t ~ p predicted from the grid curves by the midpoint
-    rule: int S w^2 p dt - (int g w p dt)^2 (w = 1/p for unbiased samplers, so Standard gives
-    int S dt - (E l)^2). Valid for rate-mode estimators with iid masks."""
-    t = torch.tensor(curves["t"], dtype=F64)
-    p = _density_sampler(sampler).density(t).numpy()
-    w = _density_sampler(sampler).weight(t).numpy()
-    S, g = np.asarray(curves["S"]), np.asarray(curves["g"])
-    return float(np.mean(S * w**2 * p) - np.mean(g * w * p) ** 2)
-
-
 # --- building the methods ------------------------------------------------------------------
 
 
@@ -602,7 +177,7 @@ def _same_draw(a: Method, b: Method) -> bool:
         return False
     if a.config.sampler in ("uniform", "clipped"):  # both built from the same base fields
         return True
-    return _density_sampler(a.objective.sampler) is _density_sampler(b.objective.sampler)
+    return density_sampler(a.objective.sampler) is density_sampler(b.objective.sampler)
 
 
 def method_config(
@@ -758,7 +333,7 @@ def run_variance(
     curves["ppots_fit"] = _fit_curve_density(curves, config, notes)
     for method in methods.values():
         if method.config.sampler == "ppots" and method.config.rate == "t":
-            sampler = _density_sampler(method.objective.sampler)
+            sampler = density_sampler(method.objective.sampler)
             density = sampler.density(torch.tensor(curves["t"], dtype=F64))
             curves["ppots_method_density"] = density.tolist()
             break
