@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -214,7 +215,7 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks run this together
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -311,7 +312,8 @@ def train(
             (folder / PPOTS_FILE).write_text(json.dumps(density.to_dict()))
         save_config(config, folder / RUN_CONFIG)
 
-    save_config(config, Path(config.output_dir) / RUN_CONFIG)
+    if config.process_index == 0:
+        save_config(config, Path(config.output_dir) / RUN_CONFIG)
     evaluating = config.eval_strategy != "no"
     trainer = StableMDMTrainer(
         model=model,
