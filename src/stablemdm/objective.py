@@ -111,8 +111,8 @@ class Objective:
         self, n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the global batch's rates (or count fractions) `[n * world_size]` with a
-        generator shared by all processes and return this process's slice of (u-level rate,
-        weight). Sharing the draw is what lets StraTS stratify the global batch."""
+        generator shared by all processes and return this process's slice of (rate, weight).
+        Sharing the draw is what lets StraTS stratify the global batch."""
         t, w = self.sampler.sample(n * world_size, generator)
         return t[rank * n : (rank + 1) * n], w[rank * n : (rank + 1) * n]
 

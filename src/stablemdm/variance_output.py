@@ -165,28 +165,28 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
+
+    def show(title: str, header: Sequence[str], rows: list[list[str]]) -> None:
+        table = Table(title=title)
+        for column in header:
+            left = column == "method"
+            table.add_column(column, justify="left" if left else "right", no_wrap=left)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
     for what, title in (("loss", "loss"), ("grad", "gradient (trace)")):
-        table = Table(title=f"Decomposition of one draw: {title}")
-        for column in DECOMPOSITION_HEADER:
-            table.add_column(
-                column,
-                justify="left" if column == "method" else "right",
-                no_wrap=column == "method",
-            )
-        for row in _decomposition_rows(report, what):
-            table.add_row(*row)
-        console.print(table)
+        show(
+            f"Decomposition of one draw: {title}",
+            DECOMPOSITION_HEADER,
+            _decomposition_rows(report, what),
+        )
     for what, title in (("grad", "gradient"), ("loss", "loss")):
-        table = Table(title=f"Equal-compute comparison: minibatch {title}")
-        for column in COMPARISON_HEADER:
-            table.add_column(
-                column,
-                justify="left" if column == "method" else "right",
-                no_wrap=column == "method",
-            )
-        for row in _comparison_rows(report, what):
-            table.add_row(*row)
-        console.print(table)
+        show(
+            f"Equal-compute comparison: minibatch {title}",
+            COMPARISON_HEADER,
+            _comparison_rows(report, what),
+        )
     if report["heavy_tail_warning"]:
         console.print(f"[bold yellow]warning:[/] {report['heavy_tail_warning']}")
     for note in report["notes"]:
