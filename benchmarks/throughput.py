@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from stablemdm.model import ModelConfig, Transformer
+from stablemdm.models import ModelConfig, Transformer
 from stablemdm.objective import Objective
 from stablemdm.tokenizer import CharTokenizer
 

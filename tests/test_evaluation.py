@@ -24,6 +24,9 @@ class StandInTokenizer:
     def encode(self, text: str, where: str = "text") -> list[int]:
         return [4 + ALPHABET.index(ch) for ch in text]
 
+    def encode_prompt(self, example: Example) -> list[int]:
+        return self.encode(example.prompt) + [SEP]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(ALPHABET[i - 4] for i in ids if i >= 4)
 

@@ -11,7 +11,7 @@ import torch
 from scipy.special import beta, betainc
 
 from stablemdm.losses import mdm_loss
-from stablemdm.model import ModelConfig, Transformer
+from stablemdm.models import ModelConfig, Transformer
 from stablemdm.objective import Objective
 from stablemdm.samplers import (
     EMA,

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from stablemdm.config import ConfigError, load_config
-from stablemdm.model import Transformer
+from stablemdm.models import Transformer
 from stablemdm.run import train
 from stablemdm.trainer import StableMDMTrainer
 

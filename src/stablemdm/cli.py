@@ -162,13 +162,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
-    from .run import load_checkpoint
+    from .models.loading import load_checkpoint, objective_of
+    from .run import decode_length
     from .tasks import get_task
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
     output = args.output or str(Path(args.checkpoint) / f"eval-{args.task}-{args.split}.jsonl")
-    objective = "arm" if model.config.causal else "mdm"
+    objective = objective_of(model)
+    if args.gen_length is None:
+        args.gen_length = decode_length(task, tokenizer, args.checkpoint)
     start = time.perf_counter()
     result = evaluate(
         model,
@@ -225,22 +228,28 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .data import Example
     from .decoding import generate
-    from .run import load_checkpoint
+    from .models.loading import load_checkpoint, objective_of, saved_run_config
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     prompts = _read_prompts(args)
     ids = [
-        tokenizer.encode(p, where=f"prompt {i + 1}") + [tokenizer.sep_token_id]
+        tokenizer.encode_prompt(Example(p, "", "", source=f"prompt {i + 1}"))
         for i, p in enumerate(prompts)
     ]
-    gen_length = args.gen_length or max(8, model.config.max_seq_len - max(map(len, ids)))
-    too_long = [i + 1 for i, x in enumerate(ids) if len(x) + gen_length > model.config.max_seq_len]
+    saved = saved_run_config(args.checkpoint)
+    limit = saved.get("max_length") or getattr(model.config, "max_seq_len", None)
+    gen_length = args.gen_length or saved.get("gen_length")
+    if gen_length is None:
+        gen_length = max(8, limit - max(map(len, ids)))
+    too_long = [i + 1 for i, x in enumerate(ids) if limit and len(x) + gen_length > limit]
     if too_long:
         raise ConfigError(
-            f"prompt(s) {too_long} plus gen-length {gen_length} exceed the model's "
-            f"max_seq_len {model.config.max_seq_len}; shorten them or lower --gen-length"
+            f"prompt(s) {too_long} plus gen-length {gen_length} exceed the {limit} tokens the "
+            "model was trained on; shorten them or lower --gen-length"
         )
+    causal = objective_of(model) == "arm"
     generator = torch.Generator().manual_seed(args.seed)
     common = {
         "eos_token_id": tokenizer.eos_token_id,
@@ -250,7 +259,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     }
     for start in range(0, len(ids), args.batch_size):
         chunk = ids[start : start + args.batch_size]
-        if model.config.causal:
+        if causal:
             out = generate(model, chunk, objective="arm", max_new_tokens=gen_length, **common)
         else:
             steps = args.steps or gen_length
@@ -274,14 +283,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .run import build_model, fit_density
     from .tasks import get_task
-    from .tokenizer import CharTokenizer
 
     config = load_config(args.config, [*args.overrides, "sampler=ppots"])
     task = get_task(config.task, **config.task_options)
-    tokenizer = CharTokenizer()
-    model = build_model(config, task, tokenizer)
+    model, tokenizer, canvas = build_model(config, task)
     start = time.perf_counter()
-    density = fit_density(config, model, task, tokenizer)
+    density = fit_density(config, model, task, tokenizer, canvas)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(density.to_dict(), indent=1))

@@ -58,6 +58,95 @@ class StableMDMConfig(TrainingArguments):
         default="mdm", metadata={"help": "mdm: masked diffusion; arm: the same network, causal."}
     )
 
+    # a Hugging Face model instead of the built-in transformer (docs/hf.md)
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face model: a local folder or a Hub name (cached; runs offline). "
+            "None trains stablemdm's own transformer (model_preset)."
+        },
+    )
+    model_kind: Literal["auto", "masked_lm", "diffusion", "causal"] = field(
+        default="auto",
+        metadata={
+            "help": "masked_lm (BERT-style), diffusion (LLaDA/Dream custom code), causal (an "
+            "AR model: adapted to bidirectional attention for objective=mdm); auto reads the "
+            "config's architectures."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or name (default: the model's)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model folder's own code (LLaDA, Dream)."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "Load the model and tokenizer from this GGUF file."}
+    )
+    model_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={"help": "Weight dtype (train in float32 with bf16=true autocast by default)."},
+    )
+    shift_logits: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Position i-1 predicts token i (Dream, AR-to-MDM adaptation). Default: true "
+            "for an adapted causal LM and for Dream, false otherwise."
+        },
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={"help": "Mask token id (default: from the model config, then the tokenizer)."},
+    )
+    mask_token: str | None = field(
+        default=None, metadata={"help": "Mask token string (one token of the tokenizer)."}
+    )
+    add_mask_token: bool = field(
+        default=False,
+        metadata={"help": "Add a new <|mask|> token (and embedding row) when the model has none."},
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Format prompts with the tokenizer's chat template (never scored)."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message prepended under chat_template."}
+    )
+    eos_fill: bool = field(
+        default=True,
+        metadata={
+            "help": "Fill the response canvas with EOS that is masked and scored (LLaDA SFT); "
+            "false pads it (not attended, not scored)."
+        },
+    )
+    loss_normalizer: Literal["eligible", "response", "fixed"] = field(
+        default="eligible",
+        metadata={
+            "help": "Divide each sequence's loss by its eligible tokens (response + EOS fill), "
+            "its response length, or normalizer_length."
+        },
+    )
+    normalizer_length: int | None = field(
+        default=None, metadata={"help": "The divisor of loss_normalizer=fixed."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Sequence length in tokens (default: the task's, or from the data)."},
+    )
+    gen_length: int | None = field(
+        default=None,
+        metadata={"help": "Response canvas in tokens (default: the task's, or from the data)."},
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank through peft (0: train every weight)."}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts (peft names; all-linear by default)."},
+    )
+
     # how the MDM loss is estimated (paper.md section 3)
     rate: Literal["t", "count"] = field(
         default="t", metadata={"help": "t: draw a masking rate; count: draw the number of masks."}
@@ -224,7 +313,59 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError("ppots_rates must be >= 2 to fit a density")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        self._check_model_options()
         super().__post_init__()
+
+    def _check_model_options(self) -> None:
+        """Options of Hugging Face models, lengths and the loss normaliser."""
+        hf_only = {
+            "model_kind": "auto",
+            "tokenizer_name": None,
+            "trust_remote_code": False,
+            "gguf_file": None,
+            "model_dtype": "float32",
+            "shift_logits": None,
+            "mask_token_id": None,
+            "mask_token": None,
+            "add_mask_token": False,
+            "chat_template": False,
+            "lora_r": 0,
+        }
+        if self.model is None:
+            stray = [k for k, default in hf_only.items() if getattr(self, k) != default]
+            if stray:
+                raise ConfigError(
+                    f"{', '.join(stray)} {'applies' if len(stray) == 1 else 'apply'} only to a "
+                    "Hugging Face model: set model=PATH, or remove it"
+                )
+            if self.activation_checkpointing or self.gradient_checkpointing:
+                raise ConfigError(
+                    "activation_checkpointing applies to Hugging Face models (model=PATH); the "
+                    "built-in transformer is small enough not to need it"
+                )
+        elif self.init_from is not None:
+            raise ConfigError("set model (a Hugging Face model) or init_from, not both")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ConfigError("system_prompt is used only with chat_template=true")
+        if self.objective == "arm" and (self.mask_token_id is not None or self.mask_token):
+            raise ConfigError("objective=arm never masks: remove mask_token_id / mask_token")
+        if (self.loss_normalizer == "fixed") != (self.normalizer_length is not None):
+            raise ConfigError(
+                "loss_normalizer=fixed needs normalizer_length=N (and only it uses one)"
+            )
+        for name in ("normalizer_length", "max_length", "gen_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length and self.gen_length and self.gen_length >= self.max_length:
+            raise ConfigError(
+                f"gen_length {self.gen_length} leaves no room for a prompt in max_length "
+                f"{self.max_length}: raise max_length"
+            )
+        if self.lora_r < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(
+                f"need lora_r >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1; got {self.lora_r}, "
+                f"{self.lora_alpha}, {self.lora_dropout}"
+            )
 
     def _check_choices(self) -> None:
         hints = typing.get_type_hints(StableMDMConfig)

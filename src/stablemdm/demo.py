@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import StableMDMConfig
 from .evaluation import evaluate
-from .model import Transformer
+from .models import Transformer
 from .run import train
 from .tasks import get_task
 from .tokenizer import CharTokenizer

@@ -14,9 +14,8 @@ from typing import Protocol
 
 import torch
 
-from .data import Example, prompt_ids, write_jsonl
+from .data import Example, TextTokenizer, write_jsonl
 from .decoding import GENERATORS, Model, generate
-from .tokenizer import CharTokenizer
 
 MAX_BLOCK_LENGTH = 32
 
@@ -59,7 +58,7 @@ def _model_to(model: Model, device: str | torch.device | None) -> None:
 
 def evaluate(
     model: Model,
-    tokenizer: CharTokenizer,
+    tokenizer: TextTokenizer,
     task: ScoredTask,
     split: str = "test",
     *,
@@ -118,7 +117,7 @@ def evaluate(
         batch = examples[start : start + batch_size]
         outputs = generate(
             model,
-            [prompt_ids(example, tokenizer) for example in batch],
+            [tokenizer.encode_prompt(example) for example in batch],
             objective=objective,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -29,10 +29,26 @@ class Loss:
     scored: torch.Tensor
 
 
-def logits_of(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+def conditions_on_t(model: Model) -> bool:
+    """Whether the model (unwrapped from DDP) declares `conditions_on_t`: it is given t."""
+    return bool(getattr(getattr(model, "module", model), "conditions_on_t", False))
+
+
+def logits_of(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    t: torch.Tensor | None = None,
+):
     """Call any model `model(input_ids, attention_mask)` and return logits `[B, L, V]`
-    (plain tensors and Hugging Face outputs with `.logits` both work)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    (plain tensors and Hugging Face outputs with `.logits` both work); a model that
+    conditions on t is also given `t` `[B]`."""
+    kwargs = {}
+    if conditions_on_t(model):
+        if t is None:
+            raise ValueError("this model conditions on t, but no t was given")
+        kwargs["t"] = t
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -53,21 +69,25 @@ def mdm_loss(
     mask_token_id: int,
     attention_mask: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    normalizer: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
 ) -> Loss:
     """ELBO-weighted MDM loss per sequence:
 
-        l_b = weight_b * (1/|E_b|) * sum_{i in E_b, mask_i} CE_i(x0 | x_t) / p_b
+        l_b = weight_b * (1/N_b) * sum_{i in E_b, mask_i} CE_i(x0 | x_t) / p_b
 
     `p` `[B]` is the masking probability the ELBO divides by: p_mask(t) in rate mode, k/|E|
-    in count mode. A sequence whose draw masks nothing contributes 0 and still counts in the
-    mean (dropping it would bias the estimator).
+    in count mode. `normalizer` N `[B]` defaults to |E_b| (paper.md section 1); any constant
+    per sequence keeps the estimator unbiased for its own objective. A sequence whose draw
+    masks nothing contributes 0 and still counts in the mean (dropping it would bias it).
+    `t` `[B]` is passed to a model that conditions on it.
     """
     xt = apply_mask(x0, mask, mask_token_id)  # [B, L]
-    logits = logits_of(model, xt, attention_mask)  # [B, L, V]
+    logits = logits_of(model, xt, attention_mask, t)  # [B, L, V]
     scored = mask & eligible
     nll = _token_nll(logits, x0) * scored  # [B, L]
-    n_eligible = eligible.sum(dim=1).clamp(min=1)  # [B]
-    per_sequence = nll.sum(dim=1) / (n_eligible * p)
+    n = eligible.sum(dim=1).clamp(min=1) if normalizer is None else normalizer  # [B]
+    per_sequence = nll.sum(dim=1) / (n * p)
     if weight is not None:
         per_sequence = per_sequence * weight
     return Loss(per_sequence.mean(), per_sequence, nll, scored)
@@ -79,8 +99,10 @@ def arm_loss(
     eligible: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    normalizer: torch.Tensor | None = None,
 ) -> Loss:
-    """Autoregressive loss per sequence: mean next-token cross-entropy over eligible positions.
+    """Autoregressive loss per sequence: next-token cross-entropy summed over eligible
+    positions, divided by `normalizer` `[B]` (default: their number, i.e. the mean).
 
     Position i is predicted from positions < i, so the logits are shifted by one.
     """
@@ -90,7 +112,8 @@ def arm_loss(
     scored[:, 1:] = eligible[:, 1:]
     nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
     nll[:, 1:] = _token_nll(logits, targets) * scored[:, 1:]
-    per_sequence = nll.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+    n = scored.sum(dim=1).clamp(min=1) if normalizer is None else normalizer  # [B]
+    per_sequence = nll.sum(dim=1) / n
     if weight is not None:
         per_sequence = per_sequence * weight
     return Loss(per_sequence.mean(), per_sequence, nll, scored)

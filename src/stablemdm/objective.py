@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from .losses import Model, arm_loss, mdm_loss
+from .losses import Model, arm_loss, conditions_on_t, mdm_loss
 from .masking import (
     DEFAULT_EPS,
     bernoulli_mask,
@@ -40,6 +40,8 @@ from .samplers import RateSampler, Uniform, counts_from_rates
 ObjectiveKind = Literal["mdm", "arm"]
 RateMode = Literal["t", "count"]
 MaskingScheme = Literal["iid", "mirror", "isad"]
+Normalizer = Literal["eligible", "response", "fixed"]
+NORMALIZERS = ("eligible", "response", "fixed")
 
 
 @dataclass
@@ -66,6 +68,11 @@ class Objective:
     """A fully specified estimator of the training loss (see the module docstring).
 
     `isad_token_ids` are the vocabulary ids whose masking probability ISAD raises.
+    `normalizer` is what each sequence's summed loss is divided by: its eligible tokens
+    (response, `<eos>` and the `<eos>` fill; the paper's 1/|E|), its response length
+    (response + one `<eos>`: batch key `n_response`), or a fixed `normalizer_length` (the
+    same divisor for every sequence, so long answers weigh more, as a token-level mean over a
+    fixed canvas does). The ARM uses the same divisor, so both models optimise the same sum.
     """
 
     mask_token_id: int
@@ -78,6 +85,8 @@ class Objective:
     isad_delta: float = 0.2
     isad_q_max: float = 0.95
     compute_matched: bool = False
+    normalizer: Normalizer = "eligible"
+    normalizer_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampler is None:
@@ -105,7 +114,26 @@ class Objective:
             )
         if self.compute_matched and self.masking != "mirror":
             raise ValueError("compute_matched only applies to masking 'mirror'")
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
+        if (self.normalizer == "fixed") != (self.normalizer_length is not None):
+            raise ValueError("normalizer 'fixed' needs normalizer_length (and only it uses one)")
+        if self.normalizer_length is not None and self.normalizer_length < 1:
+            raise ValueError(f"normalizer_length must be >= 1, got {self.normalizer_length}")
         p_mask(torch.zeros(1), self.eps)
+
+    def denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The per-sequence divisor `[B]` named by `normalizer` (None: the losses' default,
+        the number of eligible tokens)."""
+        if self.normalizer == "eligible":
+            return None
+        if self.normalizer == "fixed":
+            return torch.full_like(
+                batch["eligible"][:, 0], self.normalizer_length, dtype=torch.float
+            )
+        if "n_response" not in batch:
+            raise ValueError("normalizer 'response' needs the batch key n_response")
+        return batch["n_response"].float().clamp(min=1)
 
     def draw_rates(
         self, n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
@@ -128,7 +156,11 @@ class Objective:
         """Evaluate the objective on `batch` (`input_ids`, `attention_mask`, `eligible`)."""
         if self.kind == "arm":  # no rate, no mask: the only randomness is the data
             out = arm_loss(
-                model, batch["input_ids"], batch["eligible"], batch.get("attention_mask")
+                model,
+                batch["input_ids"],
+                batch["eligible"],
+                batch.get("attention_mask"),
+                normalizer=self.denominator(batch),
             )
             ones = torch.ones_like(out.per_sequence)
             unweighted = out.per_sequence.detach()
@@ -157,7 +189,7 @@ class Objective:
         r = r.to(x0.device)
         weight = torch.ones_like(r) if weight is None else weight.to(x0.device)
         if self.rate == "count":
-            if getattr(getattr(model, "module", model), "conditions_on_t", False):
+            if conditions_on_t(model):
                 raise ValueError(
                     "rate='count' integrates t out, but this model declares conditions_on_t: "
                     "it must see t, so train it with rate='t'"
@@ -168,16 +200,37 @@ class Objective:
             masks, weight = self._rate_masks(x0, eligible, p, weight, mask_generator)
             rate = r
         p, weight, rate = p.float(), weight.float(), rate.float()  # samplers work in float64
+        n = self.denominator(batch)
+        t = rate if self.rate == "t" else None  # what a model that conditions on t is given
         if len(masks) == 2:  # MIRROR: both copies in one forward pass of the 2B batch
-            pair = [
-                torch.cat([a, a]) if a is not None else None for a in (x0, eligible, p, attention)
-            ]
+            x0, eligible, p, attention, n, t = (
+                torch.cat([a, a]) if a is not None else None
+                for a in (x0, eligible, p, attention, n, t)
+            )
             out = mdm_loss(
-                model, pair[0], pair[1], torch.cat(masks), pair[2], self.mask_token_id, pair[3]
+                model,
+                x0,
+                eligible,
+                torch.cat(masks),
+                p,
+                self.mask_token_id,
+                attention_mask=attention,
+                normalizer=n,
+                t=t,
             )
             unweighted = 0.5 * (out.per_sequence[:b] + out.per_sequence[b:])  # [B]
         else:
-            out = mdm_loss(model, x0, eligible, masks[0], p, self.mask_token_id, attention)
+            out = mdm_loss(
+                model,
+                x0,
+                eligible,
+                masks[0],
+                p,
+                self.mask_token_id,
+                attention_mask=attention,
+                normalizer=n,
+                t=t,
+            )
             unweighted = out.per_sequence
         per_sequence = unweighted * weight
         return ObjectiveOutput(

@@ -7,8 +7,11 @@ the modules it wires together. Checks that can fail are made before anything is 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+import sys
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +21,15 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ConfigError, StableMDMConfig, load_yaml, save_config
-from .data import encode_examples
+from .data import TextTokenizer, canvas_lengths, encode_examples, fits
+from .data.sources import EncodedStream
 from .evaluation import evaluate
-from .model import ModelConfig, Transformer
+from .models import Transformer
+from .models.loading import RUN_CONFIG, build_builtin, build_hf, saved_run_config
 from .objective import Objective
 from .ppots import fit_ppots
 from .samplers import EMA, PPOTS, Clipped, Stratified, Uniform, with_scheme
-from .tasks import Task, fits, get_task
+from .tasks import Task, get_task
 from .tokenizer import CharTokenizer
 from .trainer import (
     SAMPLER_STATE,
@@ -38,7 +43,8 @@ from .trainer import (
 )
 
 PPOTS_FILE = "ppots.json"
-RUN_CONFIG = "config.yaml"
+# what a checkpoint holds the weights in: one file, a sharded index, or a LoRA adapter
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 # fields that may differ between a run and its resumption
 RESUMABLE_CHANGES = {
     "output_dir",
@@ -71,70 +77,111 @@ class TensorDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def encode_split(task: Task, tokenizer: CharTokenizer, split: str, limit: int | None = None):
-    """A task split encoded for training: prompt, separator, response canvas, padding.
-    Test items whose gold response overflows the canvas are left out of a held-out loss."""
-    examples = [e for e in task.examples(split) if fits(e, task.max_length, task.gen_length)][
-        :limit
-    ]
-    return TensorDataset(encode_examples(examples, tokenizer, task.max_length, task.gen_length))
+@dataclass(frozen=True)
+class Canvas:
+    """The sequence layout in tokens: `max_length` in all, the last `gen_length` of each row's
+    response region the canvas the MDM decodes into, `eos_fill` as in the config."""
+
+    max_length: int
+    gen_length: int
+    eos_fill: bool = True
 
 
-def check_fits(model: Transformer, tokenizer: CharTokenizer, task: Task, where: str) -> None:
-    """Refuse a model whose vocabulary or length does not match the tokenizer and task."""
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(
-            f"{where}: the model has {model.config.vocab_size} tokens, the tokenizer "
-            f"{tokenizer.vocab_size}"
+def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer) -> Canvas:
+    """Lengths from the config, else the task's (character tasks), else measured on the data
+    with this tokenizer (a streamed train split is not read: its test split is measured)."""
+    max_length, gen_length = config.max_length, config.gen_length
+    if isinstance(tokenizer, CharTokenizer):
+        max_length = max_length or getattr(task, "max_length", None)
+        gen_length = gen_length or getattr(task, "gen_length", None)
+    if max_length is None or gen_length is None:
+        splits = ("test",) if getattr(task, "streaming", False) else ("train", "test")
+        examples = [e for split in splits for e in task.examples(split)]
+        max_length, gen_length = canvas_lengths(examples, tokenizer, max_length, gen_length)
+    return Canvas(max_length, gen_length, config.eos_fill)
+
+
+def encode_split(
+    task: Task,
+    tokenizer: TextTokenizer,
+    split: str,
+    canvas: Canvas,
+    limit: int | None = None,
+) -> TensorDataset:
+    """A task split encoded for training (docs/architecture.md layout). Examples that do not
+    fit the canvas are left out and counted on stderr (a held-out loss skips them too)."""
+    examples = task.examples(split)
+    kept = [e for e in examples if fits(e, tokenizer, canvas.max_length, canvas.gen_length)]
+    if len(kept) < len(examples):
+        print(
+            f"stablemdm: {len(examples) - len(kept)} of {len(examples)} {split} examples of "
+            f"task {task.name} do not fit max_length={canvas.max_length}, "
+            f"gen_length={canvas.gen_length} and are left out",
+            file=sys.stderr,
         )
-    if model.config.max_seq_len < task.max_length:
+    if not kept:
         raise ConfigError(
-            f"{where}: max_seq_len {model.config.max_seq_len} is shorter than task "
-            f"{task.name}'s sequences ({task.max_length})"
+            f"no {split} example of task {task.name} fits max_length={canvas.max_length}, "
+            f"gen_length={canvas.gen_length}; raise them"
         )
-
-
-def load_checkpoint(folder: str | Path) -> tuple[Transformer, CharTokenizer]:
-    """A saved model and its tokenizer (the default character tokenizer if none is saved)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"checkpoint folder {folder} does not exist")
-    model = Transformer.from_pretrained(folder)
-    has_tokenizer = (folder / "tokenizer.json").is_file()
-    return model, CharTokenizer.from_pretrained(folder) if has_tokenizer else CharTokenizer()
-
-
-def build_model(config: StableMDMConfig, task: Task, tokenizer: CharTokenizer) -> Transformer:
-    """A fresh model of the configured size, or the `init_from` checkpoint with the
-    attention pattern the objective needs (same parameters either way)."""
-    causal = config.objective == "arm"
-    if config.init_from:
-        model = Transformer.from_pretrained(config.init_from)
-        check_fits(model, tokenizer, task, f"init_from={config.init_from}")
-        model.config.causal = causal
-        return model
-    overrides = {
-        k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads") if getattr(config, k)
-    }
-    model_config = ModelConfig.from_preset(
-        config.model_preset,
-        vocab_size=tokenizer.vocab_size,
-        max_seq_len=task.max_length,
-        causal=causal,
-        mask_token_id=tokenizer.mask_token_id,
-        **overrides,
+    tensors = encode_examples(
+        kept[:limit], tokenizer, canvas.max_length, canvas.gen_length, eos_fill=canvas.eos_fill
     )
-    return Transformer(model_config, generator=seeded_generator(config.seed, "init"))
+    return TensorDataset(tensors)
 
 
-def build_objective(config: StableMDMConfig, tokenizer: CharTokenizer, sampler=None) -> Objective:
+def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas):
+    """The training split: encoded in memory, or encoded lazily from a streamed task."""
+    if getattr(task, "streaming", False):
+        return EncodedStream(
+            task.stream("train"),
+            tokenizer,
+            canvas.max_length,
+            canvas.gen_length,
+            eos_fill=canvas.eos_fill,
+        )
+    return encode_split(task, tokenizer, "train", canvas)
+
+
+def fitting_data(task: Task, tokenizer: TextTokenizer, canvas: Canvas, n: int) -> TensorDataset:
+    """Training sequences for fitting P-POTS: the train split, or the first `n` fitting
+    examples of a streamed one."""
+    if not getattr(task, "streaming", False):
+        return encode_split(task, tokenizer, "train", canvas)
+    first = itertools.islice(
+        (e for e in task.stream("train") if fits(e, tokenizer, *astuple(canvas)[:2])), n
+    )
+    return TensorDataset(
+        encode_examples(list(first), tokenizer, *astuple(canvas)[:2], eos_fill=canvas.eos_fill)
+    )
+
+
+def decode_length(task: Task, tokenizer: TextTokenizer, folder: str | Path) -> int:
+    """The canvas to decode `task` into with a saved model: the task's own for the character
+    tokenizer, else the one its run trained on, else measured on the task's test split."""
+    if isinstance(tokenizer, CharTokenizer) and getattr(task, "gen_length", None):
+        return task.gen_length
+    saved = saved_run_config(folder).get("gen_length")
+    if saved:
+        return saved
+    return canvas_lengths(task.examples("test"), tokenizer)[1]
+
+
+def build_model(
+    config: StableMDMConfig, task: Task
+) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
+    """The model, tokenizer and canvas a config names (see `models.loading`)."""
+    if config.model is not None:
+        model, tokenizer = build_hf(config)
+        return model, tokenizer, resolve_canvas(config, task, tokenizer)
+    tokenizer = CharTokenizer()
+    canvas = resolve_canvas(config, task, tokenizer)
+    return build_builtin(config, tokenizer, canvas.max_length), tokenizer, canvas
+
+
+def build_objective(config: StableMDMConfig, tokenizer: TextTokenizer, sampler=None) -> Objective:
     """The training objective the config names (sampler defaults to `build_sampler`)."""
-    isad_ids = tuple(tokenizer.encode(s, where="isad_tokens")[0] for s in config.isad_tokens)
-    for s in config.isad_tokens:
-        if len(s) != 1:
-            raise ConfigError(
-                f"isad_tokens: {s!r} is not a single token of the character tokenizer"
-            )
+    isad_ids = tuple(tokenizer.token_id(s, where="isad_tokens") for s in config.isad_tokens)
     return Objective(
         mask_token_id=tokenizer.mask_token_id,
         kind=config.objective,
@@ -146,6 +193,8 @@ def build_objective(config: StableMDMConfig, tokenizer: CharTokenizer, sampler=N
         isad_delta=config.isad_delta,
         isad_q_max=config.isad_q_max,
         compute_matched=config.compute_matched,
+        normalizer=config.loss_normalizer,
+        normalizer_length=config.normalizer_length,
     )
 
 
@@ -181,13 +230,17 @@ def load_density(path: str | Path) -> PPOTS:
 
 
 def fit_density(
-    config: StableMDMConfig, model: Transformer, task: Task, tokenizer: CharTokenizer
+    config: StableMDMConfig,
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: TextTokenizer,
+    canvas: Canvas,
 ) -> PPOTS:
     """Estimate S(t) on a grid for this model and data and fit the P-POTS density. With
     several processes each estimates on its own `ppots_sequences` sequences and `fit_ppots`
     averages the estimates, so all processes fit the same density from the pooled data."""
-    data = encode_split(task, tokenizer, "train")
     rank, n = config.process_index, config.ppots_sequences
+    data = fitting_data(task, tokenizer, canvas, (rank + 1) * n)
     if (rank + 1) * n > len(data):
         raise ConfigError(
             f"ppots_sequences={n} per process needs {(rank + 1) * n} train sequences; "
@@ -236,16 +289,19 @@ def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
         path = Path(last)
     else:
         path = Path(resume)
-    needed = ("trainer_state.json", "model.safetensors", RUN_CONFIG, SAMPLER_STATE)
+    needed = ("trainer_state.json", RUN_CONFIG, SAMPLER_STATE)
     missing = [n for n in needed if not (path / n).is_file()]
+    if not any((path / n).is_file() for n in MODEL_FILES):
+        missing.append(" or ".join(MODEL_FILES))
     if missing:
         raise ConfigError(
             f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)})"
         )
     try:
         json.loads((path / "trainer_state.json").read_text())
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            list(f.keys())
+        if (path / MODEL_FILES[0]).is_file():
+            with safe_open(str(path / MODEL_FILES[0]), "pt") as f:
+                list(f.keys())
         torch.load(path / SAMPLER_STATE, weights_only=True)
     except Exception as err:  # any parse failure means the same thing to the user
         raise ConfigError(
@@ -277,13 +333,14 @@ def train(
     config: StableMDMConfig, resume: bool | str = False, callbacks: list | None = None
 ) -> RunResult:
     """Train the configured model; `resume` is True (latest checkpoint) or a folder.
-    Extra `transformers.TrainerCallback`s may watch the run."""
+    Extra `transformers.TrainerCallback`s may watch the run. The canvas lengths measured on
+    the data are written into `config` (and so into config.yaml) before anything else."""
     task = get_task(config.task, **config.task_options)
-    tokenizer = CharTokenizer()
+    model, tokenizer, canvas = build_model(config, task)
+    config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
-    model = build_model(config, task, tokenizer)
-    train_data = encode_split(task, tokenizer, "train")
+    train_data = train_dataset(task, tokenizer, canvas)
     density = None
     if config.sampler == "ppots":
         if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
@@ -291,21 +348,15 @@ def train(
         elif config.ppots_file:
             density = load_density(config.ppots_file)
         else:
-            density = fit_density(config, model, task, tokenizer)
+            density = fit_density(config, model, task, tokenizer, canvas)
     objective = build_objective(config, tokenizer, build_sampler(config, density))
     if checkpoint is not None:
         objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
-    eval_objective = Objective(
-        mask_token_id=tokenizer.mask_token_id,
-        kind=config.objective,
-        rate=config.rate,
-        sampler=Stratified(Uniform()),
-        eps=config.eps,
-    )
 
-    def save_extras(folder: Path) -> None:
+    def save_extras(folder: Path, with_model: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
+        if with_model:
+            model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         torch.save(objective.sampler.state_dict(), folder / SAMPLER_STATE)
         if density is not None:
@@ -314,44 +365,72 @@ def train(
 
     if config.process_index == 0:
         save_config(config, Path(config.output_dir) / RUN_CONFIG)
+    trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective)
+    builtin = isinstance(model, Transformer)
+    # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
+    for callback in (
+        MetricsCallback(),
+        CheckpointCallback(lambda folder: save_extras(folder, with_model=builtin)),
+        EMACallback(objective),
+        *(callbacks or []),
+    ):
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if not builtin:
+        trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        save_extras(Path(config.output_dir), with_model=builtin)
+    return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
+
+
+def _trainer(
+    config: StableMDMConfig,
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    task: Task,
+    canvas: Canvas,
+    train_data,
+    objective: Objective,
+) -> StableMDMTrainer:
+    """The Trainer of a run: held-out loss at fixed draws (Standard, stratified) and, with
+    `eval_accuracy`, decoding accuracy on the test split."""
+    eval_objective = Objective(
+        mask_token_id=tokenizer.mask_token_id,
+        kind=config.objective,
+        rate=config.rate,
+        sampler=Stratified(Uniform()),
+        eps=config.eps,
+        normalizer=config.loss_normalizer,
+        normalizer_length=config.normalizer_length,
+    )
     evaluating = config.eval_strategy != "no"
     trainer = StableMDMTrainer(
         model=model,
         args=config,
         train_dataset=train_data,
-        eval_dataset=encode_split(task, tokenizer, "test", config.eval_heldout)
+        eval_dataset=encode_split(task, tokenizer, "test", canvas, config.eval_heldout)
         if evaluating
         else None,
         data_collator=default_data_collator,
         objective=objective,
         eval_objective=eval_objective,
-        callbacks=[
-            MetricsCallback(),
-            CheckpointCallback(save_extras),
-            EMACallback(objective),
-            *(callbacks or []),
-        ],
     )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressBar)
     if config.eval_accuracy:
-        trainer.add_callback(
-            AccuracyCallback(
-                trainer,
-                lambda m: (
-                    evaluate(
-                        m,
-                        tokenizer,
-                        task,
-                        "test",
-                        objective=config.objective,
-                        limit=config.eval_limit,
-                        seed=config.seed,
-                    ).accuracy
-                ),
+
+        def accuracy(m: torch.nn.Module) -> float:
+            result = evaluate(
+                m,
+                tokenizer,
+                task,
+                "test",
+                objective=config.objective,
+                limit=config.eval_limit,
+                seed=config.seed,
+                gen_length=canvas.gen_length,
             )
-        )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if trainer.is_world_process_zero():
-        save_extras(Path(config.output_dir))
-    return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
+            return result.accuracy
+
+        trainer.add_callback(AccuracyCallback(trainer, accuracy))
+    return trainer

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .data.examples import DataError, Example
+
 DEFAULT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -57,6 +59,24 @@ class CharTokenizer:
                 "is not in the tokenizer's alphabet; normalise the text to the alphabet or "
                 "build the tokenizer with a larger alphabet"
             ) from None
+
+    def encode_prompt(self, example: Example) -> list[int]:
+        """The conditioning part of a row: the prompt's ids followed by `<sep>`."""
+        ids = self.encode(example.prompt, where=f"{example.source}, field 'prompt'")
+        return ids + [self.sep_token_id]
+
+    def encode_response(self, example: Example) -> list[int]:
+        """The response's ids followed by `<eos>`; DataError for an empty response."""
+        if not example.response:
+            raise DataError(f"{example.source}: empty response; every example needs a response")
+        ids = self.encode(example.response, where=f"{example.source}, field 'response'")
+        return ids + [self.eos_token_id]
+
+    def token_id(self, text: str, where: str) -> int:
+        """The id of the single character `text` (ISAD tokens, for example)."""
+        if len(text) != 1:
+            raise ValueError(f"{where}: {text!r} is not a single token of the character tokenizer")
+        return self.encode(text, where=where)[0]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of `ids` (a list or a 1-D tensor); special tokens are dropped or spelled out."""

@@ -48,6 +48,9 @@ class StableMDMTrainer(Trainer):
 
     def __init__(self, *args, objective: Objective, eval_objective: Objective, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # the objective averages per-sequence estimates itself: the engine must divide each
+        # micro-batch loss by the accumulation steps, whatever the model's forward accepts
+        self.model_accepts_loss_kwargs = False
         self.objective = objective
         self.eval_objective = eval_objective
         self._micro = (-1, 0)  # (optimizer step, micro-batch index within it)

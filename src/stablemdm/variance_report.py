@@ -39,22 +39,23 @@ import numpy as np
 import torch
 
 from .config import ConfigError, StableMDMConfig, load_config
-from .model import Transformer
+from .data import TextTokenizer
+from .models import Transformer
+from .models.loading import check_fits, load_checkpoint, objective_of, saved_run_config
 from .objective import Objective
 from .run import (
+    Canvas,
     TensorDataset,
     build_model,
     build_objective,
     build_sampler,
-    check_fits,
     encode_split,
     fit_density,
-    load_checkpoint,
     load_density,
+    resolve_canvas,
 )
 from .samplers import PPOTS
 from .tasks import get_task
-from .tokenizer import CharTokenizer
 from .trainer import seeded_generator
 from .variance_measure import (
     DEFAULT_PROJECTION,
@@ -203,10 +204,11 @@ def build_methods(
     names: Sequence[str],
     model: Transformer,
     task: Any,
-    tokenizer: CharTokenizer,
+    tokenizer: TextTokenizer,
     data: TensorDataset,
     options: VarianceOptions,
     notes: list[str],
+    canvas: Canvas,
 ) -> dict[str, Method]:
     """Each method's Objective via `run.build_objective`/`build_sampler`, with P-POTS densities
     fitted by `run.fit_density` (or read from `ppots_file`) and EMA warmed up."""
@@ -230,7 +232,7 @@ def build_methods(
                 if cfg.ppots_file:
                     densities[key] = load_density(cfg.ppots_file)
                 else:
-                    densities[key] = fit_density(cfg, model, task, tokenizer)
+                    densities[key] = fit_density(cfg, model, task, tokenizer, canvas)
             density = densities[key]
         objective = build_objective(cfg, tokenizer, build_sampler(cfg, density))
         if not objective.sampler.unbiased:
@@ -251,16 +253,22 @@ def build_methods(
 
 def load_model(
     config: StableMDMConfig, checkpoint: str | Path | None, task: Any
-) -> tuple[Transformer, CharTokenizer]:
-    """The checkpoint's model and tokenizer (as an MDM), or the config's model and a fresh
-    character tokenizer (`run.build_model`: `init_from` or a seeded initialisation)."""
+) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
+    """The checkpoint's model, tokenizer and canvas (as an MDM; the canvas lengths saved with
+    its run), or the config's (`run.build_model`: `model`, `init_from` or a seeded init)."""
     if checkpoint is None:
-        tokenizer = CharTokenizer()
-        return build_model(config, task, tokenizer), tokenizer
+        return build_model(config, task)
     model, tokenizer = load_checkpoint(checkpoint)
-    check_fits(model, tokenizer, task, f"--checkpoint {checkpoint}")
-    model.config.causal = False
-    return model, tokenizer
+    saved = saved_run_config(checkpoint)
+    config.max_length = config.max_length or saved.get("max_length")
+    config.gen_length = config.gen_length or saved.get("gen_length")
+    canvas = resolve_canvas(config, task, tokenizer)
+    check_fits(model, tokenizer, canvas.max_length, f"--checkpoint {checkpoint}")
+    if isinstance(model, Transformer):
+        model.config.causal = False
+    elif objective_of(model) != "mdm":
+        raise ConfigError(f"--checkpoint {checkpoint} holds an ARM; pass an MDM checkpoint")
+    return model, tokenizer, canvas
 
 
 # --- the experiment ---------------------------------------------------------------------------
@@ -291,13 +299,16 @@ def run_variance(
         notes.append(f"{REFERENCE}: added, it is the reference of the comparison")
     names = list(dict.fromkeys([REFERENCE, *options.methods]))  # the reference first
     task = get_task(config.task, **config.task_options)
-    model, tokenizer = load_model(config, checkpoint, task)
+    model, tokenizer, canvas = load_model(config, checkpoint, task)
     model.eval()
     if arm_checkpoint is not None:  # checked before any measurement starts
         arm_model, _ = load_checkpoint(arm_checkpoint)
-        check_fits(arm_model, tokenizer, task, f"--arm-checkpoint {arm_checkpoint}")
-        arm_model.config.causal = True
-    data = encode_split(task, tokenizer, "train")
+        check_fits(arm_model, tokenizer, canvas.max_length, f"--arm-checkpoint {arm_checkpoint}")
+        if isinstance(arm_model, Transformer):
+            arm_model.config.causal = True
+        elif objective_of(arm_model) != "arm":
+            raise ConfigError(f"--arm-checkpoint {arm_checkpoint} holds an MDM, not an ARM")
+    data = encode_split(task, tokenizer, "train", canvas)
     needed = max(
         options.loss_design.sequences, options.grad_design.sequences, options.grid_sequences
     )
@@ -315,7 +326,7 @@ def run_variance(
         )
 
     say("building the estimators")
-    methods = build_methods(config, names, model, task, tokenizer, data, options, notes)
+    methods = build_methods(config, names, model, task, tokenizer, data, options, notes, canvas)
     timing["build"] = time.perf_counter() - started
 
     say(f"per-rate curves ({options.grid} rates)")

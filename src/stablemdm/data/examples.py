@@ -9,11 +9,10 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from .tokenizer import CharTokenizer
 
 MAX_ERRORS_SHOWN = 20
 
@@ -122,31 +121,65 @@ def write_jsonl(path: str | Path, records: Iterable[Mapping]) -> None:
         raise
 
 
-def prompt_ids(example: Example, tokenizer: CharTokenizer) -> list[int]:
-    """The conditioning part of a row: prompt ids followed by `<sep>`."""
-    ids = tokenizer.encode(example.prompt, where=f"{example.source}, field 'prompt'")
-    return ids + [tokenizer.sep_token_id]
+class TextTokenizer(Protocol):
+    """What encoding, decoding and the objective need from a tokenizer: the character
+    tokenizer and `HFTokenizer` (Hugging Face tokenizers and chat templates) both provide it."""
+
+    pad_token_id: int
+    mask_token_id: int | None
+    eos_token_id: int
+    vocab_size: int
+
+    def encode_prompt(self, example: Example) -> list[int]: ...
+    def encode_response(self, example: Example) -> list[int]: ...
+    def token_id(self, text: str, where: str) -> int: ...
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str: ...
+    def save_pretrained(self, directory: str | Path) -> None: ...
 
 
-def _response_ids(example: Example, tokenizer: CharTokenizer) -> list[int]:
-    """Response ids followed by `<eos>`; DataError for an empty response."""
-    if not example.response:
-        raise DataError(f"{example.source}: empty response; every example needs a response")
-    ids = tokenizer.encode(example.response, where=f"{example.source}, field 'response'")
-    return ids + [tokenizer.eos_token_id]
+def fits(example: Example, tokenizer: TextTokenizer, max_length: int, gen_length: int) -> bool:
+    """Whether the prompt leaves room for a `gen_length` canvas in `max_length` tokens and the
+    response with its `<eos>` fits the canvas."""
+    head = len(tokenizer.encode_prompt(example))
+    return head + gen_length <= max_length and len(tokenizer.encode_response(example)) <= gen_length
+
+
+def canvas_lengths(
+    examples: Sequence[Example],
+    tokenizer: TextTokenizer,
+    max_length: int | None = None,
+    gen_length: int | None = None,
+) -> tuple[int, int]:
+    """(max_length, gen_length) with each one not given measured on `examples`: the canvas
+    holds the longest response + `<eos>`, the row the longest prompt plus the canvas."""
+    if not examples:
+        raise DataError("no examples to measure max_length and gen_length on")
+    if gen_length is None:
+        gen_length = max(len(tokenizer.encode_response(e)) for e in examples)
+    if max_length is None:
+        max_length = max(len(tokenizer.encode_prompt(e)) for e in examples) + gen_length
+    if gen_length >= max_length:
+        raise DataError(
+            f"gen_length {gen_length} leaves no room for a prompt in max_length {max_length}; "
+            "raise max_length"
+        )
+    return max_length, gen_length
 
 
 def encode_examples(
     examples: Sequence[Example],
-    tokenizer: CharTokenizer,
+    tokenizer: TextTokenizer,
     max_length: int,
     gen_length: int | None = None,
+    eos_fill: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Encode examples into `input_ids` (long), `attention_mask` and `eligible` (bool), all
-    `[N, max_length]`.
+    `[N, max_length]`, and `n_response` `[N]` (response tokens + `<eos>`, without the fill).
 
-    With `gen_length` (MDM canvas, as in LLaDA SFT) the response region (response, `<eos>`,
-    `<eos>` fill) is exactly `gen_length` long; without it the row ends at the first `<eos>`.
+    With `gen_length` (MDM canvas) the response region is exactly `gen_length` long: with
+    `eos_fill` (LLaDA SFT) the rest of the canvas is `<eos>`, attended, masked and scored;
+    without it, padding (not attended, not scored). Without `gen_length` the row ends at the
+    first `<eos>`. Attention comes from row lengths, so PAD may equal EOS.
     """
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -155,9 +188,12 @@ def encode_examples(
     n = len(examples)
     input_ids = torch.full((n, max_length), tokenizer.pad_token_id, dtype=torch.long)  # [N, L]
     eligible = torch.zeros((n, max_length), dtype=torch.bool)  # [N, L]
+    attention_mask = torch.zeros((n, max_length), dtype=torch.bool)  # [N, L]
+    n_response = torch.zeros(n, dtype=torch.long)  # [N]
     for row, example in enumerate(examples):
-        head = prompt_ids(example, tokenizer)
-        tail = _response_ids(example, tokenizer)
+        head = tokenizer.encode_prompt(example)
+        tail = tokenizer.encode_response(example)
+        n_response[row] = len(tail)
         if gen_length is not None:
             if len(tail) > gen_length:
                 raise DataError(
@@ -170,7 +206,8 @@ def encode_examples(
                     f"{gen_length} makes {len(head) + gen_length} > max_length {max_length}; "
                     "raise max_length or drop this example"
                 )
-            tail = tail + [tokenizer.eos_token_id] * (gen_length - len(tail))
+            if eos_fill:
+                tail = tail + [tokenizer.eos_token_id] * (gen_length - len(tail))
         elif len(head) + len(tail) > max_length:
             raise DataError(
                 f"{example.source}: prompt + <sep> ({len(head)}) + response + <eos> "
@@ -181,5 +218,10 @@ def encode_examples(
         input_ids[row, : len(head)] = torch.tensor(head, dtype=torch.long)
         input_ids[row, len(head) : end] = torch.tensor(tail, dtype=torch.long)
         eligible[row, len(head) : end] = True
-    attention_mask = input_ids != tokenizer.pad_token_id  # [N, L]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "eligible": eligible}
+        attention_mask[row, :end] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "eligible": eligible,
+        "n_response": n_response,
+    }

@@ -1,4 +1,4 @@
-"""Tests for stablemdm.model: shapes, attention patterns, padding, init, config, round trips."""
+"""Tests for stablemdm.models.transformer: shapes, attention patterns, padding, init, config, round trips."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stablemdm.model import PRESETS, ModelConfig, Transformer
+from stablemdm.models import PRESETS, ModelConfig, Transformer
 
 VOCAB = 13
 MASK_ID = 12

@@ -7,7 +7,6 @@ from stablemdm.data import (
     DataError,
     Example,
     encode_examples,
-    prompt_ids,
     read_jsonl,
     write_jsonl,
 )
@@ -120,7 +119,7 @@ def _examples():
 
 
 def test_prompt_ids_end_with_sep(tok):
-    ids = prompt_ids(Example("ab", "c", "c"), tok)
+    ids = tok.encode_prompt(Example("ab", "c", "c"))
     assert ids == tok.encode("ab") + [tok.sep_token_id]
 
 
@@ -132,7 +131,7 @@ def test_encode_with_canvas_layout(tok):
     assert ids.shape == attn.shape == elig.shape == (3, max_length)
     assert ids.dtype == torch.long and attn.dtype == torch.bool and elig.dtype == torch.bool
     for row, example in enumerate(examples):
-        head = prompt_ids(example, tok)
+        head = tok.encode_prompt(example)
         start = len(head)
         response = tok.encode(example.response)
         fill = [tok.eos_token_id] * (gen_length - len(response))

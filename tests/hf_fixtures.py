@@ -1,0 +1,54 @@
+"""Tiny Hugging Face tokenizers and models built locally (no download), for offline tests.
+
+The tokenizers are character level (a BPE with no merges) over printable ASCII, so any task
+text encodes; they carry the special tokens of the model families they stand in for.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import PreTrainedTokenizerFast
+
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAT_TOKENS = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def _fast(specials: list[str], template: str | None, **named: str) -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(specials + list(CHARS))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=named.get("unk_token")))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    if template is not None:
+        used = [s for s in specials if s in template]
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(s, vocab[s]) for s in used]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+
+
+def llama_tokenizer(chat: bool = True, mask: bool = False) -> PreTrainedTokenizerFast:
+    """Llama-like: `<bos>` prepended, `<eos>`, no pad token, a chat template; optionally a
+    `<|mdm_mask|>` special token as LLaDA's tokenizer has."""
+    specials = ["<unk>", "<bos>", "<eos>", *CHAT_TOKENS] + (["<|mdm_mask|>"] if mask else [])
+    tok = _fast(specials, "<bos> $A", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def bert_tokenizer() -> PreTrainedTokenizerFast:
+    """BERT-like: `[CLS] text [SEP]`, `[PAD]`, `[MASK]`, no EOS and no chat template."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return _fast(
+        specials,
+        "[CLS] $A [SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )

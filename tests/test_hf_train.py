@@ -1,0 +1,232 @@
+"""Hugging Face models end to end: fine-tune through the CLI and the Python API, save, reload,
+evaluate and generate; bad model or data input fails with one line before training starts."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hf_fixtures import bert_tokenizer, llama_tokenizer
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+)
+
+from stablemdm.cli import main
+from stablemdm.config import load_config
+from stablemdm.models.hf import adapter_spec
+from stablemdm.models.loading import load_checkpoint, objective_of
+from stablemdm.run import train
+
+TINY = [
+    "task=chain_sum",
+    "task_options={n_train: 64, n_test: 6}",
+    "per_device_train_batch_size=4",
+    "max_steps=2",
+    "save_steps=2",
+    "logging_steps=1",
+    "disable_tqdm=true",
+    "ppots_sequences=3",
+    "ppots_rates=6",
+    "ppots_masks=2",
+]
+
+
+def _save(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A tiny Llama causal LM with a chat template and no mask token."""
+    tok = llama_tokenizer(chat=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return _save(LlamaForCausalLM(config), tok, tmp_path_factory.mktemp("hf") / "llama")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    tok = bert_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return _save(BertForMaskedLM(config), tok, tmp_path_factory.mktemp("hf") / "bert")
+
+
+@pytest.fixture(scope="module")
+def modernbert(tmp_path_factory) -> Path:
+    tok = bert_tokenizer()
+    config = ModernBertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        cls_token_id=tok.cls_token_id,
+        sep_token_id=tok.sep_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    torch.manual_seed(0)
+    return _save(ModernBertForMaskedLM(config), tok, tmp_path_factory.mktemp("hf") / "mbert")
+
+
+def _train_cli(out: Path, *overrides: str) -> None:
+    assert main(["train", *TINY, *overrides, f"output_dir={out}"]) == 0
+
+
+def _eval_cli(folder: Path, capsys) -> dict:
+    capsys.readouterr()
+    args = ["eval", str(folder), "--task", "chain_sum", "--limit", "3"]
+    assert main([*args, "--task-option", "n_train=64", "--task-option", "n_test=6"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("llama", ["add_mask_token=true", "chat_template=true"]),
+        ("bert", []),
+        ("modernbert", []),
+    ],
+)
+def test_mdm_fine_tune_with_ppots_mirror_saves_reloads_and_decodes(
+    name, extra, request, tmp_path, capsys
+):
+    folder = request.getfixturevalue(name)
+    out = tmp_path / name
+    _train_cli(out, f"model={folder}", "sampler=ppots", "masking=mirror", *extra)
+    assert (out / "ppots.json").is_file() and (out / "config.yaml").is_file()
+    model, tokenizer = load_checkpoint(out)
+    spec = adapter_spec(model)
+    assert objective_of(model) == "mdm" and spec.mask_token_id == tokenizer.mask_token_id
+    assert spec.bidirectional == (name == "llama") and spec.shift_logits == (name == "llama")
+    result = _eval_cli(out, capsys)
+    assert result["objective"] == "mdm" and result["n"] == 3
+    assert (out / "eval-chain_sum-test.jsonl").is_file()
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "4+1-2", "--gen-length", "4"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_count_mode_and_arm_fine_tunes_through_the_python_api(llama, tmp_path):
+    mdm = load_config(None, [*TINY, f"model={llama}", "add_mask_token=true", "rate=count"])
+    mdm.output_dir = str(tmp_path / "count")
+    assert train(mdm).global_step == 2
+    arm = load_config(None, [*TINY, f"model={llama}", "objective=arm"])
+    arm.output_dir = str(tmp_path / "arm")
+    assert train(arm).global_step == 2
+    model, tokenizer = load_checkpoint(tmp_path / "arm")
+    assert objective_of(model) == "arm" and tokenizer.mask_token_id is None
+
+
+def test_lora_trains_adapters_only_and_reloads(llama, tmp_path, capsys):
+    out = tmp_path / "lora"
+    _train_cli(out, f"model={llama}", "add_mask_token=true", "lora_r=4", "masking=mirror")
+    assert (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").is_file()
+    assert _eval_cli(out, capsys)["n"] == 3
+
+
+def test_resume_reproduces_the_uninterrupted_hf_run(llama, tmp_path):
+    common = [*TINY, f"model={llama}", "add_mask_token=true", "max_steps=3", "save_steps=1"]
+    whole = load_config(None, [*common, f"output_dir={tmp_path / 'whole'}"])
+    train(whole)
+    part = load_config(None, [*common, f"output_dir={tmp_path / 'part'}", "max_steps=2"])
+    train(part)
+    again = load_config(None, [*common, f"output_dir={tmp_path / 'part'}"])
+    train(again, resume=True)
+    a, _ = load_checkpoint(tmp_path / "whole")
+    b, _ = load_checkpoint(tmp_path / "part")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "mask"),  # a causal LM has no mask token and none was added
+        (["add_mask_token=true", "max_length=8"], "max_length"),  # no room for the response
+        (["add_mask_token=true", "mask_token=<eos>"], "eos"),  # an existing token as the mask
+    ],
+)
+def test_bad_llama_input_fails_before_training(llama, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert main(["train", *TINY, f"model={llama}", *extra, f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stablemdm train: error:") and message in err.lower()
+    assert len(err.strip().splitlines()) == 1
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_refused(bert, tmp_path, capsys):
+    assert main(["train", *TINY, f"model={bert}", "chat_template=true"]) == 2
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_dataset_missing_a_named_column_is_refused(bert, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1", "response": "2"}) + "\n")
+    options = f"task_options={{train: {data}, test: {data}}}"
+    assert main(["train", *TINY, f"model={bert}", "task=dataset", options]) == 2
+    err = capsys.readouterr().err
+    assert "prompt" in err and "question" in err
+
+
+def test_variance_tool_decomposes_an_adapted_causal_lm(llama, tmp_path):
+    out = tmp_path / "variance"
+    args = [
+        "variance",
+        "task_options={n_train: 40, n_test: 4}",
+        f"model={llama}",
+        "add_mask_token=true",
+        "ppots_sequences=2",
+        "ppots_rates=4",
+        "ppots_masks=2",
+        "--methods=ppots_mirror,count",
+        "--sequences=4",
+        "--rates=2",
+        "--masks=2",
+        "--grad-sequences=2",
+        "--grad-rates=2",
+        "--grad-masks=2",
+        "--draws=3",
+        "--batch=2",
+        "--bootstrap=0",
+        "--grid=3",
+        "--grid-sequences=2",
+        "--grid-masks=2",
+        "--params=lm_head|embed",
+        "--project=8",
+        f"--output={out}",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "variance.json").read_text())
+    assert {"standard", "ppots_mirror", "count"} <= set(report["decomposition"])
+    assert report["arm"]["loss"]["A"] == pytest.approx(0.0, abs=1e-6)  # an ARM has no mask noise
