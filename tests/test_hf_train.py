@@ -14,6 +14,7 @@ from transformers import (
     LlamaForCausalLM,
     ModernBertConfig,
     ModernBertForMaskedLM,
+    TrainerCallback,
 )
 
 from stablemdm.cli import main
@@ -154,16 +155,27 @@ def test_lora_trains_adapters_only_and_reloads(llama, tmp_path, capsys):
     assert _eval_cli(out, capsys)["n"] == 3
 
 
+class _Kill(TrainerCallback):
+    """Stops the process (an exception out of train) after step `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
 def test_resume_reproduces_the_uninterrupted_hf_run(llama, tmp_path):
-    common = [*TINY, f"model={llama}", "add_mask_token=true", "max_steps=3", "save_steps=1"]
-    whole = load_config(None, [*common, f"output_dir={tmp_path / 'whole'}"])
-    train(whole)
-    part = load_config(None, [*common, f"output_dir={tmp_path / 'part'}", "max_steps=2"])
-    train(part)
-    again = load_config(None, [*common, f"output_dir={tmp_path / 'part'}"])
-    train(again, resume=True)
+    common = [*TINY, f"model={llama}", "add_mask_token=true", "max_steps=4", "save_steps=2"]
+    common += ["sampler=ppots", "masking=mirror"]
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'whole'}"]))
+    cut = [*common, f"output_dir={tmp_path / 'cut'}"]
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, cut), callbacks=[_Kill(3)])
+    train(load_config(None, cut), resume=True)
     a, _ = load_checkpoint(tmp_path / "whole")
-    b, _ = load_checkpoint(tmp_path / "part")
+    b, _ = load_checkpoint(tmp_path / "cut")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 

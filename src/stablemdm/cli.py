@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `stablemdm` console command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not sys.stderr.isatty():  # weight-loading and dataset bars only clutter a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     stray = [

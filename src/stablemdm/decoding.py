@@ -127,7 +127,9 @@ def generate_mdm(
     more iterations than block positions, the iterations that would unmask nothing are skipped).
 
     `remasking`: "low_confidence" (confidence = softmax probability of the chosen token) or
-    "random" (confidence = U(0,1) from `generator`). The mask and pad tokens are never chosen.
+    "random" (confidence = U(0,1) from `generator`). The mask and pad tokens are never chosen
+    (pad only when it is not also EOS). A model that conditions on t is given the fraction of
+    its canvas still masked.
     After each block a row whose decoded canvas holds `<eos>` is finished; decoding stops once
     all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
     """
@@ -170,11 +172,13 @@ def generate_mdm(
         for block in range(n_blocks):
             block_pos = canvas[:, block * block_length : (block + 1) * block_length]  # [B, Lb]
             for n_unmask in schedule:
-                logits = logits_of(model, x, attention_mask)  # [B, L, V]
+                t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
+                logits = logits_of(model, x, attention_mask, t)  # [B, L, V]
                 index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
                 block_logits = logits.gather(1, index).float()  # [B, Lb, V]
                 block_logits[..., mask_token_id] = float("-inf")
-                block_logits[..., pad_token_id] = float("-inf")
+                if pad_token_id != eos_token_id:  # Llama-family tokenizers pad with EOS
+                    block_logits[..., pad_token_id] = float("-inf")
                 chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
                 if remasking == "low_confidence":
                     probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
@@ -230,7 +234,8 @@ def generate_arm(
             attention_mask = positions[None, :width] < length[:, None]  # [B, W]
             logits = logits_of(model, x[:, :width], attention_mask)  # [B, W, V]
             last = logits[row_index, length - 1].float()  # [B, V]
-            last[:, pad_token_id] = float("-inf")
+            if pad_token_id != eos_token_id:
+                last[:, pad_token_id] = float("-inf")
             chosen = _pick_tokens(last, temperature, generator)  # [B]
             write = row_index[active]
             x[write, length[write]] = chosen[write]

@@ -29,9 +29,25 @@ class Loss:
     scored: torch.Tensor
 
 
+def unwrap(model: Model) -> Model:
+    """The network inside DDP/FSDP (`.module`) and peft (`get_base_model()`) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def adapter(model: Model) -> dict:
+    """How to drive a Hugging Face model adapted by `models.hf` (its `config.stablemdm`:
+    `shift_logits`, `conditions_on_t`, ...); {} for any other model."""
+    values = getattr(getattr(unwrap(model), "config", None), "stablemdm", None)
+    return values if isinstance(values, dict) else {}
+
+
 def conditions_on_t(model: Model) -> bool:
-    """Whether the model (unwrapped from DDP) declares `conditions_on_t`: it is given t."""
-    return bool(getattr(getattr(model, "module", model), "conditions_on_t", False))
+    """Whether the model declares `conditions_on_t` (itself or in its adapter): it is given t."""
+    return bool(
+        adapter(model).get("conditions_on_t") or getattr(unwrap(model), "conditions_on_t", False)
+    )
 
 
 def logits_of(
@@ -40,16 +56,21 @@ def logits_of(
     attention_mask: torch.Tensor | None,
     t: torch.Tensor | None = None,
 ):
-    """Call any model `model(input_ids, attention_mask)` and return logits `[B, L, V]`
-    (plain tensors and Hugging Face outputs with `.logits` both work); a model that
-    conditions on t is also given `t` `[B]`."""
+    """Call any model `model(input_ids, attention_mask)` (through its DDP/peft wrapper) and
+    return logits `[B, L, V]` where position i predicts token i (plain tensors and Hugging Face
+    outputs with `.logits` both work). A model that conditions on t is also given `t` `[B]`;
+    a model with shifted logits (Dream, AR-to-MDM: position i-1 predicts token i) is shifted
+    back (position 0, always prompt, keeps its own)."""
     kwargs = {}
     if conditions_on_t(model):
         if t is None:
             raise ValueError("this model conditions on t, but no t was given")
         kwargs["t"] = t
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return out.logits if hasattr(out, "logits") else out
+    logits = out.logits if hasattr(out, "logits") else out  # [B, L, V]
+    if adapter(model).get("shift_logits"):
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

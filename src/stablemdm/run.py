@@ -25,6 +25,7 @@ from .data import TextTokenizer, canvas_lengths, encode_examples, fits
 from .data.sources import EncodedStream
 from .evaluation import evaluate
 from .models import Transformer
+from .models.hf import unwrap
 from .models.loading import RUN_CONFIG, build_builtin, build_hf, saved_run_config
 from .objective import Objective
 from .ppots import fit_ppots
@@ -112,17 +113,18 @@ def encode_split(
     fit the canvas are left out and counted on stderr (a held-out loss skips them too)."""
     examples = task.examples(split)
     kept = [e for e in examples if fits(e, tokenizer, canvas.max_length, canvas.gen_length)]
+    if not kept:
+        raise ConfigError(
+            f"no {split} example of task {task.name} fits max_length={canvas.max_length}, "
+            f"gen_length={canvas.gen_length}: the prompts leave no room for the responses; "
+            "raise max_length (or leave it unset to measure it on the data)"
+        )
     if len(kept) < len(examples):
         print(
             f"stablemdm: {len(examples) - len(kept)} of {len(examples)} {split} examples of "
             f"task {task.name} do not fit max_length={canvas.max_length}, "
             f"gen_length={canvas.gen_length} and are left out",
             file=sys.stderr,
-        )
-    if not kept:
-        raise ConfigError(
-            f"no {split} example of task {task.name} fits max_length={canvas.max_length}, "
-            f"gen_length={canvas.gen_length}; raise them"
         )
     tensors = encode_examples(
         kept[:limit], tokenizer, canvas.max_length, canvas.gen_length, eos_fill=canvas.eos_fill
@@ -357,6 +359,8 @@ def train(
         folder.mkdir(parents=True, exist_ok=True)
         if with_model:
             model.save_pretrained(folder)
+        else:  # the spec travels in config.json, also beside a LoRA adapter
+            unwrap(model).config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         torch.save(objective.sampler.state_dict(), folder / SAMPLER_STATE)
         if density is not None:

@@ -2,8 +2,10 @@
 
 Built-in tasks: `gsm8k` (local JSONL files), the reasoning-gym tasks `chain_sum`,
 `mini_sudoku`, `countdown`, `gsm_symbolic` (generated, re-serialised compactly for small
-character-level models, scored by reasoning-gym's own checkers) and `jsonl` (user files).
-All text is in the tokenizer's DEFAULT_ALPHABET. Add a task with `@register_task("name")`.
+character-level models, scored by reasoning-gym's own checkers), `jsonl` (user files in the
+character alphabet) and `dataset` (files through `datasets`, for Hugging Face tokenizers).
+Character tasks' text is in the tokenizer's DEFAULT_ALPHABET. Add a task with
+`@register_task("name")`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import os
 import re
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import reasoning_gym
 
 from .data import DataError, Example, map_jsonl, read_jsonl
+from .data.sources import examples_from_records, load_records
 from .tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
 SPLITS = ("train", "test")
@@ -531,3 +534,58 @@ class JsonlTask(Task):
         """Exact match of the extracted answers of `output` and of the gold answer."""
         predicted = self.extract(output)
         return predicted is not None and predicted == self.extract(example.answer)
+
+
+@register_task("dataset")
+class DatasetTask(JsonlTask):
+    """A task from JSONL, JSON or Parquet files or saved datasets read through `datasets`,
+    with configurable columns (or a chat `messages_column`), for any tokenizer: the text is
+    not restricted to the character alphabet. Lengths are None unless given: the run measures
+    them with the model's tokenizer. `streaming` reads the train file lazily (`stream`).
+    Scored like `jsonl`."""
+
+    def __init__(
+        self,
+        train: str | Path,
+        test: str | Path,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        answer_column: str = "answer",
+        messages_column: str | None = None,
+        streaming: bool = False,
+        max_length: int | None = None,
+        gen_length: int | None = None,
+    ) -> None:
+        self.columns = {
+            "prompt_column": prompt_column,
+            "response_column": response_column,
+            "answer_column": answer_column,
+            "messages_column": messages_column,
+        }
+        self.paths = {"train": Path(train), "test": Path(test)}
+        self.streaming = streaming
+        self.max_length, self.gen_length = max_length, gen_length
+        self.dropped = 0
+        self._splits = {"test": self._read("test", streaming=False)}
+        if not self._splits["test"]:
+            raise DataError(f"{test} contains no records")
+        if streaming:
+            next(self.stream("train"), None)  # checks the file and its columns now
+        else:
+            self._splits["train"] = self._read("train", streaming=False)
+
+    def _read(self, split: str, streaming: bool):
+        path = self.paths[split]
+        records = load_records(path, split=split, streaming=streaming)
+        examples = examples_from_records(records, source=str(path), **self.columns)
+        return examples if streaming else list(examples)
+
+    def examples(self, split: str) -> list[Example]:
+        return list(self.stream(split))
+
+    def stream(self, split: str) -> Iterator[Example]:
+        """The examples of `split` one at a time (the file is read lazily when streaming)."""
+        check_split(split)
+        if split in self._splits:
+            return iter(self._splits[split])
+        return self._read(split, streaming=True)

@@ -19,6 +19,7 @@ import torch
 
 from . import ppots
 from .config import ConfigError
+from .models.hf import adapter_spec, as_arm
 from .objective import Objective, ObjectiveOutput
 from .run import TensorDataset
 from .samplers import Mirrored, RateSampler, Stratified
@@ -294,12 +295,17 @@ def decompose(
 
 @contextmanager
 def causal(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The same network with causal attention (the ARM baseline) for the duration."""
+    """The same network with causal attention (the ARM baseline) for the duration: the
+    built-in transformer's switch, or an adapted Hugging Face causal LM as it was."""
     config = getattr(model, "config", None)
+    if adapter_spec(model) is not None:
+        with as_arm(model):
+            yield model
+        return
     if config is None or not hasattr(config, "causal"):
         raise ConfigError(
-            f"{type(model).__name__} has no config.causal switch, so its ARM baseline cannot "
-            "be evaluated; use a stablemdm Transformer"
+            f"{type(model).__name__} has no causal form, so its ARM baseline cannot be "
+            "evaluated; pass --arm-checkpoint"
         )
     before = config.causal
     config.causal = True

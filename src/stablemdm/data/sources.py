@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .examples import Example, TextTokenizer, encode_examples, fits
+from .examples import DataError, Example, TextTokenizer, encode_examples, fits
 
 
 class EncodedStream(torch.utils.data.IterableDataset):
@@ -35,3 +37,100 @@ class EncodedStream(torch.utils.data.IterableDataset):
                 [example], self.tokenizer, self.max_length, self.gen_length, self.eos_fill
             )
             yield {k: v[0] for k, v in row.items()}
+
+
+def _builder(path: Path) -> str:
+    """The `datasets` builder of a data file."""
+    suffixes = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if path.suffix not in suffixes:
+        raise DataError(f"{path}: expected a .jsonl, .json or .parquet file or a saved dataset")
+    return suffixes[path.suffix]
+
+
+def load_records(path: str | Path, *, split: str = "train", streaming: bool = False) -> Any:
+    """Rows of a JSONL, JSON or Parquet file, or of a folder written by `save_to_disk` (a
+    DatasetDict's `split`); `streaming` reads a file lazily (an `IterableDataset`)."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    try:
+        if path.is_dir():
+            if streaming:
+                raise DataError(f"{path}: a saved dataset is read whole; set streaming=false")
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DataError(f"{path}: no split {split!r}; it has {', '.join(data)}")
+                data = data[split]
+            return data
+        return datasets.load_dataset(
+            _builder(path), data_files=str(path), split="train", streaming=streaming
+        )
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def _check_columns(columns: Sequence[str], needed: Sequence[str], source: str) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(
+            f"{source}: missing column {', '.join(map(repr, missing))}; available: "
+            f"{', '.join(columns)}; set prompt_column=..., response_column=... (or "
+            "messages_column=...) in task_options"
+        )
+
+
+def examples_from_records(
+    records: Iterable[dict[str, Any]],
+    *,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    answer_column: str = "answer",
+    messages_column: str | None = None,
+    source: str = "",
+) -> Iterator[Example]:
+    """Examples from rows with the named columns (the answer defaults to the response), or
+    from a column of chat messages whose last message is the assistant's response."""
+    needed = [messages_column] if messages_column else [prompt_column, response_column]
+    names = getattr(records, "column_names", None)
+    if names is not None:
+        _check_columns(list(names), needed, source)
+    for i, row in enumerate(records):
+        if i == 0 and names is None:
+            _check_columns(list(row), needed, source)
+        where = f"{source}:row {i}"
+        if messages_column:
+            yield _chat_example(row[messages_column], row.get(answer_column), where)
+            continue
+        prompt, response = row[prompt_column], row[response_column]
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response:
+            raise DataError(f"{where}: {prompt_column!r} and {response_column!r} must be text")
+        answer = row.get(answer_column)
+        yield Example(prompt, response, response if answer is None else str(answer), where)
+
+
+def _chat_example(messages: Any, answer: Any, where: str) -> Example:
+    """An Example from chat messages [..., user, assistant] (kept whole in `meta`)."""
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+    )
+    if not ok or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        raise DataError(
+            f"{where}: messages must be a list of {{role, content}} ending with a non-empty "
+            "assistant message"
+        )
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    response = messages[-1]["content"]
+    return Example(
+        users[-1] if users else "",
+        response,
+        response if answer is None else str(answer),
+        where,
+        meta={"messages": [dict(m) for m in messages]},
+    )

@@ -61,6 +61,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
     from ..data.hf_tokenizer import HFTokenizer
     from .hf import apply_lora, load_hf_model
 
+    set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
     tokenizer = None
     if config.tokenizer_name:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -86,7 +87,6 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         system_prompt=config.system_prompt,
     )
     if config.lora_r > 0:
-        set_seed(config.seed)  # LoRA initialises from the global RNG
         target = config.lora_target_modules
         model = apply_lora(
             model,
@@ -148,8 +148,10 @@ def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
         from ..data.hf_tokenizer import HFTokenizer
         from .hf import load_trained
 
-        model, hf_tokenizer, spec = load_trained(folder)
         run = saved_run_config(folder)
+        model, hf_tokenizer, spec = load_trained(
+            folder, bool(run.get("trust_remote_code", False)), run.get("gguf_file")
+        )
         tokenizer = HFTokenizer(
             hf_tokenizer,
             spec.mask_token_id,

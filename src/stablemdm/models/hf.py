@@ -1,0 +1,357 @@
+"""Hugging Face models as MDMs and ARMs (docs/hf.md).
+
+Three families are trained as masked diffusion models: masked LMs (BERT, RoBERTa,
+ModernBERT) as they are, diffusion LMs with their own code (LLaDA, Dream) as they are, and
+causal LMs adapted to bidirectional attention (AR-to-MDM, as Dream and dllm's A2D do), by
+default with Dream's shifted logits (position i-1 predicts token i). A causal LM left as it is
+is the ARM baseline. How stablemdm drives a model is an `AdapterSpec` stored in its config
+(`config.stablemdm`), so a saved model reloads exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import ConfigError
+from ..losses import adapter, unwrap
+
+ModelKind = Literal["masked_lm", "diffusion", "causal"]
+KINDS = ("masked_lm", "diffusion", "causal")
+# mask tokens of known families, looked up in the vocabulary when nothing names one
+KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+ADDED_MASK_TOKEN = "<|mask|>"
+SPEC_KEY = "stablemdm"
+
+
+@dataclass
+class AdapterSpec:
+    """How stablemdm drives a Hugging Face model; saved as `config.stablemdm`."""
+
+    kind: ModelKind
+    bidirectional: bool  # attention made bidirectional (AR-to-MDM adaptation)
+    shift_logits: bool  # Dream's convention: position i-1 predicts token i
+    mask_token_id: int | None  # None for an ARM
+    conditions_on_t: bool  # the forward takes the masking rate `t` [B]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterSpec:
+        return cls(**values)
+
+
+def adapter_spec(model: Any) -> AdapterSpec | None:
+    """The spec of a model adapted by `load_hf_model` (None for any other model)."""
+    values = adapter(model)
+    return AdapterSpec.from_dict(values) if values else None
+
+
+def detect_kind(config: Any) -> ModelKind:
+    """masked_lm for `*ForMaskedLM`, causal for `*ForCausalLM`, else diffusion (custom code)."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked_lm"
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return "causal"
+    return "diffusion"
+
+
+def _single_token(tokenizer: Any, text: str, where: str) -> int:
+    """The id of `text` if it is exactly one token of the tokenizer, else ConfigError."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ConfigError(f"{where}={text!r} is not one token of the tokenizer (it is {pieces})")
+    return ids[0]
+
+
+def resolve_mask_token_id(
+    model_config: Any,
+    tokenizer: Any,
+    *,
+    mask_token_id: int | None = None,
+    mask_token: str | None = None,
+) -> int | None:
+    """The mask token id: explicit id, explicit token string, the model config's, the
+    tokenizer's, a known mask string in the vocabulary; None when there is none."""
+    if mask_token_id is not None:
+        return mask_token_id
+    if mask_token is not None:
+        return _single_token(tokenizer, mask_token, "mask_token")
+    for candidate in (
+        getattr(model_config, "mask_token_id", None),
+        getattr(tokenizer, "mask_token_id", None),
+    ):
+        if candidate is not None:
+            return int(candidate)
+    vocab = tokenizer.get_vocab()
+    return next((vocab[t] for t in KNOWN_MASK_TOKENS if t in vocab), None)
+
+
+def check_mask_token_id(mask_id: int, vocab_size: int, tokenizer: Any) -> None:
+    """Refuse a mask id outside the embedding matrix or equal to a token with another job."""
+    if not 0 <= mask_id < vocab_size:
+        raise ConfigError(
+            f"mask token id {mask_id} is outside the model's {vocab_size} embeddings; set "
+            "mask_token_id / mask_token, or add_mask_token=true"
+        )
+    for role in ("eos", "bos", "pad", "unk", "sep", "cls"):
+        if getattr(tokenizer, f"{role}_token_id", None) == mask_id:
+            token = getattr(tokenizer, f"{role}_token", None)
+            raise ConfigError(
+                f"mask token id {mask_id} is the tokenizer's {role.upper()} token {token!r}: "
+                "masking with it would teach the model that this token means 'masked'; set "
+                "mask_token_id / mask_token to a dedicated token, or add_mask_token=true"
+            )
+
+
+def add_mask_token(model: Any, tokenizer: Any, token: str = ADDED_MASK_TOKEN) -> int:
+    """Add `token` as a new special token with new input and output embedding rows (the mean
+    of the existing rows: an ordinary input, and no logit pulled up or down) and return its
+    id."""
+    if token in tokenizer.get_vocab():
+        raise ConfigError(f"add_mask_token: {token!r} is already in the vocabulary; use mask_token")
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    new_id = tokenizer.convert_tokens_to_ids(token)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(max(len(tokenizer), old_rows), mean_resizing=False)
+    heads = [model.get_input_embeddings(), model.get_output_embeddings()]
+    with torch.no_grad():  # new rows deterministic (resizing draws them from the global RNG)
+        for layer in {id(h): h for h in heads if h is not None}.values():
+            layer.weight[old_rows:] = layer.weight[:old_rows].mean(dim=0)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[old_rows:] = layer.bias[:old_rows].mean()
+    return new_id
+
+
+def make_bidirectional(model: Any) -> None:
+    """Full attention for a causal LM: `config.is_causal = False` makes transformers build a
+    bidirectional mask, and `is_causal = False` on the attention modules stops SDPA and
+    flash attention from adding a causal one when no mask is passed."""
+    _set_causal(model, False)
+
+
+def _set_causal(model: Any, causal: bool) -> None:
+    model.config.is_causal = causal
+    for module in model.modules():
+        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
+            module.is_causal = causal
+
+
+@contextmanager
+def as_arm(model: Any) -> Iterator[Any]:
+    """An adapted causal LM with its causal attention and unshifted logits back for the
+    duration: the same weights as the ARM baseline (the variance tool's reference)."""
+    spec = adapter_spec(model)
+    if spec is None or spec.kind != "causal":
+        raise ConfigError(
+            "only a causal LM adapted to an MDM has an ARM form of itself; pass an ARM "
+            "checkpoint instead (--arm-checkpoint)"
+        )
+    inner = unwrap(model)
+    saved = dict(inner.config.stablemdm)
+    inner.config.stablemdm = {**saved, "bidirectional": False, "shift_logits": False}
+    _set_causal(inner, True)
+    try:
+        yield model
+    finally:
+        inner.config.stablemdm = saved
+        _set_causal(inner, not saved["bidirectional"])
+
+
+def _local_only() -> dict[str, bool]:
+    return {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+
+
+def _load_config(name: str, trust_remote_code: bool, gguf_file: str | None) -> Any:
+    """The model's config, with one clear line for a missing model or needed custom code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            name, trust_remote_code=trust_remote_code, gguf_file=gguf_file, **_local_only()
+        )
+    except (OSError, ValueError) as err:
+        text = str(err)
+        if "trust_remote_code" in text:
+            raise ConfigError(
+                f"model {name} ships its own code: set trust_remote_code=true to run it"
+            ) from None
+        where = "locally (runs are offline)" if _local_only() else ""
+        raise ConfigError(f"model {name} not found {where}: {text.splitlines()[0]}") from None
+
+
+def _load_model(
+    name: str, kind: ModelKind, trust_remote_code: bool, gguf_file: str | None, dtype: torch.dtype
+) -> Any:
+    """The model's weights with the Auto class of its kind (no adaptation yet)."""
+    import transformers
+
+    auto = {"masked_lm": "AutoModelForMaskedLM", "causal": "AutoModelForCausalLM"}
+    return getattr(transformers, auto.get(kind, "AutoModel")).from_pretrained(
+        name, trust_remote_code=trust_remote_code, gguf_file=gguf_file, dtype=dtype, **_local_only()
+    )
+
+
+def _apply(model: Any, spec: AdapterSpec) -> None:
+    """Record the spec in the model's config and adapt its attention."""
+    model.config.stablemdm = spec.to_dict()
+    if spec.bidirectional:
+        make_bidirectional(model)
+
+
+def load_hf_model(
+    name_or_path: str,
+    *,
+    objective: Literal["mdm", "arm"],
+    kind: Literal["auto", "masked_lm", "diffusion", "causal"] = "auto",
+    tokenizer: Any = None,
+    shift_logits: bool | None = None,
+    mask_token_id: int | None = None,
+    mask_token: str | None = None,
+    add_mask_token: bool = False,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any, AdapterSpec]:
+    """Load a Hugging Face model and its tokenizer and adapt them to `objective`; returns
+    (model, tokenizer, spec). See the module docstring and docs/hf.md for every option."""
+    from transformers import AutoTokenizer
+
+    config = _load_config(name_or_path, trust_remote_code, gguf_file)
+    kind = detect_kind(config) if kind == "auto" else kind
+    if kind not in KINDS:
+        raise ConfigError(f"model_kind must be auto or one of {', '.join(KINDS)}, got {kind!r}")
+    if objective == "arm" and kind != "causal":
+        raise ConfigError(f"objective=arm needs a causal LM; {name_or_path} is a {kind} model")
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file, **_local_only()
+        )
+    model = _load_model(name_or_path, kind, trust_remote_code, gguf_file, dtype)
+    saved = getattr(model.config, SPEC_KEY, None)
+    if isinstance(saved, dict):
+        spec = _reuse_saved(AdapterSpec.from_dict(saved), objective, shift_logits, mask_token_id)
+    else:
+        spec = _new_spec(model, tokenizer, kind, objective, shift_logits, mask_token_id, mask_token)
+        if spec.mask_token_id is None and objective == "mdm":
+            if not add_mask_token:
+                raise ConfigError(
+                    f"model {name_or_path} has no mask token: set mask_token_id=ID or "
+                    "mask_token=TOKEN, or add_mask_token=true to add a new one"
+                )
+            spec.mask_token_id = _add_mask_token(model, tokenizer)
+    if spec.mask_token_id is not None:
+        rows = model.get_input_embeddings().num_embeddings
+        check_mask_token_id(spec.mask_token_id, rows, tokenizer)
+    _apply(model, spec)
+    return model, tokenizer, spec
+
+
+_add_mask_token = add_mask_token  # `load_hf_model` has a parameter of the same name
+
+
+def _new_spec(
+    model: Any,
+    tokenizer: Any,
+    kind: ModelKind,
+    objective: str,
+    shift_logits: bool | None,
+    mask_token_id: int | None,
+    mask_token: str | None,
+) -> AdapterSpec:
+    """The spec of a model stablemdm has not trained before."""
+    conditions = bool(
+        getattr(model, "conditions_on_t", False) or getattr(model.config, "conditions_on_t", False)
+    )
+    if objective == "arm":
+        if shift_logits:
+            raise ConfigError("shift_logits is an MDM option: an ARM predicts the next token")
+        return AdapterSpec(kind, False, False, None, conditions)
+    adapted = kind == "causal"
+    dream = str(getattr(model.config, "model_type", "")).lower() == "dream"
+    shift = (adapted or dream) if shift_logits is None else shift_logits
+    mask_id = resolve_mask_token_id(
+        model.config, tokenizer, mask_token_id=mask_token_id, mask_token=mask_token
+    )
+    return AdapterSpec(kind, adapted, shift, mask_id, conditions)
+
+
+def _reuse_saved(
+    spec: AdapterSpec, objective: str, shift_logits: bool | None, mask_token_id: int | None
+) -> AdapterSpec:
+    """A model saved after stablemdm training keeps its spec; conflicting options are errors."""
+    if (objective == "arm") != (spec.mask_token_id is None):
+        trained = "an ARM" if spec.mask_token_id is None else "an MDM"
+        raise ConfigError(f"this model was trained as {trained}; objective={objective} differs")
+    for name, given in (("shift_logits", shift_logits), ("mask_token_id", mask_token_id)):
+        if given is not None and given != getattr(spec, name):
+            raise ConfigError(
+                f"{name}={given} conflicts with the saved model's {name}={getattr(spec, name)}"
+            )
+    return spec
+
+
+def apply_lora(
+    model: Any,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str = "all-linear",
+) -> Any:
+    """Wrap `model` with peft LoRA adapters. The input embedding is trained in full too when
+    the model masks with a token it never saw in pretraining (an added row must be learned)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lora_r > 0 needs peft: pip install -e .[lora]") from None
+    embedding = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=[name.rsplit(".", 1)[-1]] if adapter_spec(model).mask_token_id else None,
+    )
+    return get_peft_model(model, config)
+
+
+def load_trained(
+    folder: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> tuple[Any, Any, AdapterSpec]:
+    """A model saved after stablemdm training, with its tokenizer and spec: full weights, or a
+    LoRA adapter over the base model its adapter_config.json names (the folder's config.json
+    then holds the spec). `trust_remote_code`/`gguf_file` are the run's, for the base."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    values = getattr(
+        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), SPEC_KEY, None
+    )
+    if not isinstance(values, dict):
+        raise ConfigError(f"{folder} was not saved by stablemdm (no '{SPEC_KEY}' in config.json)")
+    spec = AdapterSpec.from_dict(values)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    adapter = folder / "adapter_config.json"
+    if not adapter.is_file():
+        model = _load_model(str(folder), spec.kind, trust_remote_code, None, torch.float32)
+        _apply(model, spec)
+        return model, tokenizer, spec
+    from peft import PeftModel
+
+    base = json.loads(adapter.read_text())["base_model_name_or_path"]
+    model = _load_model(base, spec.kind, trust_remote_code, gguf_file, torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    _apply(model, spec)
+    return PeftModel.from_pretrained(model, folder), tokenizer, spec
