@@ -242,3 +242,39 @@ def test_variance_tool_decomposes_an_adapted_causal_lm(llama, tmp_path):
     report = json.loads((out / "variance.json").read_text())
     assert {"standard", "ppots_mirror", "count"} <= set(report["decomposition"])
     assert report["arm"]["loss"]["A"] == pytest.approx(0.0, abs=1e-6)  # an ARM has no mask noise
+
+
+def test_streamed_chat_dataset_trains_with_a_template(llama, tmp_path, capsys):
+    def chat(i: int) -> dict:
+        turns = [
+            {"role": "user", "content": f"{i}+1"},
+            {"role": "assistant", "content": f"{i + 1}"},
+        ]
+        return {"messages": turns}
+
+    for name, ids in (("train", range(40)), ("test", range(10, 14))):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(chat(i)) + "\n" for i in ids)
+        )
+    options = (
+        f"task_options={{train: {tmp_path / 'train.jsonl'}, test: {tmp_path / 'test.jsonl'}, "
+        "messages_column: messages, streaming: true}"
+    )
+    out = tmp_path / "run"
+    _train_cli(
+        out,
+        f"model={llama}",
+        "add_mask_token=true",
+        "chat_template=true",
+        "task=dataset",
+        options,
+        "loss_normalizer=response",
+    )
+    saved = load_config(out / "config.yaml")
+    assert saved.chat_template and saved.gen_length == 4  # "11" <|end|> <eos>, measured on test
+    capsys.readouterr()
+    args = ["eval", str(out), "--task", "dataset", "--limit", "2"]
+    args += ["--task-option", f"train={tmp_path / 'train.jsonl'}"]
+    args += ["--task-option", f"test={tmp_path / 'test.jsonl'}"]
+    assert main([*args, "--task-option", "messages_column=messages"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 2

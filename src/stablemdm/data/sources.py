@@ -91,7 +91,7 @@ def examples_from_records(
     response_column: str = "response",
     answer_column: str = "answer",
     messages_column: str | None = None,
-    source: str = "",
+    source: str = "data",
 ) -> Iterator[Example]:
     """Examples from rows with the named columns (the answer defaults to the response), or
     from a column of chat messages whose last message is the assistant's response."""
