@@ -1,4 +1,4 @@
-"""Tests for stablemdm.models.transformer: shapes, attention patterns, padding, init, config, round trips."""
+"""stablemdm.models.transformer: shapes, attention patterns, padding, init, config, round trips."""
 
 from __future__ import annotations
 
