@@ -253,9 +253,7 @@ def test_streamed_chat_dataset_trains_with_a_template(llama, tmp_path, capsys):
         return {"messages": turns}
 
     for name, ids in (("train", range(40)), ("test", range(10, 14))):
-        (tmp_path / f"{name}.jsonl").write_text(
-            "".join(json.dumps(chat(i)) + "\n" for i in ids)
-        )
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in ids))
     options = (
         f"task_options={{train: {tmp_path / 'train.jsonl'}, test: {tmp_path / 'test.jsonl'}, "
         "messages_column: messages, streaming: true}"
