@@ -113,6 +113,8 @@ def test_kinds_are_detected_from_the_architectures():
     assert detect_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked_lm"
     assert detect_kind(LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal"
     assert detect_kind(LlamaConfig(architectures=["LLaDAModelLM"])) == "diffusion"
+    assert detect_kind(LlamaConfig()) == "causal"  # no architectures (GGUF): the model type
+    assert detect_kind(BertConfig()) == "masked_lm"
 
 
 def test_mask_token_resolution_order():

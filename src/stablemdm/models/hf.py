@@ -56,11 +56,22 @@ def adapter_spec(model: Any) -> AdapterSpec | None:
 
 
 def detect_kind(config: Any) -> ModelKind:
-    """masked_lm for `*ForMaskedLM`, causal for `*ForCausalLM`, else diffusion (custom code)."""
+    """masked_lm for `*ForMaskedLM`, causal for `*ForCausalLM`, else diffusion (custom code).
+    A config without architectures (GGUF files) is classed by its model type."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForMaskedLM") for a in architectures):
         return "masked_lm"
     if any(a.endswith("ForCausalLM") for a in architectures):
+        return "causal"
+    model_type = getattr(config, "model_type", None)
+    if not architectures and model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked_lm"
+    if not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal"
     return "diffusion"
 
@@ -193,13 +204,22 @@ def _load_config(name: str, trust_remote_code: bool, gguf_file: str | None) -> A
 def _load_model(
     name: str, kind: ModelKind, trust_remote_code: bool, gguf_file: str | None, dtype: torch.dtype
 ) -> Any:
-    """The model's weights with the Auto class of its kind (no adaptation yet)."""
+    """The model's weights with the Auto class of its kind (no adaptation yet). GGUF weights
+    are dequantized into ordinary `dtype` tensors, which then train like any others."""
     import transformers
 
     auto = {"masked_lm": "AutoModelForMaskedLM", "causal": "AutoModelForCausalLM"}
-    return getattr(transformers, auto.get(kind, "AutoModel")).from_pretrained(
-        name, trust_remote_code=trust_remote_code, gguf_file=gguf_file, dtype=dtype, **_local_only()
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if gguf_file is not None:
+        options["gguf_file"] = gguf_file
+        options["quantization_config"] = transformers.GgufConfig(gguf_file, dequantize=True)
+    model = getattr(transformers, auto.get(kind, "AutoModel")).from_pretrained(
+        name, **options, **_local_only()
     )
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf_file is not None and quantizer is not None:  # nothing is quantized any more
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def _apply(model: Any, spec: AdapterSpec) -> None:
