@@ -2,6 +2,7 @@
 evaluate and generate; bad model or data input fails with one line before training starts."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,24 @@ def test_streamed_chat_dataset_trains_with_a_template(llama, tmp_path, capsys):
     args += ["--task-option", f"test={tmp_path / 'test.jsonl'}"]
     assert main([*args, "--task-option", "messages_column=messages"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 2
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["scheme=stratified"],
+        ["scheme=mirrored"],
+        ["sampler=ema", "ema_refresh_every=1"],
+        ["masking=isad", "isad_tokens=['-']"],
+        ["sampler=ppots", "ppots_target=grad", "ppots_params=lm_head"],
+        ["rate=count", "sampler=ppots", "masking=mirror", "scheme=stratified"],
+        ["activation_checkpointing=true", "masking=mirror"],
+    ],
+    ids=["strats", "syrm", "ema", "isad", "ppots_grad", "count_ppots_mirror_strats", "ckpt"],
+)
+def test_every_method_trains_an_adapted_causal_lm(llama, tmp_path, method):
+    config = load_config(None, [*TINY, f"model={llama}", "add_mask_token=true", *method])
+    config.output_dir = str(tmp_path / "run")
+    result = train(config)
+    losses = [r["loss"] for r in result.log_history if "loss" in r]
+    assert result.global_step == 2 and all(map(math.isfinite, losses))
