@@ -121,19 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_variance_parser(verbs)
 
-    demo = verbs.add_parser(
-        "demo",
-        help="train a tiny ARM and MDMs on a built-in task and compare accuracies",
-        description="What `make demo` runs: a tiny ARM, a Standard MDM and a P-POTS+MIRROR "
-        "MDM (as published, and compute-matched to a Standard step) of the same size trained "
-        "on one task, each decoded on the test split. Re-running skips finished runs and "
-        "resumes stopped ones.",
-    )
-    demo.add_argument("--output", default="runs/demo", help="folder for the runs")
-    demo.add_argument("--task", default="chain_sum", help="built-in task")
-    demo.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
-    demo.add_argument("--seed", type=int, default=42, help="seed of every run")
-    demo.add_argument("--limit", type=int, help="decode only the first N test items")
+    from .study.command import add_parsers as add_study_parsers
+
+    add_study_parsers(verbs)
     return parser
 
 
@@ -306,11 +296,10 @@ def _cmd_variance(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study.command import run_cli
 
-    run_demo(args.output, args.task, args.steps, args.seed, args.limit)
-    return 0
+    return run_cli(args)
 
 
 COMMANDS = {
@@ -318,7 +307,8 @@ COMMANDS = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "fit-t": _cmd_fit,
-    "demo": _cmd_demo,
+    "study": _cmd_study,
+    "demo": _cmd_study,
     "variance": _cmd_variance,
 }
 

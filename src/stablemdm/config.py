@@ -552,14 +552,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> St
     for text in overrides:
         key, value = parse_override(text)
         values[key], sources[key] = value, "command line"
+    return config_from_values(values, sources)
+
+
+def config_from_values(
+    values: dict[str, Any], sources: dict[str, str] | None = None
+) -> StableMDMConfig:
+    """Build the config from field values, each type-checked against its field; `sources`
+    names where each came from (for the error message)."""
+    sources = sources or {}
+    values = dict(values)
     hints = typing.get_type_hints(StableMDMConfig)
     known = {f.name for f in dataclasses.fields(StableMDMConfig) if f.init}
     for key, value in values.items():
         if key not in known:
             close = [k for k in sorted(known) if key in k or k in key][:5]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"{sources[key]}: unknown config key {key!r}{hint}")
-        values[key] = _coerce(key, value, hints[key], sources[key])
+            raise ConfigError(f"{sources.get(key, 'config')}: unknown config key {key!r}{hint}")
+        values[key] = _coerce(key, value, hints[key], sources.get(key, "config"))
     try:
         return StableMDMConfig(**values)
     except ConfigError:
