@@ -6,7 +6,9 @@ import torch
 from stablemdm.data import (
     DataError,
     Example,
+    canvas_lengths,
     encode_examples,
+    fits,
     read_jsonl,
     write_jsonl,
 )
@@ -178,3 +180,27 @@ def test_encode_unknown_character_names_source_and_field(tok):
     example = Example("caf\u00e9", "x", "x", "data.jsonl:3")
     with pytest.raises(ValueError, match=r"data.jsonl:3, field 'prompt'.*U\+00E9"):
         encode_examples([example], tok, max_length=20)
+
+
+def test_n_response_counts_response_and_one_eos_without_the_fill(tok):
+    examples = _examples()
+    batch = encode_examples(examples, tok, max_length=16, gen_length=7)
+    assert batch["n_response"].tolist() == [len(e.response) + 1 for e in examples]
+    assert batch["n_response"].dtype == torch.long
+
+
+def test_canvas_lengths_and_fits_measure_prompt_and_response(tok):
+    examples = _examples()
+    longest_response = max(len(e.response) for e in examples) + 1  # + <eos>
+    longest_prompt = max(len(e.prompt) for e in examples) + 1  # + <sep>
+    assert canvas_lengths(examples, tok) == (longest_prompt + longest_response, longest_response)
+    assert canvas_lengths(examples, tok, gen_length=9) == (longest_prompt + 9, 9)
+    assert canvas_lengths(examples, tok, max_length=30) == (30, longest_response)
+    with pytest.raises(DataError, match="raise max_length"):
+        canvas_lengths(examples, tok, max_length=6, gen_length=6)
+    with pytest.raises(DataError, match="no examples"):
+        canvas_lengths([], tok)
+    example = examples[2]  # prompt + <sep> is 8 tokens, response + <eos> 3
+    assert fits(example, tok, max_length=11, gen_length=3)
+    assert not fits(example, tok, max_length=10, gen_length=3)
+    assert not fits(example, tok, max_length=20, gen_length=2)

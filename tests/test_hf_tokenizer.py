@@ -130,3 +130,28 @@ def test_encoding_property_for_both_tokenizers(pairs, fill):
             assert torch.equal(
                 batch["attention_mask"][row].nonzero().flatten(), torch.arange(head + len(scored))
             )
+
+
+@pytest.mark.parametrize("make", [CharTokenizer, lambda: HFTokenizer(bert_tokenizer(), 4)])
+def test_both_tokenizers_satisfy_the_protocol_and_save(make, tmp_path):
+    tok = make()
+    ids = {tok.pad_token_id, tok.mask_token_id, tok.eos_token_id}
+    assert len(ids) == 3 and all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
+    example = Example("1+2", "3", "3", "p")
+    response = tok.encode_response(example)
+    assert response[-1] == tok.eos_token_id and tok.decode(response) == "3"
+    assert tok.decode(tok.encode_prompt(example)) == "1+2"
+    assert tok.decode([tok.token_id("7", where="t")]) == "7"
+    tok.save_pretrained(tmp_path)
+    assert any(tmp_path.iterdir())
+
+
+def test_saved_tokenizer_encodes_the_same(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = HFTokenizer(llama_tokenizer(), 7, chat_template=True)
+    tok.save_pretrained(tmp_path)
+    again = HFTokenizer(AutoTokenizer.from_pretrained(tmp_path), 7, chat_template=True)
+    for example in EXAMPLES:
+        assert again.encode_prompt(example) == tok.encode_prompt(example)
+        assert again.encode_response(example) == tok.encode_response(example)

@@ -100,3 +100,13 @@ def test_streamed_task_encodes_like_the_in_memory_one(files):
         assert all(torch.equal(row[k], whole[k][i]) for k in whole)
     short = EncodedStream(streamed.stream("train"), tok, 9, 8)  # prompts leave no room
     assert list(short) == [] and short.skipped == len(ROWS)
+
+
+def test_dataset_task_takes_text_outside_the_character_alphabet(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"prompt": "café?", "response": "#### naïve"}) + "\n")
+    with pytest.raises(ValueError, match="alphabet"):
+        get_task("jsonl", train=str(path), test=str(path))
+    task = get_task("dataset", train=str(path), test=str(path))
+    assert task.examples("test")[0].prompt == "café?"
+    assert task.score("... #### naïve", task.examples("test")[0])

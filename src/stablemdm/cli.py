@@ -1,4 +1,4 @@
-"""The `stablemdm` command line: train, eval, generate, fit-t, variance.
+"""The `stablemdm` command line: train, eval, generate, fit-t, variance, study, demo.
 
 Each verb is a thin layer over the library; errors in user input end the command with one
 clear line (exit status 2), never a traceback.

@@ -88,18 +88,18 @@ class HFTokenizer:
         if not example.response and "messages" not in example.meta:
             raise DataError(f"{example.source}: empty response; every example needs a response")
         if not self.chat_template:
-            ids = list(self.tokenizer(example.response, add_special_tokens=False)["input_ids"])
-        else:
-            messages = self._messages(example)
-            prompt = self._render(messages[:-1], generation_prompt=True)
-            full = self._render(messages, generation_prompt=False)
-            if full[: len(prompt)] != prompt:
-                raise DataError(
-                    f"{example.source}: the chat template renders the prompt differently once the "
-                    "response is added (it is not prefix-stable), so the response boundary is "
-                    "unknown; use another template or chat_template=false"
-                )
-            ids = full[len(prompt) :]
+            ids = self.tokenizer(example.response, add_special_tokens=False)["input_ids"]
+            return [*ids, self.eos_token_id]
+        messages = self._messages(example)
+        prompt = self._render(messages[:-1], generation_prompt=True)
+        full = self._render(messages, generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            raise DataError(
+                f"{example.source}: the chat template renders the prompt differently once the "
+                "response is added (it is not prefix-stable), so the response boundary is "
+                "unknown; use another template or chat_template=false"
+            )
+        ids = full[len(prompt) :]
         if not ids:
             raise DataError(f"{example.source}: the response encodes to no tokens")
         return ids if ids[-1] == self.eos_token_id else [*ids, self.eos_token_id]

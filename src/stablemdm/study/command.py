@@ -43,8 +43,8 @@ def add_parsers(verbs) -> None:
         "demo",
         help="the built-in default study (what `make demo` runs)",
         description="The shipped study `demo`: a tiny ARM and tiny MDMs (Standard, "
-        "P-POTS+MIRROR as published and compute-matched, count+P-POTS+MIRROR compute-matched) "
-        "on chain_sum over three seeds, in about ten minutes on two CPU cores; prints the table.",
+        "P-POTS+MIRROR as published, count+P-POTS+MIRROR at Standard's compute) on chain_sum "
+        "over three seeds, in about twelve minutes on two CPU cores; prints the table.",
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. output_dir=runs/x")
 
