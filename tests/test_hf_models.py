@@ -15,10 +15,13 @@ from transformers import (
     BertForMaskedLM,
     LlamaConfig,
     LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
 )
 
 from stablemdm.cli import main
 from stablemdm.config import ConfigError
+from stablemdm.decoding import generate_arm, generate_mdm
 from stablemdm.losses import logits_of
 from stablemdm.models.hf import (
     AdapterSpec,
@@ -74,6 +77,27 @@ def _bert(folder: Path) -> Path:
     return folder
 
 
+def _modernbert(folder: Path) -> Path:
+    tok = bert_tokenizer()
+    config = ModernBertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        cls_token_id=tok.cls_token_id,
+        sep_token_id=tok.sep_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    torch.manual_seed(0)
+    ModernBertForMaskedLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def _llada(folder: Path, conditions_on_t: bool = False) -> Path:
     """The custom-code LLaDA mimic of tests/fixtures, with seeded weights and a tokenizer
     carrying LLaDA's `<|mdm_mask|>`."""
@@ -96,6 +120,7 @@ def folders(tmp_path_factory):
         "llama": _llama(root / "llama"),
         "llama_eager": _llama(root / "llama_eager", "eager"),
         "bert": _bert(root / "bert"),
+        "modernbert": _modernbert(root / "modernbert"),
         "llada": _llada(root / "llada"),
         "llada_t": _llada(root / "llada_t", conditions_on_t=True),
     }
@@ -115,6 +140,22 @@ def test_kinds_are_detected_from_the_architectures():
     assert detect_kind(LlamaConfig(architectures=["LLaDAModelLM"])) == "diffusion"
     assert detect_kind(LlamaConfig()) == "causal"  # no architectures (GGUF): the model type
     assert detect_kind(BertConfig()) == "masked_lm"
+    assert detect_kind(ModernBertConfig(architectures=["ModernBertForMaskedLM"])) == "masked_lm"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "mask"),
+    [("bert", "masked_lm", "[MASK]"), ("modernbert", "masked_lm", "[MASK]")]
+    + [("llada", "diffusion", "<|mdm_mask|>"), ("llama", "causal", "<|mask|>")],
+)
+def test_each_family_loads_with_its_kind_and_mask_token(folders, name, kind, mask):
+    model, tok, spec = load_hf_model(
+        str(folders[name]), objective="mdm", add_mask_token=True, trust_remote_code=True
+    )
+    assert spec.kind == kind and spec.mask_token_id == tok.convert_tokens_to_ids(mask)
+    assert spec.mask_token_added == (name == "llama")  # only the causal LM lacks one
+    assert spec.bidirectional == spec.shift_logits == (kind == "causal")
+    assert adapter_spec(model) == spec and model.config.stablemdm == spec.to_dict()
 
 
 def test_mask_token_resolution_order():
@@ -140,6 +181,44 @@ def test_a_mask_token_with_another_job_is_refused(role):
         check_mask_token_id(getattr(tok, f"{role}_token_id"), len(tok), tok)
     with pytest.raises(ConfigError, match="outside"):
         check_mask_token_id(len(tok), len(tok), tok)
+    with pytest.raises(ConfigError, match="outside"):
+        check_mask_token_id(-1, len(tok), tok)
+
+
+@pytest.mark.parametrize("role", ["pad", "sep", "cls"])
+def test_bert_special_tokens_are_refused_as_masks_but_its_mask_is_not(role):
+    tok = bert_tokenizer()
+    check_mask_token_id(tok.mask_token_id, len(tok), tok)
+    with pytest.raises(ConfigError, match=role.upper()):
+        check_mask_token_id(getattr(tok, f"{role}_token_id"), len(tok), tok)
+
+
+def test_a_tokenizer_that_pads_with_its_mask_token_may_mask_with_it():
+    tok = bert_tokenizer()
+    tok.pad_token = "[MASK]"  # padded positions are never attended nor scored
+    check_mask_token_id(tok.mask_token_id, len(tok), tok)
+
+
+def test_loading_refuses_a_missing_or_misplaced_mask_token(folders):
+    llama = str(folders["llama"])
+    with pytest.raises(ConfigError, match="no mask token.*add_mask_token=true"):
+        load_hf_model(llama, objective="mdm")
+    with pytest.raises(ConfigError, match="EOS token '<eos>'.*add_mask_token=true"):
+        load_hf_model(llama, objective="mdm", mask_token="<eos>")
+    rows = len(llama_tokenizer())
+    with pytest.raises(ConfigError, match=f"outside the model's {rows} embeddings"):
+        load_hf_model(llama, objective="mdm", mask_token_id=rows)
+    with pytest.raises(ConfigError, match="not one token"):
+        load_hf_model(llama, objective="mdm", mask_token="<eos><eos>")
+    _, tok, spec = load_hf_model(llama, objective="mdm", mask_token="<|end|>")
+    assert spec.mask_token_id == tok.convert_tokens_to_ids("<|end|>") and not spec.mask_token_added
+
+
+def test_a_missing_model_fails_at_once_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in (str(tmp_path / "absent"), "nobody/no-such-model"):
+        with pytest.raises(ConfigError, match=f"model {name} not found locally \\(offline\\)"):
+            load_hf_model(name, objective="mdm")
 
 
 def test_added_mask_token_is_new_with_mean_embeddings(folders):
@@ -154,17 +233,27 @@ def test_added_mask_token_is_new_with_mean_embeddings(folders):
     assert torch.equal(rows[:new_id], before)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", ["llama", "llama_eager"])
-def test_adapted_causal_lm_attends_both_ways(folders, name):
+def test_adapted_causal_lm_attends_both_ways(folders, name, padded):
     adapted, _, spec = load_hf_model(str(folders[name]), objective="mdm", add_mask_token=True)
     plain = LlamaForCausalLM.from_pretrained(folders[name])
     assert spec.bidirectional and spec.shift_logits
     x = _batch(90)["input_ids"]
+    mask = torch.ones_like(x, dtype=torch.bool)
+    last = x.shape[1] - 1
+    if padded:  # row 0 right-padded by two: its last real token is two earlier
+        mask[0, -2:] = False
     y = x.clone()
-    y[:, -1] = (y[:, -1] + 1) % 90  # change only the LAST token
+    y[:, last - 2] = (y[:, last - 2] + 1) % 90  # change one LATE (real) token
     with torch.no_grad():
-        first = [m(input_ids=v).logits[:, :-1] for m in (adapted, plain) for v in (x, y)]
-    assert not torch.allclose(first[0], first[1])  # the adapted model sees the future
+        first = [
+            m(input_ids=v, attention_mask=mask).logits[:, : last - 2]
+            for m in (adapted, plain)
+            for v in (x, y)
+        ]
+    for b in range(x.shape[0]):  # the adapted model sees the future, in every row
+        assert not torch.allclose(first[0][b], first[1][b])
     assert torch.equal(first[2], first[3])  # the causal one does not
 
 
@@ -204,7 +293,7 @@ def test_custom_code_needs_trust_remote_code(folders):
         load_hf_model(str(folders["llada"]), objective="mdm")
 
 
-@pytest.mark.parametrize("name", ["llama", "bert", "llada", "llada_t"])
+@pytest.mark.parametrize("name", ["llama", "bert", "modernbert", "llada", "llada_t"])
 @pytest.mark.parametrize("mode", ["ppots_mirror", "count"])
 def test_the_objective_trains_every_kind(folders, name, mode):
     if name == "llada_t" and mode == "count":
@@ -239,10 +328,36 @@ def test_save_and_reload_restore_the_adaptation(folders, tmp_path):
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     again, tok2, spec2 = load_trained(tmp_path)
-    assert spec2 == spec and len(tok2) == len(tok)
+    assert spec2 == spec and len(tok2) == len(tok) and spec.mask_token_added
+    assert adapter_spec(again) == spec and again.config.is_causal is False
     x = _batch(len(tok))["input_ids"]
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % len(tok)
     with torch.no_grad():
         assert torch.equal(logits_of(model, x, None), logits_of(again, x, None))
+        assert not torch.allclose(again(input_ids=x).logits[:, 0], again(input_ids=y).logits[:, 0])
+    resumed, _, spec3 = load_hf_model(str(tmp_path), objective="mdm")  # reapplied, not re-derived
+    assert spec3 == spec
+    with torch.no_grad():
+        assert torch.equal(logits_of(model, x, None), logits_of(resumed, x, None))
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"shift_logits": False}, "shift_logits=False conflicts"),
+        ({"mask_token_id": 3}, "mask_token_id=3 conflicts"),
+        ({"mask_token": "<|end|>"}, "mask_token_id=6 conflicts"),
+        ({"kind": "masked_lm"}, "model_kind=masked_lm conflicts"),
+        ({"objective": "arm"}, "trained as an MDM"),
+    ],
+)
+def test_a_saved_model_refuses_options_that_contradict_its_spec(folders, tmp_path, option, match):
+    model, tok, _ = load_hf_model(str(folders["llama"]), objective="mdm", add_mask_token=True)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        load_hf_model(str(tmp_path), **{"objective": "mdm", **option})
 
 
 def test_lora_trains_adapters_and_the_new_mask_row_only(folders, tmp_path):
@@ -265,6 +380,18 @@ def test_lora_trains_adapters_and_the_new_mask_row_only(folders, tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(logits_of(model, x, None), logits_of(again, x, None), atol=1e-6)
+
+
+def test_lora_freezes_the_embedding_when_the_mask_token_is_pretrained(folders):
+    base, tok, spec = load_hf_model(str(folders["llada"]), objective="mdm", trust_remote_code=True)
+    assert not spec.mask_token_added
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["qkv", "up", "head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    Objective(mask_token_id=spec.mask_token_id)(
+        model, _batch(len(tok)), torch.Generator(), torch.Generator()
+    ).loss.backward()
+    assert all((p.grad is not None) == (n in trainable) for n, p in model.named_parameters())
 
 
 def test_llada_style_model_fine_tunes_through_the_cli(folders, tmp_path, capsys):
@@ -294,3 +421,70 @@ def test_llada_style_model_fine_tunes_through_the_cli(folders, tmp_path, capsys)
     bad = [a for a in args if a != "trust_remote_code=true"]
     assert main([*bad[:-1], f"output_dir={tmp_path / 'bad'}"]) == 2
     assert "trust_remote_code=true" in capsys.readouterr().err
+
+
+def _eos_on_top(model, eos: int) -> None:
+    """Make EOS the most likely token everywhere (a hook on the output head)."""
+
+    def hook(module, args, out):
+        out = out.clone()
+        out[..., eos] += 100.0
+        return out
+
+    model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "modernbert", "llada_t"])
+def test_mdm_decoding_runs_on_each_kind(folders, name):
+    model, tok, spec = load_hf_model(
+        str(folders[name]), objective="mdm", add_mask_token=True, trust_remote_code=True
+    )
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    rates = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: rates.append(kwargs.get("t")), with_kwargs=True
+    )
+    prompts = [tok("1+2=")["input_ids"], tok("ab")["input_ids"]]
+    options = dict(mask_token_id=spec.mask_token_id, eos_token_id=eos, pad_token_id=pad)
+    out = generate_mdm(model, prompts, **options, gen_length=8, steps=8, block_length=4)
+    assert len(out) == 2
+    for row in out:
+        assert len(row) <= 8 and eos not in row and spec.mask_token_id not in row
+        assert all(0 <= token < model.get_input_embeddings().num_embeddings for token in row)
+    if spec.conditions_on_t:  # t = the fraction of the canvas still masked, one unmask a call
+        assert all(t.shape == (2,) for t in rates)
+        expected = [torch.full((2,), 1 - k / 8) for k in range(len(rates))]
+        assert all(torch.allclose(t, e) for t, e in zip(rates, expected, strict=True))
+    else:
+        assert all(t is None for t in rates)
+
+
+def test_decoding_may_choose_eos_when_it_is_also_pad(folders):
+    mdm, tok, spec = load_hf_model(str(folders["llama"]), objective="mdm", add_mask_token=True)
+    arm, _, _ = load_hf_model(str(folders["llama"]), objective="arm")
+    eos = tok.eos_token_id
+    assert tok.pad_token_id is None  # Llama-family: padding uses EOS
+    prompts = [tok("1+2=")["input_ids"], tok("ab")["input_ids"]]
+    calls = []
+    for model in (mdm, arm):
+        _eos_on_top(model, eos)
+        model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    options = dict(mask_token_id=spec.mask_token_id, eos_token_id=eos, pad_token_id=eos)
+    assert generate_mdm(mdm, prompts, **options, gen_length=8, steps=8, block_length=4) == [[], []]
+    assert len(calls) == 4  # every row ended in the first block: the second is skipped
+    assert generate_arm(arm, prompts, eos_token_id=eos, pad_token_id=eos, max_new_tokens=5) == [
+        [],
+        [],
+    ]
+    assert len(calls) == 5  # both rows stopped at their first token
+
+
+def test_arm_decoding_with_a_causal_lm(folders):
+    model, tok, _ = load_hf_model(str(folders["llama"]), objective="arm")
+    prompts = [tok("1+2=")["input_ids"], tok("abc de")["input_ids"]]
+    eos = tok.eos_token_id
+    out = generate_arm(model, prompts, eos_token_id=eos, pad_token_id=eos, max_new_tokens=5)
+    assert len(out) == 2 and all(len(row) <= 5 and eos not in row for row in out)
+    alone = generate_arm(model, prompts[:1], eos_token_id=eos, pad_token_id=eos, max_new_tokens=5)
+    assert alone == out[:1]  # right padding of the batch does not change a row's decoding

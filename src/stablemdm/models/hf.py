@@ -29,6 +29,7 @@ KINDS = ("masked_lm", "diffusion", "causal")
 KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
 ADDED_MASK_TOKEN = "<|mask|>"
 SPEC_KEY = "stablemdm"
+PEFT_HINT = "pip install -e .[lora]"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class AdapterSpec:
     shift_logits: bool  # Dream's convention: position i-1 predicts token i
     mask_token_id: int | None  # None for an ARM
     conditions_on_t: bool  # the forward takes the masking rate `t` [B]
+    mask_token_added: bool = False  # the mask token is a new row (`add_mask_token`): trained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,13 +111,17 @@ def resolve_mask_token_id(
 
 
 def check_mask_token_id(mask_id: int, vocab_size: int, tokenizer: Any) -> None:
-    """Refuse a mask id outside the embedding matrix or equal to a token with another job."""
+    """Refuse a mask id outside the embedding matrix or equal to a token with another job
+    (PAD is allowed when the tokenizer pads with its own mask token: pads are never attended)."""
     if not 0 <= mask_id < vocab_size:
         raise ConfigError(
             f"mask token id {mask_id} is outside the model's {vocab_size} embeddings; set "
             "mask_token_id / mask_token, or add_mask_token=true"
         )
-    for role in ("eos", "bos", "pad", "unk", "sep", "cls"):
+    roles = ["eos", "bos", "unk", "sep", "cls"]
+    if getattr(tokenizer, "pad_token_id", None) != getattr(tokenizer, "mask_token_id", None):
+        roles.append("pad")
+    for role in roles:
         if getattr(tokenizer, f"{role}_token_id", None) == mask_id:
             token = getattr(tokenizer, f"{role}_token", None)
             raise ConfigError(
@@ -180,7 +186,10 @@ def as_arm(model: Any) -> Iterator[Any]:
 
 
 def _local_only() -> dict[str, bool]:
-    return {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+    """`local_files_only` when the Hub is off (HF_HUB_OFFLINE), so a missing model fails at
+    once instead of after the Hub's connection timeouts."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return {"local_files_only": True} if offline else {}
 
 
 def _load_config(name: str, trust_remote_code: bool, gguf_file: str | None) -> Any:
@@ -197,19 +206,27 @@ def _load_config(name: str, trust_remote_code: bool, gguf_file: str | None) -> A
             raise ConfigError(
                 f"model {name} ships its own code: set trust_remote_code=true to run it"
             ) from None
-        where = "locally (runs are offline)" if _local_only() else ""
-        raise ConfigError(f"model {name} not found {where}: {text.splitlines()[0]}") from None
+        where = " locally (offline)" if _local_only() else ""
+        raise ConfigError(f"model {name} not found{where}: {text.splitlines()[0]}") from None
 
 
 def _load_model(
-    name: str, kind: ModelKind, trust_remote_code: bool, gguf_file: str | None, dtype: torch.dtype
+    name: str,
+    kind: ModelKind,
+    trust_remote_code: bool,
+    gguf_file: str | None,
+    dtype: torch.dtype,
+    config: Any = None,
 ) -> Any:
     """The model's weights with the Auto class of its kind (no adaptation yet). GGUF weights
-    are dequantized into ordinary `dtype` tensors, which then train like any others."""
+    are dequantized into ordinary `dtype` tensors, which then train like any others. A config
+    already loaded is reused (a GGUF file is not parsed for it twice)."""
     import transformers
 
     auto = {"masked_lm": "AutoModelForMaskedLM", "causal": "AutoModelForCausalLM"}
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if config is not None:
+        options["config"] = config
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
         options["quantization_config"] = transformers.GgufConfig(gguf_file, dequantize=True)
@@ -248,19 +265,18 @@ def load_hf_model(
     from transformers import AutoTokenizer
 
     config = _load_config(name_or_path, trust_remote_code, gguf_file)
-    kind = detect_kind(config) if kind == "auto" else kind
-    if kind not in KINDS:
-        raise ConfigError(f"model_kind must be auto or one of {', '.join(KINDS)}, got {kind!r}")
-    if objective == "arm" and kind != "causal":
-        raise ConfigError(f"objective=arm needs a causal LM; {name_or_path} is a {kind} model")
+    saved = getattr(config, SPEC_KEY, None)
+    spec = AdapterSpec.from_dict(saved) if isinstance(saved, dict) else None
+    kind = _resolve_kind(config, kind, spec, objective, name_or_path)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file, **_local_only()
         )
-    model = _load_model(name_or_path, kind, trust_remote_code, gguf_file, dtype)
-    saved = getattr(model.config, SPEC_KEY, None)
-    if isinstance(saved, dict):
-        spec = _reuse_saved(AdapterSpec.from_dict(saved), objective, shift_logits, mask_token_id)
+    model = _load_model(name_or_path, kind, trust_remote_code, gguf_file, dtype, config)
+    if spec is not None:
+        if mask_token is not None:
+            mask_token_id = _single_token(tokenizer, mask_token, "mask_token")
+        _check_saved(spec, objective, shift_logits, mask_token_id)
     else:
         spec = _new_spec(model, tokenizer, kind, objective, shift_logits, mask_token_id, mask_token)
         if spec.mask_token_id is None and objective == "mdm":
@@ -270,6 +286,7 @@ def load_hf_model(
                     "mask_token=TOKEN, or add_mask_token=true to add a new one"
                 )
             spec.mask_token_id = _add_mask_token(model, tokenizer)
+            spec.mask_token_added = True
     if spec.mask_token_id is not None:
         rows = model.get_input_embeddings().num_embeddings
         check_mask_token_id(spec.mask_token_id, rows, tokenizer)
@@ -278,6 +295,24 @@ def load_hf_model(
 
 
 _add_mask_token = add_mask_token  # `load_hf_model` has a parameter of the same name
+
+
+def _resolve_kind(
+    config: Any, kind: str, saved: AdapterSpec | None, objective: str, name: str
+) -> ModelKind:
+    """The kind to load: the saved spec's, else detected (`auto`) or as given; checked
+    against the objective (only a causal LM is an ARM)."""
+    if kind != "auto" and kind not in KINDS:
+        raise ConfigError(f"model_kind must be auto or one of {', '.join(KINDS)}, got {kind!r}")
+    if saved is not None and kind not in ("auto", saved.kind):
+        raise ConfigError(
+            f"model_kind={kind} conflicts with the saved model's kind {saved.kind} (config.json "
+            f"'{SPEC_KEY}'); leave model_kind=auto to reuse it"
+        )
+    resolved = saved.kind if saved is not None else detect_kind(config) if kind == "auto" else kind
+    if objective == "arm" and resolved != "causal":
+        raise ConfigError(f"objective=arm needs a causal LM; {name} is a {resolved} model")
+    return resolved
 
 
 def _new_spec(
@@ -306,19 +341,19 @@ def _new_spec(
     return AdapterSpec(kind, adapted, shift, mask_id, conditions)
 
 
-def _reuse_saved(
+def _check_saved(
     spec: AdapterSpec, objective: str, shift_logits: bool | None, mask_token_id: int | None
-) -> AdapterSpec:
+) -> None:
     """A model saved after stablemdm training keeps its spec; conflicting options are errors."""
     if (objective == "arm") != (spec.mask_token_id is None):
         trained = "an ARM" if spec.mask_token_id is None else "an MDM"
         raise ConfigError(f"this model was trained as {trained}; objective={objective} differs")
-    for name, given in (("shift_logits", shift_logits), ("mask_token_id", mask_token_id)):
-        if given is not None and given != getattr(spec, name):
+    for name, value in (("shift_logits", shift_logits), ("mask_token_id", mask_token_id)):
+        if value is not None and value != getattr(spec, name):
             raise ConfigError(
-                f"{name}={given} conflicts with the saved model's {name}={getattr(spec, name)}"
+                f"{name}={value} conflicts with the saved model's {name}={getattr(spec, name)} "
+                f"(config.json '{SPEC_KEY}'); leave {name} unset to reuse it"
             )
-    return spec
 
 
 def apply_lora(
@@ -329,19 +364,23 @@ def apply_lora(
     target_modules: list[str] | str = "all-linear",
 ) -> Any:
     """Wrap `model` with peft LoRA adapters. The input embedding is trained in full too when
-    the model masks with a token it never saw in pretraining (an added row must be learned)."""
+    the mask token was added (`AdapterSpec.mask_token_added`): its new row must be learned."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ConfigError("lora_r > 0 needs peft: pip install -e .[lora]") from None
-    embedding = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is embedding)
+        raise ConfigError(f"lora_r > 0 needs peft: {PEFT_HINT}") from None
+    spec = adapter_spec(model)
+    modules_to_save = None
+    if spec is not None and spec.mask_token_added:
+        embedding = model.get_input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is embedding)
+        modules_to_save = [name.rsplit(".", 1)[-1]]
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
-        modules_to_save=[name.rsplit(".", 1)[-1]] if adapter_spec(model).mask_token_id else None,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)
 
@@ -352,22 +391,24 @@ def load_trained(
     """A model saved after stablemdm training, with its tokenizer and spec: full weights, or a
     LoRA adapter over the base model its adapter_config.json names (the folder's config.json
     then holds the spec). `trust_remote_code`/`gguf_file` are the run's, for the base."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = Path(folder)
-    values = getattr(
-        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), SPEC_KEY, None
-    )
+    config = _load_config(str(folder), trust_remote_code, None)
+    values = getattr(config, SPEC_KEY, None)
     if not isinstance(values, dict):
         raise ConfigError(f"{folder} was not saved by stablemdm (no '{SPEC_KEY}' in config.json)")
     spec = AdapterSpec.from_dict(values)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     adapter = folder / "adapter_config.json"
     if not adapter.is_file():
-        model = _load_model(str(folder), spec.kind, trust_remote_code, None, torch.float32)
+        model = _load_model(str(folder), spec.kind, trust_remote_code, None, torch.float32, config)
         _apply(model, spec)
         return model, tokenizer, spec
-    from peft import PeftModel
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(f"{folder} holds a LoRA adapter, which needs peft: {PEFT_HINT}") from None
 
     base = json.loads(adapter.read_text())["base_model_name_or_path"]
     model = _load_model(base, spec.kind, trust_remote_code, gguf_file, torch.float32)
