@@ -11,7 +11,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import default_data_collator
 
 from stablemdm.config import StableMDMConfig
 from stablemdm.data import canvas_lengths, encode_examples
@@ -20,8 +19,8 @@ from stablemdm.decoding import generate
 from stablemdm.models.hf import load_hf_model, load_trained
 from stablemdm.models.toy import save_llama
 from stablemdm.objective import Objective
-from stablemdm.ppots import fit_ppots
-from stablemdm.run import TensorDataset
+from stablemdm.ppots import FitDesign, fit_ppots
+from stablemdm.run import TensorDataset, collate
 from stablemdm.samplers import Stratified, Uniform
 from stablemdm.tasks import get_task
 from stablemdm.trainer import StableMDMTrainer, seeded_generator
@@ -48,17 +47,17 @@ def main() -> None:
     max_length, gen_length = canvas_lengths(examples, tokenizer)
     data = TensorDataset(encode_examples(examples, tokenizer, max_length, gen_length))
 
-    # 3. the estimator: P-POTS fitted on a few sequences, MIRROR masks, unbiased
-    fit_batch = default_data_collator([data[i] for i in range(4)])
+    # 3. the estimator: P-POTS fitted on a few sequences (checked on a few others), MIRROR masks
+    fit_batch = data[list(range(4))]
+    check_batch = data[list(range(4, 8))]
     plain = Objective(mask_token_id=spec.mask_token_id, sampler=Uniform())
     density = fit_ppots(
         plain,
         model,
         fit_batch,
-        n_rates=8,
-        n_masks=2,
-        mix=0.1,
+        check_batch,
         generator=torch.Generator().manual_seed(0),
+        design=FitDesign(counts=8, masks=2, mix=0.1),
     )
     objective = Objective(mask_token_id=spec.mask_token_id, sampler=density, masking="mirror")
 
@@ -83,7 +82,7 @@ def main() -> None:
         model=model,
         args=config,
         train_dataset=data,
-        data_collator=default_data_collator,
+        data_collator=collate,  # TensorDataset hands over whole batches
         objective=objective,
         eval_objective=eval_objective,
     )

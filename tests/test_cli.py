@@ -136,7 +136,7 @@ def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
         == 0
     )
     density = PPOTS.from_dict(json.loads(out.read_text()))
-    assert density.source["method"] == "family" and "written to" in capsys.readouterr().out
+    assert density.source["method"] == "counts" and "written to" in capsys.readouterr().out
     run = tmp_path / "reuse"
     assert (
         main(

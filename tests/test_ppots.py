@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stablemdm import ppots
-from stablemdm.samplers import PPOTS, Uniform
+from stablemdm.samplers import PPOTS, Uniform, sqrt_edges
 
 Z = 5.0  # tolerance in standard errors
 GRID = np.arange(1, 70) / 69  # 69 rates as in the authors' estimate, ending at t = 1
@@ -213,8 +213,10 @@ class TestFromSecondMoment:
         sampler = PPOTS.from_second_moment(GRID, S, method="family", mix=0.05, n_bins=256)
         assert sampler.source["method"] == "family"
         fit = ppots.FamilyParams.from_dict(sampler.source["params"])
-        t = (np.arange(256) + 0.5) / 256  # bin centres: the bin mean is within O(1/n_bins^2)
-        expected = 0.05 + 0.95 * normalised(lambda x: ppots.family_density(x, fit), t)
+        edges = sqrt_edges(256).numpy()
+        t, w = 0.5 * (edges[1:] + edges[:-1]), np.diff(edges)  # bin means err by O(w^2)
+        f = ppots.family_density(t, fit)
+        expected = 0.05 + 0.95 * f / np.sum(f * w)
         got = sampler.density(torch.from_numpy(t)).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-3)
         json.dumps(sampler.to_dict())
@@ -227,6 +229,17 @@ class TestFromSecondMoment:
         assert sampler.source["method"] == "grid"
         assert sampler.density(torch.tensor([0.9])) > sampler.density(torch.tensor([0.1]))
 
+    def test_counts_method_interpolates_the_root(self):
+        """sqrt(S) linear in sqrt(t) is reproduced exactly between the grid rates."""
+        grid = ppots.rate_grid(16)
+        S = (1 + 2 * np.sqrt(grid)) ** 2
+        fn = ppots.interpolated_root(grid, S)
+        t = np.linspace(grid[0], grid[-1], 101)
+        np.testing.assert_allclose(fn(t), 1 + 2 * np.sqrt(t), rtol=1e-12)
+        assert fn(np.array([0.0]))[0] == pytest.approx(1 + 2 * np.sqrt(grid[0]))
+        sampler = PPOTS.from_second_moment(grid, S, method="counts", mix=0.1, n_bins=64)
+        assert sampler.source["method"] == "counts" and len(sampler.source["S"]) == 16
+
     def test_unknown_method(self):
-        with pytest.raises(ValueError, match="'family' or 'grid'"):
+        with pytest.raises(ValueError, match="'counts', 'family' or 'grid'"):
             PPOTS.from_second_moment(GRID, np.ones(GRID.size), method="spline")

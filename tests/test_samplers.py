@@ -24,6 +24,7 @@ from stablemdm.samplers import (
     count_probabilities,
     make_sampler,
     sample_counts,
+    sqrt_edges,
     with_scheme,
 )
 
@@ -110,10 +111,13 @@ class TestContract:
     @pytest.mark.parametrize("name", DENSITIES)
     def test_density_integrates_to_one(self, name):
         """The midpoint rule is exact for piecewise-constant densities whose breakpoints are
-        cell edges: 64000 cells are a multiple of every bin count here (64, 20, 4)."""
+        cell edges: the cells are a fine grid refined by the sampler's own bin edges."""
         sampler = DENSITIES[name]()
-        t = (torch.arange(64_000, dtype=torch.float64) + 0.5) / 64_000
-        assert sampler.density(t).mean().item() == pytest.approx(1.0, abs=1e-12)
+        own = getattr(sampler, "edges", torch.tensor([0.25, 0.75], dtype=torch.float64))
+        edges = torch.unique(torch.cat([torch.linspace(0, 1, 4001, dtype=torch.float64), own]))
+        t = 0.5 * (edges[1:] + edges[:-1])  # [cells]
+        integral = (sampler.density(t) * torch.diff(edges)).sum().item()
+        assert integral == pytest.approx(1.0, abs=1e-12)
         assert sampler.cdf(torch.tensor([0.0, 1.0])).tolist() == [0.0, 1.0]
 
     @pytest.mark.parametrize("name", DENSITIES)
@@ -209,30 +213,45 @@ class TestClipped:
 
 
 class TestEMA:
+    # EMA(n_bins=4) has the edges (j/4)^2 = 0, 0.0625, 0.25, 0.5625, 1
+    def test_bins_are_equal_in_sqrt_t(self):
+        ema = EMA(n_bins=4)
+        torch.testing.assert_close(ema.edges, sqrt_edges(4))
+        t = torch.tensor([0.01, 0.1, 0.3, 0.9], dtype=torch.float64)
+        assert ema._bin(t).tolist() == [0, 1, 2, 3]
+        assert EMA().edges[1].item() == pytest.approx(0.0025)  # the first of 20 bins: t < 1/400
+
     def test_uniform_before_any_observation(self):
         ema = EMA(n_bins=5)
         ema.refresh()
         t = torch.linspace(0.01, 1, 20, dtype=torch.float64)
         torch.testing.assert_close(ema.density(t), torch.ones_like(t))
 
-    def test_moments_follow_the_ema_formula(self):
+    def test_moments_follow_the_ema_formula_once_per_step(self):
+        """Draws of one step (several micro-batches) are pooled, then decayed once."""
         ema = EMA(n_bins=4, decay=0.75)
-        ema.observe(torch.tensor([0.1, 0.2, 0.6]), torch.tensor([1.0, 3.0, 2.0]))
-        expected = torch.tensor([5.0, 0.0, 4.0, 0.0], dtype=torch.float64)  # first: set
+        ema.observe(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 3.0]))
+        ema.observe(torch.tensor([0.6]), torch.tensor([2.0]))  # a second micro-batch
+        assert ema.counts.tolist() == [0, 0, 0, 0]  # nothing folded before the step ends
+        ema.step()
+        expected = torch.tensor([0.0, 5.0, 0.0, 4.0], dtype=torch.float64)  # first: set
         torch.testing.assert_close(ema.moments, expected)
         ema.observe(torch.tensor([0.15]), torch.tensor([1.0]))
-        expected[0] = 0.75 * 5.0 + 0.25 * 1.0
+        ema.observe(torch.tensor([0.16]), torch.tensor([3.0]))
+        ema.step()
+        expected[1] = 0.75 * 5.0 + 0.25 * (1.0 + 9.0) / 2  # one decay for the step's mean
         torch.testing.assert_close(ema.moments, expected)
-        assert ema.counts.tolist() == [3, 0, 1, 0]
+        assert ema.counts.tolist() == [0, 4, 0, 1]
 
     def test_refresh_uses_sqrt_moment_and_fills_unseen_bins(self):
         ema = EMA(n_bins=4, mix=0.2)
         ema.observe(torch.tensor([0.1, 0.6]), torch.tensor([4.0, 2.0]))
-        ema.refresh()
-        h = torch.tensor([4.0, 3.0, 2.0, 3.0], dtype=torch.float64)  # unseen bins: mean of 4, 2
-        torch.testing.assert_close(ema.heights, h / h.mean())
-        t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)
-        torch.testing.assert_close(ema.density(t), 0.2 + 0.8 * h / h.mean())
+        ema.refresh()  # folds what was observed first
+        h = torch.tensor([3.0, 4.0, 3.0, 2.0], dtype=torch.float64)  # unseen bins: mean of 4, 2
+        h = h / (h * torch.diff(sqrt_edges(4))).sum()
+        torch.testing.assert_close(ema.heights, h)
+        t = torch.tensor([0.01, 0.1, 0.3, 0.9], dtype=torch.float64)
+        torch.testing.assert_close(ema.density(t), 0.2 + 0.8 * h)
 
     def test_refreshes_every_n_steps(self):
         ema = EMA(n_bins=4, refresh_every=3)
@@ -241,7 +260,7 @@ class TestEMA:
         ema.step()
         assert torch.equal(ema.heights, torch.ones(4, dtype=torch.float64))
         ema.step()
-        assert ema.heights[0] > ema.heights[1]
+        assert ema.heights[1] > ema.heights[2]
 
     def test_unbiased_through_refreshes(self):
         """Each step's weighted mean is unbiased given the past, so their average is too."""
@@ -339,6 +358,52 @@ class TestState:
         change(data)
         with pytest.raises(ValueError, match=match):
             PPOTS.from_dict(data)
+
+    def test_ppots_dict_keeps_edges_and_check(self):
+        ppots = PPOTS.from_function(SHAPES["decreasing"], n_bins=16, mix=0.1)
+        ppots.check = {"ratio_to_standard": 0.7, "fallback": False}
+        data = json.loads(json.dumps(ppots.to_dict()))
+        loaded = PPOTS.from_dict(data)
+        assert torch.equal(loaded.edges, sqrt_edges(16)) and loaded.check == ppots.check
+        assert torch.equal(loaded.sample(50, gen(13))[0], ppots.sample(50, gen(13))[0])
+
+    def test_old_file_without_edges_or_check_loads_with_equal_bins(self):
+        old = {"heights": [0.5, 1.5], "mix": 0.1, "source": {"method": "family"}}
+        loaded = PPOTS.from_dict(old)
+        assert loaded.edges.tolist() == [0.0, 0.5, 1.0] and loaded.check is None
+        assert loaded.density(torch.tensor([0.25, 0.75])).tolist() == pytest.approx(
+            [0.1 + 0.9 * 0.5, 0.1 + 0.9 * 1.5]
+        )
+
+    @pytest.mark.parametrize(
+        "edges, match",
+        [([0.0, 0.5, 1.0], "need 5 edges"), ([0.0, 0.3, 0.2, 0.6, 1.0], "increase strictly")],
+    )
+    def test_bad_edges(self, edges, match):
+        data = PPOTS.from_function(SHAPES["decreasing"], n_bins=4).to_dict()
+        data["edges"] = edges
+        with pytest.raises(ValueError, match=match):
+            PPOTS.from_dict(data)
+
+    def test_uniform_fallback_has_unit_weights(self):
+        sampler = PPOTS.uniform(source={"fallback": True})
+        t, w = sampler.sample(1000, gen(14))
+        assert (w == 1).all() and sampler.source == {"fallback": True}
+        torch.testing.assert_close(sampler.cdf(t), t)
+
+    def test_ema_pending_draws_survive_a_round_trip(self):
+        ema, fresh = EMA(n_bins=4, refresh_every=1), EMA(n_bins=4, refresh_every=1)
+        ema.observe(torch.tensor([0.1, 0.9]), torch.tensor([4.0, 1.0]))
+        fresh.load_state_dict(ema.state_dict())
+        for s in (ema, fresh):
+            s.step()
+        assert torch.equal(ema.heights, fresh.heights) and torch.equal(ema.moments, fresh.moments)
+
+    def test_ema_state_with_equal_bins_is_rejected(self):
+        state = EMA(n_bins=4).state_dict()
+        state.pop("edges")  # as written before the bins were equal in sqrt(t)
+        with pytest.raises(ValueError, match="older stablemdm with equal bins"):
+            EMA(n_bins=4).load_state_dict(state)
 
     def test_from_dict_rejects_a_non_dict(self):
         with pytest.raises(ValueError, match="expected a dict"):

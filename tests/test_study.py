@@ -1,8 +1,12 @@
 """The multi-seed study: statistics on known inputs, validation before training, and a
-miniature study end to end (report structure, resume that skips finished runs)."""
+miniature study end to end (report structure; resume that skips finished runs, continues a
+killed one from its checkpoint, restarts one without a checkpoint, and loses nothing)."""
 
+import io
 import json
+import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,17 +15,17 @@ from scipy import stats as scipy_stats
 from stablemdm.cli import main
 from stablemdm.config import ConfigError
 from stablemdm.study.command import study_path
+from stablemdm.study.progress import StudyProgress
 from stablemdm.study.spec import load_study
 from stablemdm.study.stats import paired_difference, summary, worst_above_best
 
 MINI = [
-    "output_dir={out}",
     "seeds=[3,4]",
     "methods=[standard,count_ppots_mirror_matched]",
     "eval_points=[0.5,1.0]",
     "eval_limit=4",
     "variance_draws=3",
-    "task_options={{chain_sum: {{n_train: 200, n_test: 8}}}}",
+    "task_options={chain_sum: {n_train: 200, n_test: 8}}",
     "train.max_steps=4",
     "train.per_device_train_batch_size=8",
     "train.d_model=32",
@@ -36,14 +40,14 @@ MINI = [
 def test_summary_and_paired_difference_on_known_values():
     method = {1: 0.50, 2: 0.60, 3: 0.70}
     baseline = {1: 0.40, 2: 0.45, 3: 0.65, 9: 0.99}  # seed 9 has no pair: ignored
-    assert summary(method) == pytest.approx(
-        {"mean": 0.6, "std": np.std([0.5, 0.6, 0.7], ddof=1), "min": 0.5, "max": 0.7}
-    )
-    d = np.array([0.10, 0.15, 0.05])
-    half = scipy_stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
-    out = paired_difference(method, baseline)
+    assert summary(method) == pytest.approx({"mean": 0.6, "std": 0.1, "min": 0.5, "max": 0.7})
+    out = paired_difference(method, baseline)  # differences 0.10, 0.15, 0.05
     assert out["n"] == 3 and out["mean"] == pytest.approx(0.1)
-    assert (out["low"], out["high"]) == pytest.approx((0.1 - half, 0.1 + half))
+    reference = scipy_stats.ttest_rel([0.5, 0.6, 0.7], [0.4, 0.45, 0.65]).confidence_interval()
+    assert (out["low"], out["high"]) == pytest.approx((reference.low, reference.high))
+    # by hand: differences 1, 2, 3 have sd 1; t(0.975, df 2) = 4.3027; half = 4.3027 / sqrt(3)
+    by_hand = paired_difference({1: 3.0, 2: 5.0, 3: 7.0}, {1: 2.0, 2: 3.0, 3: 4.0})
+    assert (by_hand["low"], by_hand["high"]) == pytest.approx((2 - 2.4841, 2 + 2.4841), abs=1e-4)
     assert paired_difference({1: 0.5}, {1: 0.25}) == {
         "n": 1,
         "mean": 0.25,
@@ -57,15 +61,42 @@ def test_summary_and_paired_difference_on_known_values():
         paired_difference({1: 0.5}, {2: 0.5})
 
 
+def test_the_t_interval_covers_the_true_difference_at_its_level():
+    """Monte Carlo: paired Gaussian differences (mean 0.02, sd 0.05, 3 seeds); the 95%
+    interval must cover 0.02 in 95% of 4,000 studies, within 4 binomial standard errors."""
+    rng = np.random.default_rng(0)
+    trials, hits = 4000, 0
+    for _ in range(trials):
+        d = rng.normal(0.02, 0.05, size=3)
+        out = paired_difference(dict(enumerate(d)), dict.fromkeys(range(3), 0.0))
+        hits += out["low"] <= 0.02 <= out["high"]
+    assert abs(hits / trials - 0.95) < 4 * np.sqrt(0.95 * 0.05 / trials)
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         ("seeds=[1,1]", "duplicate seeds"),
+        ("seeds=3", "seeds must be a list of integers"),
         ("methods=[standard,nope]", "unknown method 'nope'"),
+        ("methods=[a/b]", "folder name"),
         ("tasks=[nope]", "unknown task"),
+        ("tasks=chain_sum", "tasks must be a list"),
+        ("task_options={mini_sudoku: {n_train: 10}}", "not in tasks"),
+        ("task_options={chain_sum: {colour: 1}}", "has no option"),
         ("eval_points=[0,1]", "eval_points"),
+        ("eval_points=[0.5,1.5]", "eval_points"),
+        ("eval_limit=abc", "eval_limit must be an integer"),
+        ("variance_draws=1", "variance_draws"),
         ("train.seed=3", "sets per run"),
-        ("train.masking=bogus", "masking must be one of"),
+        ("train.save_steps=3", "sets per run"),
+        ("train.sampler=ppots", "which each method sets"),
+        ("train.max_steps=0", "max_steps must be a positive"),
+        ("train.max_steps=abc", "max_steps must be a positive"),
+        ("train.learning_rate=fast", "wrong type"),
+        ("train.masking=bogus", "which each method sets"),
+        ("methods={standard: {masking: bogus}}", "masking must be one of"),
+        ("base={max_steps: 2, output_dir: x}", "base sets"),
         ("colour=red", "unknown study field"),
     ],
 )
@@ -75,43 +106,103 @@ def test_bad_study_files_fail_before_training(tmp_path, override, message):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_demo_verb_runs_the_demo_study_and_reports_errors_in_one_line(tmp_path, capsys):
+    assert main(["demo", f"output_dir={tmp_path}", "seeds=[1,1]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "demo.yaml" in err and "duplicate seeds [1]" in err
+
+
 def test_every_shipped_study_validates(tmp_path):
+    small = {"cpu": ["task_options.mini_sudoku.n_train=200"]}  # generating 20,000 takes long
     for name in ("demo", "cpu", "screen", "gpu"):
-        spec = load_study(study_path(name), [f"output_dir={tmp_path / name}"])
-        assert len(spec.seeds) >= 3 and spec.methods
+        spec = load_study(study_path(name), [f"output_dir={tmp_path / name}", *small.get(name, [])])
+        assert len(spec.seeds) >= 3 and spec.methods and spec.eval_steps()[-1] == spec.max_steps()
+    cpu = load_study(study_path("cpu"), [f"output_dir={tmp_path}", *small["cpu"]])
+    assert len(cpu.seeds) >= 5 and len(cpu.tasks) >= 2
+    assert {"arm", "standard", "clipped", "count", "ppots_mirror"} <= set(cpu.methods)
+
+
+def test_progress_prints_one_line_per_run_with_and_without_bars():
+    for live in (False, True):
+        stream = io.StringIO()
+        with StudyProgress("s", 2, live=live, stream=stream) as progress:
+            watch = progress.start_run("t/standard/seed-1", 10)
+            watch.on_step_end(None, SimpleNamespace(global_step=5), None)
+            progress.phase("decoding step 10")
+            result = {"accuracy": 0.25, "evaluations": [{"accuracy": 0.25}], "train_seconds": 3}
+            progress.finish_run("t/standard/seed-1", result)
+            progress.finish_run("t/standard/seed-2", None)
+        lines = stream.getvalue().splitlines()
+        assert lines[0].startswith("[1/2] t/standard/seed-1: accuracy 25.0%")
+        assert lines[1] == "[2/2] t/standard/seed-2: done already"
+        assert len(lines) == 2 or live  # rich draws the bars' last state below the lines
 
 
 def test_a_base_of_another_architecture_is_refused(tmp_path):
     base = tmp_path / "chain_sum" / "base-mdm"
     base.mkdir(parents=True)
     (base / "config.yaml").write_text("model_preset: small\n")
-    with pytest.raises(ConfigError, match="different architecture"):
+    with pytest.raises(ConfigError, match="another architecture .model_preset: 'small' -> 'tiny'"):
         load_study(study_path("demo"), [f"output_dir={tmp_path}", "base={max_steps: 2}"])
 
 
+def _without_time(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "train_seconds"}
+
+
+@pytest.mark.filterwarnings("ignore:P-POTS")  # a 3 x 4 x 2 fit design is too small to help
 def test_a_miniature_study_reports_and_resumes(tmp_path, capsys):
     out = tmp_path / "study"
-    args = ["study", "--config", "demo", *(o.format(out=out) for o in MINI)]
+    args = ["study", "--config", "demo", f"output_dir={out}", *MINI]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed, log = capsys.readouterr()
     assert "| standard | " in printed and "vs Standard (95% CI)" in printed
+    assert "'loss'" not in printed  # the trainer's log lines went to each run's train.log
+    lines = log.strip().splitlines()
+    assert len([x for x in lines if re.match(r"\[\d/4\] chain_sum/\S+/seed-\d: accuracy", x)]) == 4
+
     report = json.loads((out / "report.json").read_text())
     task = report["tasks"]["chain_sum"]
-    assert task["steps"] == [2, 4]
-    assert set(task["table"]) == {"standard", "count_ppots_mirror_matched"}
-    row = task["table"]["count_ppots_mirror_matched"]
-    assert set(row["per_seed"]) == {"3", "4"} and {"mean", "std", "min", "max"} <= set(row)
-    assert task["paired_to_standard"]["count_ppots_mirror_matched"]["n"] == 2
-    assert set(task["accuracy_by_step"]) == {"2", "4"}
+    assert task["steps"] == [2, 4] and set(task["by_step"]) == {"2", "4"}
+    for point in task["by_step"].values():
+        assert list(point["table"]) == ["standard", "count_ppots_mirror_matched"]
+        row = point["table"]["count_ppots_mirror_matched"]
+        assert set(row["per_seed"]) == {"3", "4"} and {"mean", "std", "min", "max"} <= set(row)
+        assert point["paired_to_standard"]["count_ppots_mirror_matched"]["n"] == 2
+        assert set(point["claims"]["count_ppots_mirror_matched"]) == {"worst_above_best_standard"}
+    cost = task["cost"]["count_ppots_mirror_matched"]
+    assert cost["forward_tokens"] == 4 * cost["forward_tokens_per_step"]
+    assert cost["estimator_variance"] > 0 and cost["train_seconds"] > 0
+    assert "| method | 3 | 4 | mean | std | min | max |" in printed.splitlines()
     for name in ("report.md", "chain_sum-seeds.png", "chain_sum-tokens.png", "chain_sum-loss.png"):
         assert (out / name).is_file()
-    run = out / "chain_sum" / "standard" / "seed-3"
-    assert {"eval-2.jsonl", "eval-4.jsonl", "result.json"} <= {p.name for p in run.iterdir()}
+    runs = {(m, s): out / "chain_sum" / m / f"seed-{s}" for m in task["cost"] for s in (3, 4)}
+    for folder in runs.values():
+        assert {"config.yaml", "metrics.jsonl", "eval-2.jsonl", "eval-4.jsonl", "result.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+    before = {k: json.loads((f / "result.json").read_text()) for k, f in runs.items()}
 
-    kept = (out / "chain_sum" / "standard" / "seed-4" / "result.json").read_text()
-    shutil.rmtree(run)  # lose one run: only it is trained again
+    deleted, restarted = runs["standard", 3], runs["standard", 4]
+    killed, kept = runs["count_ppots_mirror_matched", 3], runs["count_ppots_mirror_matched", 4]
+    shutil.rmtree(deleted)  # a run deleted
+    for path in [*restarted.glob("checkpoint-*"), restarted / "result.json"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()  # died before its checkpoint
+    for path in [killed / "checkpoint-4", *killed.glob("*.safetensors"), killed / "result.json"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()  # killed after checkpoint-2
+    kept_text = (kept / "result.json").read_text()
     assert main(args) == 0
     log = capsys.readouterr().err
-    assert log.count("done already") == 3 and "standard/seed-3: accuracy" in log
-    assert (out / "chain_sum" / "standard" / "seed-4" / "result.json").read_text() == kept
-    assert json.loads((out / "report.json").read_text())["tasks"]["chain_sum"]["table"]
+    assert log.count("done already") == 1 and "count_ppots_mirror_matched/seed-4: done" in log
+    assert (kept / "result.json").read_text() == kept_text
+    for key, folder in runs.items():  # same machine, same seed: the same run again
+        after = json.loads((folder / "result.json").read_text())
+        assert _without_time(after) == _without_time(before[key])
+    logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged.count(3) == 2 and logged.count(2) == 1  # continued from step 2, not restarted
+    logged = [json.loads(x)["step"] for x in (restarted / "metrics.jsonl").read_text().splitlines()]
+    assert logged.count(3) == 1
+
+    for change, field in (("train.learning_rate=0.01", "learning_rate"), ("eval_points=[1]", "")):
+        with pytest.raises(ConfigError, match=f"was run with other settings .{field or 'eval'}"):
+            load_study(study_path("demo"), [*args[3:], change])

@@ -303,3 +303,27 @@ def test_progress_bar_shows_loss_learning_rate_and_throughput(tmp_path, capsys):
     train(_config(tmp_path, "bar", "max_steps=2", "save_steps=2", "disable_tqdm=false"))
     err = capsys.readouterr().err
     assert "loss=" in err and "lr=" in err and "tok_s=" in err
+
+
+def test_a_dataloader_takes_whole_batches_that_equal_the_stacked_rows():
+    """`TensorDataset.__getitems__` + `collate` (one indexing per key) give the batch the
+    default collator stacks from rows, dtypes included; rows still collate."""
+    from transformers import default_data_collator
+
+    from stablemdm.run import TensorDataset, collate
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        {
+            "input_ids": torch.randint(0, 50, (20, 6), generator=g),
+            "eligible": torch.rand(20, 6, generator=g) < 0.5,
+            "n_response": torch.randint(1, 6, (20,), generator=g),
+        }
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False, collate_fn=collate)
+    batches = list(loader)
+    assert [len(b["input_ids"]) for b in batches] == [8, 8, 4]
+    rows = default_data_collator([data[i] for i in range(8, 16)])
+    assert collate([data[i] for i in range(8, 16)]).keys() == rows.keys()
+    for key, value in rows.items():
+        assert batches[1][key].dtype == value.dtype and torch.equal(batches[1][key], value)

@@ -243,5 +243,21 @@ def test_input_errors() -> None:
         model(input_ids=random_ids(1, 4, seed=13).float())
 
 
+def test_id_range_is_checked_on_the_host_and_on_a_device_only_when_asked(monkeypatch) -> None:
+    """Off the CPU the range check would read a device value back (a sync every forward): it
+    is skipped there unless `check_device_ids` is set. A meta tensor has no values to read,
+    so reading one raises; skipping the check does not."""
+    model = make_model()
+    bad = torch.full((1, 4), VOCAB)
+    with pytest.raises(ValueError, match=r"outside \[0, vocab_size=13\)"):
+        model._check_inputs(bad, None)
+    model._check_inputs(bad.to("meta"), None)
+    monkeypatch.setattr(Transformer, "check_device_ids", True)
+    with pytest.raises(RuntimeError, match="meta"):
+        model._check_inputs(bad.to("meta"), None)
+    with pytest.raises(ValueError, match="outside"):
+        model(input_ids=torch.full((1, 4), -1))
+
+
 def test_network_does_not_condition_on_t() -> None:
     assert Transformer.conditions_on_t is False

@@ -33,7 +33,7 @@ from stablemdm import variance_report as vr
 from stablemdm.config import ConfigError
 from stablemdm.objective import Objective
 from stablemdm.run import TensorDataset
-from stablemdm.samplers import PPOTS
+from stablemdm.samplers import PPOTS, Uniform
 from stablemdm.variance_output import PLOTS
 
 EPS = 0.05  # a larger eps than training's keeps the 1/p tail short, so SEs are reliable
@@ -341,3 +341,37 @@ def test_arm_reference_from_a_trained_arm_checkpoint(tmp_path):
     assert trained["arm"]["loss"]["C"] != own["arm"]["loss"]["C"]
     with pytest.raises(ConfigError, match="does not exist"):
         vr.run_variance(config, options, arm_checkpoint=tmp_path / "missing")
+
+
+def _components_generator(rng: np.random.Generator, I: int, G: int, K: int) -> np.ndarray:
+    """l_igk = 3 + c_i + b_g + a_igk with c ~ N(0, 4), a ~ N(0, 1) and b = +-1 over the grid
+    rates (mean 0, variance exactly 1 on the grid): A = 1, B = 1, C = 4 `[I, G, K]`."""
+    b = np.where(np.arange(G) % 2 == 0, 1.0, -1.0)
+    c = rng.normal(0.0, 2.0, (I, 1, 1))
+    return 3.0 + c + b[None, :, None] + rng.normal(0.0, 1.0, (I, G, K))
+
+
+def test_per_rate_total_equals_a_plus_b_plus_c_and_is_unbiased():
+    """The total uses an unbiased (E l)^2, which makes it equal A + B + C on every sample and
+    unbiased for Var(l) = 6; the plug-in square of the mean is low by about C / I = 1."""
+    rng = np.random.default_rng(0)
+    totals, plug_ins = [], []
+    for _ in range(2000):
+        l = _components_generator(rng, 4, 4, 2)
+        integrals = vm.curve_statistics(l)["integrals"]
+        parts = integrals["A"] + integrals["B"] + integrals["C"]
+        assert integrals["total"] == pytest.approx(parts, rel=1e-12, abs=1e-12)
+        totals.append(integrals["total"])
+        plug_ins.append(float((l**2).mean() - l.mean() ** 2))
+    totals, plug_ins = np.array(totals), np.array(plug_ins)
+    se = totals.std(ddof=1) / math.sqrt(len(totals))
+    assert abs(totals.mean() - 6.0) < 5 * se
+    assert plug_ins.mean() + 5 * plug_ins.std(ddof=1) / math.sqrt(len(plug_ins)) < 6.0
+
+
+def test_semi_analytic_total_of_standard_is_the_per_rate_total():
+    l = _components_generator(np.random.default_rng(1), 6, 4, 3)
+    curves = {"t": ((np.arange(4) + 0.5) / 4).tolist(), **vm.curve_statistics(l)}
+    assert vm.semi_analytic_total(curves, Uniform()) == pytest.approx(
+        curves["integrals"]["total"], rel=1e-12
+    )

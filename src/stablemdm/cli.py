@@ -271,6 +271,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from .ppots import describe_fit
     from .run import build_model, fit_density
     from .tasks import get_task
 
@@ -282,11 +283,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(density.to_dict(), indent=1))
-    print(
-        f"P-POTS density ({config.ppots_method}, {config.ppots_sequences} sequences x "
-        f"{config.ppots_rates} rates x {config.ppots_masks} masks) written to {out} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    print(f"{describe_fit(density)}; written to {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -172,9 +172,12 @@ class StableMDMConfig(TrainingArguments):
     ppots_file: str | None = field(
         default=None, metadata={"help": "Use a density fitted earlier by `stablemdm fit-t` (JSON)."}
     )
-    ppots_method: Literal["family", "grid"] = field(
-        default="family",
-        metadata={"help": "P-POTS fit: the paper's smooth family or a smoothed grid."},
+    ppots_method: Literal["counts", "family", "grid"] = field(
+        default="counts",
+        metadata={
+            "help": "P-POTS fit: counts (S measured per mask count, exact in t; p = sqrt(S)), "
+            "or S on a rate grid fitted by the paper's smooth family or smoothed (grid)."
+        },
     )
     ppots_target: Literal["loss", "grad"] = field(
         default="loss", metadata={"help": "Second moment of the loss, or of the gradient norm."}
@@ -182,9 +185,24 @@ class StableMDMConfig(TrainingArguments):
     ppots_params: str = field(
         default="head", metadata={"help": "Regex of parameter names for ppots_target=grad."}
     )
-    ppots_sequences: int = field(default=10, metadata={"help": "P-POTS estimate: sequences."})
-    ppots_rates: int = field(default=24, metadata={"help": "P-POTS estimate: grid rates."})
-    ppots_masks: int = field(default=4, metadata={"help": "P-POTS estimate: masks per rate."})
+    ppots_sequences: int = field(
+        default=32,
+        metadata={"help": "P-POTS estimate: sequences per process (as many again held out)."},
+    )
+    ppots_rates: int = field(
+        default=24, metadata={"help": "P-POTS estimate (family, grid): grid rates."}
+    )
+    ppots_counts: int = field(
+        default=16,
+        metadata={"help": "P-POTS estimate (counts): mask counts per sequence (all if fewer)."},
+    )
+    ppots_masks: int = field(
+        default=2, metadata={"help": "P-POTS estimate: masks per rate or count."}
+    )
+    ppots_refit_steps: int = field(
+        default=0,
+        metadata={"help": "P-POTS: refit the density every this many steps (0: fit once)."},
+    )
     ema_bins: int = field(default=20, metadata={"help": "EMA: bins of the rate."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA: decay of the per-bin moments."})
     ema_refresh_every: int = field(
@@ -311,6 +329,12 @@ class StableMDMConfig(TrainingArguments):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ppots_rates < 2:
             raise ConfigError("ppots_rates must be >= 2 to fit a density")
+        if self.ppots_counts < 2:
+            raise ConfigError("ppots_counts must be >= 2 (k = 1 and at least one more count)")
+        if self.ppots_refit_steps < 0:
+            raise ConfigError(f"ppots_refit_steps must be >= 0, got {self.ppots_refit_steps}")
+        if self.ppots_refit_steps and self.sampler != "ppots":
+            raise ConfigError("ppots_refit_steps is only used with sampler=ppots")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         self._check_model_options()

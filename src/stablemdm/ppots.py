@@ -1,6 +1,12 @@
 """Estimating and fitting the P-POTS density p*(t) proportional to sqrt(S(t)), S(t) = E[l^2 | t]
-(paper.md section 3): the grid estimate of S, the paper's smooth family fitted by KL, a
-non-parametric smoothed alternative, and the variance the theory predicts.
+(paper.md section 3), and checking the fit.
+
+Three methods (`FitDesign.method`): "counts" (the default) measures S per mask count and maps
+it to t exactly (`ppots_counts`), so p = sqrt(S) needs no fitted family; "family" and "grid"
+estimate S on a grid of rates equally spaced in sqrt(t) and fit the paper's smooth family by
+KL or smooth it with a kernel. Every fit is checked on held-out sequences: the second moment
+it predicts relative to Standard and to the optimum (`predicted_ratios`); a fit no better
+than Standard falls back to the uniform (`checked_density`).
 
 Densities here are unnormalised numpy functions of t; `samplers.PPOTS.from_function`
 tabulates them into a sampler.
@@ -8,6 +14,7 @@ tabulates them into a sampler.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -17,9 +24,13 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
+from .ppots_counts import measure_count_moments
+
 LOG_SCALE_BOUND = 20.0  # |log a|, |log b|, |log A| <= this during the fit
 EXPONENT_MAX = 20.0  # r, q, m in [1, EXPONENT_MAX] and k in [0, EXPONENT_MAX] during the fit
 POSITIVE_FLOOR = 1e-6  # the smoothed density is at least this times its largest grid value
+LITTLE_TO_GAIN = 0.98  # an optimum above this x Standard's second moment gains little
+QUADRATURE_CELLS = 1 << 14  # cells of the integrals over t (equal in sqrt(t), `sqrt_cells`)
 
 
 def second_moment(losses: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -205,30 +216,71 @@ def smoothed_grid_density(
     return density
 
 
-def _midpoints(n: int) -> np.ndarray:
-    """n midpoints of equal cells of (0, 1)."""
+def rate_grid(n: int) -> np.ndarray:
+    """n rates ((j + 1/2) / n)^2 `[n]`: equally spaced in sqrt(t), so a grid estimate of S
+    resolves t -> 0, where S(t) grows like 1/t and holds much of its integral."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return (np.arange(n, dtype=np.float64) + 0.5) / n
+    return ((np.arange(n, dtype=np.float64) + 0.5) / n) ** 2
+
+
+def sqrt_cells(n: int = QUADRATURE_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature on (0, 1): the midpoints t `[n]` of n cells equal in u = sqrt(t) and their
+    weights dt = 2u du `[n]` (summing to 1). Resolves S ~ 1/t at t -> 0; exact for densities
+    piecewise constant on bins equal in sqrt(t) whose count divides n (`samplers.sqrt_edges`)."""
+    u = (np.arange(n, dtype=np.float64) + 0.5) / n
+    return u**2, 2.0 * u / n
+
+
+def interpolated_root(grid: np.ndarray, S: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """sqrt(S) as a function of any t: linear in sqrt(t) between the grid rates, constant
+    beyond the first and last; strictly positive (floored like `smoothed_grid_density`)."""
+    grid, S = _check_grid(grid, S)
+    root = np.sqrt(S)
+    floor = POSITIVE_FLOOR * root.max()
+
+    def density(t: np.ndarray) -> np.ndarray:
+        u = np.sqrt(np.asarray(t, dtype=np.float64))
+        return np.maximum(np.interp(u, np.sqrt(grid), root), floor)
+
+    return density
 
 
 def importance_second_moment(
     S_fn: Callable[[np.ndarray], np.ndarray],
     density_fn: Callable[[np.ndarray], np.ndarray],
-    n: int = 4096,
+    n: int = QUADRATURE_CELLS,
 ) -> float:
     """int_0^1 S(t) / p(t) dt: the second moment of the estimator l / p(t) under t ~ p, for a
-    normalised density p (midpoint rule on n cells; exact in p for piecewise densities on
-    bins that divide the cells). Its variance is this minus (E l)^2."""
-    t = _midpoints(n)
-    return float(np.mean(np.asarray(S_fn(t)) / np.asarray(density_fn(t))))
+    normalised density p (`sqrt_cells` quadrature on n cells). Its variance is this minus
+    (E l)^2."""
+    t, w = sqrt_cells(n)
+    return float(np.sum(w * np.asarray(S_fn(t)) / np.asarray(density_fn(t))))
 
 
-def optimal_variance_ratio(S_fn: Callable[[np.ndarray], np.ndarray], n: int = 4096) -> float:
+def optimal_variance_ratio(
+    S_fn: Callable[[np.ndarray], np.ndarray], n: int = QUADRATURE_CELLS
+) -> float:
     """Second moment of the estimator under p* = sqrt(S) / int sqrt(S) over that under the
-    uniform: (int sqrt S)^2 / int S <= 1 (midpoint rule on n cells)."""
-    s = np.asarray(S_fn(_midpoints(n)), dtype=np.float64)
-    return float(np.mean(np.sqrt(s)) ** 2 / np.mean(s))
+    uniform: (int sqrt S)^2 / int S <= 1 (`sqrt_cells` quadrature on n cells)."""
+    t, w = sqrt_cells(n)
+    s = np.asarray(S_fn(t), dtype=np.float64)
+    return float(np.sum(w * np.sqrt(s)) ** 2 / np.sum(w * s))
+
+
+def predicted_ratios(t: np.ndarray, w: np.ndarray, S: np.ndarray, density: np.ndarray) -> dict:
+    """The self-check of a fitted density p from an independent estimate of S at rates t with
+    quadrature weights w (all `[n]`): int S/p over Standard's int S (`ratio_to_standard`, < 1
+    is a gain) and over the optimum (int sqrt S)^2 (`ratio_to_optimal`, >= 1), and the
+    optimum over Standard (`optimal_ratio`)."""
+    standard = float(np.sum(w * S))
+    optimal = float(np.sum(w * np.sqrt(S)) ** 2)
+    fitted = float(np.sum(w * S / density))
+    return {
+        "ratio_to_standard": fitted / standard,
+        "ratio_to_optimal": fitted / optimal,
+        "optimal_ratio": optimal / standard,
+    }
 
 
 def _grad_norms_sq(values: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -273,50 +325,181 @@ def grid_second_moment(
     return second_moment(values)
 
 
+def _pooled(values: np.ndarray) -> np.ndarray:
+    """The mean over processes of per-process estimates `[n]` (itself with one process), so
+    every process fits and checks the same density."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    pooled = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(pooled)
+    return (pooled / dist.get_world_size()).numpy()
+
+
+def _target(model: torch.nn.Module, target: str, params: str):
+    """The parameters for `target="grad"` (None for "loss"), named in an error if none match."""
+    import re
+
+    if target not in ("loss", "grad"):
+        raise ValueError(f"P-POTS target must be 'loss' or 'grad', got {target!r}")
+    if target == "loss":
+        return None
+    chosen = [p for name, p in model.named_parameters() if re.search(params, name)]
+    if not chosen:
+        names = ", ".join(name for name, _ in list(model.named_parameters())[:6])
+        raise ValueError(f"ppots_params {params!r} matches no parameter (some names: {names})")
+    return chosen
+
+
+@dataclass(frozen=True)
+class FitDesign:
+    """How S is estimated and the density fitted: `method` "counts" (`ppots_counts`, at
+    `counts` mask-count levels per sequence, p = sqrt(S) itself), "family" or "grid" (on
+    `rate_grid(rates)`, the paper's family or kernel smoothing); `masks` masks per point,
+    `mix` the uniform's share of the density."""
+
+    method: str = "counts"
+    counts: int = 16
+    rates: int = 24
+    masks: int = 2
+    mix: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in ("counts", "family", "grid"):
+            raise ValueError(
+                f"P-POTS method must be 'counts', 'family' or 'grid', got {self.method!r}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The design's points and masks, as stored in a density's `source`."""
+        points = {"counts": self.counts} if self.method == "counts" else {"rates": self.rates}
+        return {**points, "masks": self.masks}
+
+
+def _estimate(
+    objective: Any,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    design: FitDesign,
+    generator: torch.Generator,
+    chosen: list[torch.Tensor] | None,
+) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """One estimate of S on `batch`, pooled over processes: rates t and quadrature weights w
+    `[n]` for integrals over t, and S as a function (the counts estimate at any t, a grid
+    estimate only at its rates t)."""
+    if design.method == "counts":
+        value = None if chosen is None else (lambda u: _grad_norms_sq(u, chosen).sqrt())
+        moments = measure_count_moments(
+            objective, model, batch, design.counts, design.masks, generator, value
+        )
+        t, w = sqrt_cells()
+        return t, w, lambda x: _pooled(moments.S(x))
+    grid = rate_grid(design.rates)
+    target = "loss" if chosen is None else "grad"
+    S = _pooled(
+        grid_second_moment(objective, model, batch, grid, design.masks, generator, target, chosen)
+    )
+    return grid, _cell_widths(grid), lambda x: S
+
+
 def fit_ppots(
     objective: Any,
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    n_rates: int,
-    n_masks: int,
+    check_batch: dict[str, torch.Tensor],
     generator: torch.Generator,
-    method: str = "family",
+    design: FitDesign = FitDesign(),
     target: str = "loss",
     params: str = "",
-    mix: float = 0.1,
 ) -> Any:
-    """Estimate S(t) on `n_rates` midpoints for this model and batch and fit the P-POTS
-    density (`method` "family" or "grid"), mixed with the uniform. In a multi-process run
-    the per-rate sums are pooled across processes, so every process samples from the same
-    density. `params` is a regex of parameter names for `target="grad"`."""
-    import re
-
-    import torch.distributed as dist
-
+    """Estimate S(t) for this model on `batch`, fit the P-POTS density (mixed with the
+    uniform) and check it on the held-out `check_batch` (`checked_density`). In a
+    multi-process run the estimates are averaged over processes, so every process samples
+    from the same density. `params` is a regex of parameter names for `target="grad"`."""
     from .samplers import PPOTS
 
-    grid = _midpoints(n_rates)
-    chosen = None
-    if target == "grad":
-        chosen = [p for name, p in model.named_parameters() if re.search(params, name)]
-        if not chosen:
-            names = ", ".join(name for name, _ in list(model.named_parameters())[:6])
-            raise ValueError(f"ppots_params {params!r} matches no parameter (some names: {names})")
+    chosen = _target(model, target, params)
     was_training = model.training
     model.eval()
     try:
-        S = grid_second_moment(objective, model, batch, grid, n_masks, generator, target, chosen)
+        t, _, S = _estimate(objective, model, batch, design, generator, chosen)
+        check_t, check_w, check_S = _estimate(
+            objective, model, check_batch, design, generator, chosen
+        )
     finally:
         model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        pooled = torch.tensor(S, dtype=torch.float64)
-        dist.all_reduce(pooled)
-        S = (pooled / dist.get_world_size()).numpy()
-    density = PPOTS.from_second_moment(grid, S, method=method, mix=mix)
-    density.source = {
-        **(density.source or {}),
-        "target": target,
-        "grid": grid.tolist(),
-        "S": S.tolist(),
-    }
-    return density
+    if design.method == "counts":
+        density = PPOTS.from_function(lambda x: np.sqrt(S(x)), mix=design.mix, source={})
+        shown = t[:: len(t) // 64]  # [64] for inspection
+        density.source.update(method="counts", grid=shown.tolist(), S=S(shown).tolist())
+    else:
+        density = PPOTS.from_second_moment(t, S(t), method=design.method, mix=design.mix)
+    world = _world_size()
+    density.source.update(
+        target=target,
+        sequences=world * len(batch["input_ids"]),
+        held_out=world * len(check_batch["input_ids"]),
+        **design.describe(),
+    )
+    return checked_density(density, check_t, check_w, check_S(check_t))
+
+
+def _world_size() -> int:
+    """Processes in this run (1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def checked_density(density: Any, t: np.ndarray, w: np.ndarray, S: np.ndarray) -> Any:
+    """Attach the held-out self-check (`predicted_ratios` of S `[n]` at rates t with weights
+    w) to the density; a density predicted to be no better than Standard is replaced by the
+    uniform, with one warning."""
+    from .samplers import PPOTS
+
+    p = density.density(torch.as_tensor(t, dtype=torch.float64)).numpy()
+    check = predicted_ratios(t, w, S, p)
+    if check["ratio_to_standard"] < 1.0:
+        density.check = {**check, "fallback": False}
+        return density
+    why = _fallback_reason(check, (density.source or {}).get("method"))
+    warnings.warn(
+        f"P-POTS: on held-out sequences the fitted density predicts "
+        f"{check['ratio_to_standard']:.4f} x Standard's second moment, no better than "
+        f"Standard; falling back to the uniform ({why})",
+        stacklevel=2,
+    )
+    return PPOTS.uniform(
+        source={**(density.source or {}), "fallback": True}, check={**check, "fallback": True}
+    )
+
+
+def _fallback_reason(check: Mapping[str, float], method: str | None) -> str:
+    """Why a fit may be no better than Standard, and what to change."""
+    if check["optimal_ratio"] > LITTLE_TO_GAIN:
+        return (
+            f"even the optimum is {check['optimal_ratio']:.4f} x Standard's: there is little "
+            "to gain for this model"
+        )
+    fix = "raise ppots_sequences or ppots_masks"
+    return f"the estimate is too noisy: {fix}" + ("" if method == "counts" else " or use counts")
+
+
+def describe_fit(density: Any) -> str:
+    """One line on a fitted density: its design and held-out self-check."""
+    source, check = density.source or {}, density.check
+    kind = "counts" if "counts" in source else "rates"
+    design = (
+        f"{source.get('method')}, {source.get('sequences')} sequences x {source.get(kind)} "
+        f"{kind} x {source.get('masks')} masks"
+    )
+    if check is None:
+        return f"P-POTS density ({design}), no self-check"
+    line = (
+        f"P-POTS density ({design}): on {source.get('held_out')} held-out sequences its "
+        f"second moment is {check['ratio_to_standard']:.3f} x Standard's and "
+        f"{check['ratio_to_optimal']:.3f} x the optimum's ({check['optimal_ratio']:.3f} x "
+        "Standard's)"
+    )
+    return line + ("; fell back to the uniform" if check.get("fallback") else "")

@@ -28,7 +28,7 @@ from .models import Transformer
 from .models.hf import unwrap
 from .models.loading import RUN_CONFIG, build_builtin, build_hf, saved_run_config
 from .objective import Objective
-from .ppots import fit_ppots
+from .ppots import FitDesign, describe_fit, fit_ppots
 from .samplers import EMA, PPOTS, Clipped, Stratified, Uniform, with_scheme
 from .tasks import Task, get_task
 from .tokenizer import CharTokenizer
@@ -39,6 +39,7 @@ from .trainer import (
     EMACallback,
     MetricsCallback,
     ProgressBar,
+    RefitCallback,
     StableMDMTrainer,
     seeded_generator,
 )
@@ -66,7 +67,9 @@ RESUMABLE_CHANGES = {
 
 
 class TensorDataset(torch.utils.data.Dataset):
-    """Rows of a dict of equal-length tensors, as dicts (what the default collator stacks)."""
+    """Rows of a dict of equal-length tensors, as dicts (what the default collator stacks); a
+    DataLoader takes a whole batch at once (`__getitems__`: one indexing per key, not a dict
+    per row, which cost the demo's Trainer about 4% of a step)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -76,6 +79,16 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return {k: v[index] for k, v in self.tensors.items()}  # [b, ...] each
+
+
+def collate(batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+    """The Trainer's collator: a batch `TensorDataset` stacked itself passes as it is; rows
+    (a streamed dataset's) are stacked by the default collator."""
+    return batch if isinstance(batch, dict) else default_data_collator(batch)
 
 
 @dataclass(frozen=True)
@@ -237,31 +250,41 @@ def fit_density(
     task: Task,
     tokenizer: TextTokenizer,
     canvas: Canvas,
+    step: int = 0,
+    data: TensorDataset | None = None,
 ) -> PPOTS:
-    """Estimate S(t) on a grid for this model and data and fit the P-POTS density. With
-    several processes each estimates on its own `ppots_sequences` sequences and `fit_ppots`
-    averages the estimates, so all processes fit the same density from the pooled data."""
+    """Estimate S(t) for this model and data, fit the P-POTS density and check it on held-out
+    sequences (`ppots.fit_ppots`). Each process estimates on its own `ppots_sequences`
+    sequences and checks on as many others, and the estimates are pooled, so all processes
+    fit the same density. A refit at optimizer step `step` draws other sequences and masks.
+    `data` is the encoded train split when the caller has it (else it is encoded here)."""
     rank, n = config.process_index, config.ppots_sequences
-    data = fitting_data(task, tokenizer, canvas, (rank + 1) * n)
-    if (rank + 1) * n > len(data):
+    need = 2 * n * (rank + 1)
+    data = data if data is not None else fitting_data(task, tokenizer, canvas, need)
+    if need > len(data):
         raise ConfigError(
-            f"ppots_sequences={n} per process needs {(rank + 1) * n} train sequences; "
-            f"task {task.name} has {len(data)}"
+            f"ppots_sequences={n} per process needs {need} train sequences (half of them held "
+            f"out for the self-check); task {task.name} has {len(data)}: lower ppots_sequences"
         )
-    pick = torch.randperm(len(data), generator=seeded_generator(config.seed, "ppots-data"))
-    batch = default_data_collator([data[int(i)] for i in pick[rank * n : (rank + 1) * n]])
+    pick = torch.randperm(len(data), generator=seeded_generator(config.seed, "ppots-data", step))
+    mine = [data[int(i)] for i in pick[2 * n * rank : need]]
     plain = build_objective(config, tokenizer, sampler=Uniform())
+    design = FitDesign(
+        method=config.ppots_method,
+        counts=config.ppots_counts,
+        rates=config.ppots_rates,
+        masks=config.ppots_masks,
+        mix=config.mix,
+    )
     return fit_ppots(
         plain,
         model,
-        batch,
-        n_rates=config.ppots_rates,
-        n_masks=config.ppots_masks,
-        method=config.ppots_method,
+        default_data_collator(mine[:n]),
+        default_data_collator(mine[n:]),
+        generator=seeded_generator(config.seed, "ppots-masks", rank, step),
+        design=design,
         target=config.ppots_target,
         params=config.ppots_params,
-        mix=config.mix,
-        generator=seeded_generator(config.seed, "ppots-masks", rank),
     )
 
 
@@ -343,6 +366,7 @@ def train(
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
     train_data = train_dataset(task, tokenizer, canvas)
+    encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     density = None
     if config.sampler == "ppots":
         if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
@@ -350,7 +374,9 @@ def train(
         elif config.ppots_file:
             density = load_density(config.ppots_file)
         else:
-            density = fit_density(config, model, task, tokenizer, canvas)
+            density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
+            if config.process_index == 0:
+                print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
     objective = build_objective(config, tokenizer, build_sampler(config, density))
     if checkpoint is not None:
         objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
@@ -372,10 +398,18 @@ def train(
     trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
+    refits = []
+    if config.ppots_refit_steps:
+
+        def refit(step: int) -> PPOTS:
+            return fit_density(config, model, task, tokenizer, canvas, step, encoded)
+
+        refits.append(RefitCallback(trainer, density, refit, config.ppots_refit_steps))
     for callback in (
         MetricsCallback(),
         CheckpointCallback(lambda folder: save_extras(folder, with_model=builtin)),
         EMACallback(objective),
+        *refits,
         *(callbacks or []),
     ):
         trainer.add_callback(callback)
@@ -415,7 +449,7 @@ def _trainer(
         eval_dataset=encode_split(task, tokenizer, "test", canvas, config.eval_heldout)
         if evaluating
         else None,
-        data_collator=default_data_collator,
+        data_collator=collate,
         objective=objective,
         eval_objective=eval_objective,
     )

@@ -5,14 +5,15 @@ A sampler is a density on (0, 1] (`density`, `cdf`, `icdf`, exact inverses of ea
 plus a *uniform scheme* (`uniforms`: iid, stratified or mirrored) whose uniforms go through
 the inverse CDF. `sample(n, generator)` returns `(t, weight)` with weight = 1 / density(t),
 the density the draw actually came from, so `E[weight * f(t)] = int_0^1 f(t) dt` for every
-unbiased sampler, even while EMA changes its density during training.
+unbiased sampler, even while EMA or a P-POTS refit changes the density during training.
 
 All arithmetic is float64 (t, weights, densities) so the weight is the exact reciprocal of
 the density used; callers cast as they need. Draws happen on the generator's device.
 
-Adaptive samplers (EMA) learn from the unweighted per-sequence loss: after each optimizer
-step the trainer calls `sampler.observe(t, loss)` then `sampler.step()`; both are no-ops for
-the other samplers, and the scheme wrappers forward them to their base.
+Adaptive samplers (EMA) learn from the unweighted per-sequence loss: the trainer calls
+`sampler.observe(t, loss)` for every micro-batch and `sampler.step()` after each optimizer
+step; both are no-ops for the other samplers, and the scheme wrappers forward them to their
+base.
 """
 
 from __future__ import annotations
@@ -190,36 +191,68 @@ def _heights_array(heights: Any, owner: str) -> torch.Tensor:
     return h
 
 
+def equal_edges(n_bins: int) -> torch.Tensor:
+    """Edges `[n_bins + 1]` of n equal-width bins of [0, 1]."""
+    return torch.arange(n_bins + 1, dtype=F64) / n_bins
+
+
+def sqrt_edges(n_bins: int) -> torch.Tensor:
+    """Edges (j / n)^2 `[n_bins + 1]`: bins equal in sqrt(t), narrow near t = 0 where S(t) grows
+    like 1/t and p* like t^(-1/2), so each bin holds about the same share of p* there."""
+    return equal_edges(n_bins) ** 2
+
+
+def _edges_array(edges: Any, n_bins: int, owner: str) -> torch.Tensor:
+    """Validate bin edges: n_bins + 1 strictly increasing numbers from exactly 0 to exactly 1."""
+    try:
+        e = torch.as_tensor(np.asarray(edges, dtype=np.float64)).to(F64).cpu()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{owner}: edges must be a list of numbers ({err})") from None
+    if e.shape != (n_bins + 1,):
+        raise ValueError(
+            f"{owner}: {n_bins} bins need {n_bins + 1} edges, got shape {tuple(e.shape)}"
+        )
+    if e[0] != 0 or e[-1] != 1 or not (torch.diff(e) > 0).all():
+        raise ValueError(f"{owner}: edges must increase strictly from 0 to 1")
+    return e
+
+
 class PiecewiseDensity(RateSampler):
-    """Piecewise-constant density on n equal bins [j/n, (j+1)/n) of (0, 1] mixed with the
-    uniform: density = mix + (1 - mix) h[bin], h normalised to mean 1.
+    """Piecewise-constant density on bins [e_j, e_{j+1}) of (0, 1] (equal widths unless `edges`
+    are given) mixed with the uniform: density = mix + (1 - mix) h[bin], h normalised so that
+    sum_j h_j (e_{j+1} - e_j) = 1.
 
     Its cdf is piecewise linear and `icdf` inverts it exactly, so weights 1/density are exact
     and bounded by 1/mix. P-POTS and EMA are stored in this form.
     """
 
-    def __init__(self, heights: Any, mix: float) -> None:
-        h = _heights_array(heights, type(self).__name__)
-        self._set_density(h / h.mean(), _check_mix(mix))
+    def __init__(self, heights: Any, mix: float, edges: Any = None) -> None:
+        owner = type(self).__name__
+        h = _heights_array(heights, owner)
+        e = equal_edges(h.numel()) if edges is None else _edges_array(edges, h.numel(), owner)
+        self._set_density(h / (h * torch.diff(e)).sum(), _check_mix(mix), e)
 
-    def _set_density(self, h: torch.Tensor, mix: float) -> None:
-        """Install normalised heights h `[n_bins]` and derive the density and cdf knots."""
+    def _set_density(self, h: torch.Tensor, mix: float, edges: torch.Tensor) -> None:
+        """Install normalised heights h `[n_bins]` on `edges` `[n_bins + 1]` and derive the
+        density and cdf knots."""
         self.mix = mix
-        self.heights = h.to(F64).cpu()  # [n_bins], mean 1
-        n = h.numel()
+        self.heights = h.to(F64).cpu()  # [n_bins], integrates to 1 over the bins
+        self.edges = edges.to(F64).cpu()  # [n_bins + 1]
         d = mix + (1.0 - mix) * self.heights  # [n_bins]
-        knots = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(d / n, 0)])  # [n_bins + 1]
+        mass = torch.cumsum(d * torch.diff(self.edges), 0)
+        knots = torch.cat([torch.zeros(1, dtype=F64), mass])  # [n_bins + 1]
         self._bin_density = d / knots[-1]  # exact normalisation: cdf(1) == 1
         self._knots = knots / knots[-1]
 
     @property
     def n_bins(self) -> int:
-        """Number of equal-width bins."""
+        """Number of bins."""
         return self.heights.numel()
 
     def _bin(self, t: torch.Tensor) -> torch.Tensor:
         """Bin index `[n]` of each t in [0, 1] (t = 1 goes to the last bin)."""
-        return torch.floor(t * self.n_bins).long().clamp(0, self.n_bins - 1)
+        inner = self.edges[1:-1].to(t.device)
+        return torch.searchsorted(inner, t.contiguous(), right=True)
 
     def density(self, t: torch.Tensor) -> torch.Tensor:
         t = _as_f64(t)
@@ -230,48 +263,61 @@ class PiecewiseDensity(RateSampler):
         t = _as_f64(t).clamp(0.0, 1.0)
         j = self._bin(t)  # [n]
         knots, d = self._knots.to(t.device), self._bin_density.to(t.device)
-        c = (knots[j] + (t - j / self.n_bins) * d[j]).clamp(0.0, 1.0)
+        c = (knots[j] + (t - self.edges.to(t.device)[j]) * d[j]).clamp(0.0, 1.0)
         return torch.where(t >= 1.0, torch.ones_like(c), c)  # exactly 1 at t = 1
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
         u = _as_f64(u).clamp(0.0, 1.0)
         knots, d = self._knots.to(u.device), self._bin_density.to(u.device)
-        j = torch.searchsorted(knots[1:], u, right=True).clamp(max=self.n_bins - 1)  # [n]
-        t = j / self.n_bins + (u - knots[j]) / d[j]
-        return torch.minimum(t.clamp(min=0.0), (j + 1) / self.n_bins)
+        edges = self.edges.to(u.device)
+        j = torch.searchsorted(knots[1:], u.contiguous(), right=True).clamp(max=self.n_bins - 1)
+        t = edges[j] + (u - knots[j]) / d[j]  # [n]
+        return torch.minimum(t.clamp(min=0.0), edges[j + 1])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"heights": self.heights.clone(), "mix": self.mix}
+        return {"heights": self.heights.clone(), "mix": self.mix, "edges": self.edges.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _check_keys(state, {"heights", "mix"}, set(), type(self).__name__)
-        self._set_density(
-            _normalised_heights(state["heights"], type(self).__name__), _check_mix(state["mix"])
-        )
+        _check_keys(state, {"heights", "mix"}, {"edges"}, type(self).__name__)
+        self._set_density(*_stored_density(state, type(self).__name__))
 
 
-def _normalised_heights(heights: Any, owner: str) -> torch.Tensor:
-    """Validate stored heights that must already integrate to 1 (mean 1 over the bins)."""
-    h = _heights_array(heights, owner)
-    integral = h.mean().item()
+def _stored_density(
+    state: Mapping[str, Any], owner: str
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(heights, mix, edges) of a stored density, checked to integrate to 1; a state without
+    edges (written before bins could be unequal) has equal bins."""
+    h = _heights_array(state["heights"], owner)
+    edges = state.get("edges")
+    e = equal_edges(h.numel()) if edges is None else _edges_array(edges, h.numel(), owner)
+    integral = (h * torch.diff(e)).sum().item()
     if abs(integral - 1.0) > NORMALISATION_TOL:
         raise ValueError(
             f"{owner}: the density integrates to {integral:.9g}, not 1 (tolerance "
-            f"{NORMALISATION_TOL}); its heights (one per equal-width bin) must have mean 1"
+            f"{NORMALISATION_TOL}); its heights times the bin widths must sum to 1"
         )
-    return h
+    return h, _check_mix(state["mix"]), e
 
 
 class PPOTS(PiecewiseDensity):
     """P-POTS: t ~ p proportional to sqrt(S(t)), S(t) = E[l^2 | t], mixed with the uniform
-    (paper.md section 3). Built from a fitted density (see `ppots.py`); `source` records how.
+    (paper.md section 3). Built from a fitted density (see `ppots.py`); `source` records how,
+    `check` the fit's held-out self-check (predicted second moments, see `ppots.self_check`).
     """
 
     name = "ppots"
 
-    def __init__(self, heights: Any, mix: float = 0.05, source: Mapping[str, Any] | None = None):
-        super().__init__(heights, mix)
-        self.source = dict(source) if source is not None else None
+    def __init__(
+        self,
+        heights: Any,
+        mix: float = 0.05,
+        source: Mapping[str, Any] | None = None,
+        edges: Any = None,
+        check: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(heights, mix, edges)
+        self.source = _optional_dict(source, "source")
+        self.check = _optional_dict(check, "check")
 
     @classmethod
     def from_function(
@@ -281,18 +327,21 @@ class PPOTS(PiecewiseDensity):
         mix: float = 0.05,
         source: Mapping[str, Any] | None = None,
     ) -> PPOTS:
-        """Tabulate an unnormalised density fn(t: ndarray) -> ndarray by its mean over each bin
-        (FUNCTION_POINTS_PER_BIN midpoints per bin, so t = 0 is never evaluated)."""
+        """Tabulate an unnormalised density fn(t: ndarray) -> ndarray by its mean over each of
+        `n_bins` bins equal in sqrt(t) (`sqrt_edges`), from FUNCTION_POINTS_PER_BIN midpoints
+        per bin, so t = 0 is never evaluated."""
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"PPOTS.from_function: n_bins must be an integer >= 1, got {n_bins!r}")
+        edges = sqrt_edges(n_bins).numpy()
         m = FUNCTION_POINTS_PER_BIN
-        t = (np.arange(n_bins * m, dtype=np.float64) + 0.5) / (n_bins * m)
+        offsets = (np.arange(m, dtype=np.float64) + 0.5) / m  # [m]
+        t = (edges[:-1, None] + np.diff(edges)[:, None] * offsets).ravel()  # [n_bins * m]
         values = np.asarray(fn(t), dtype=np.float64)
         if values.shape != t.shape:
             raise ValueError(
                 f"PPOTS.from_function: fn returned shape {values.shape}, expected {t.shape}"
             )
-        return cls(values.reshape(n_bins, m).mean(axis=1), mix, source)
+        return cls(values.reshape(n_bins, m).mean(axis=1), mix, source, edges)
 
     @classmethod
     def from_second_moment(
@@ -303,8 +352,9 @@ class PPOTS(PiecewiseDensity):
         mix: float = 0.05,
         n_bins: int = 1024,
     ) -> PPOTS:
-        """Fit sqrt(S) on a grid of rates with the paper's smooth family ("family") or a
-        kernel-smoothed grid ("grid") and tabulate it (see `ppots.py`)."""
+        """A density from S estimated on a grid of rates: the paper's smooth family ("family"),
+        a kernel-smoothed grid ("grid"), or sqrt(S) itself interpolated between the rates
+        ("counts", the density model of the counts estimate), tabulated (see `ppots.py`)."""
         from . import ppots
 
         grid, S = np.asarray(grid, dtype=np.float64), np.asarray(S, dtype=np.float64)
@@ -314,38 +364,60 @@ class PPOTS(PiecewiseDensity):
             source = {"method": "family", "params": params.to_dict()}
         elif method == "grid":
             fn = ppots.smoothed_grid_density(grid, S)
-            source = {"method": "grid", "grid": grid.tolist(), "S": S.tolist()}
+            source = {"method": "grid"}
+        elif method == "counts":
+            fn = ppots.interpolated_root(grid, S)
+            source = {"method": "counts"}
         else:
-            raise ValueError(f"PPOTS method must be 'family' or 'grid', got {method!r}")
+            raise ValueError(f"PPOTS method must be 'counts', 'family' or 'grid', got {method!r}")
+        source.update(grid=grid.tolist(), S=S.tolist())
         return cls.from_function(fn, n_bins=n_bins, mix=mix, source=source)
 
+    @classmethod
+    def uniform(
+        cls, source: Mapping[str, Any] | None = None, check: Mapping[str, Any] | None = None
+    ) -> PPOTS:
+        """The uniform density in P-POTS form (weights 1): what a failed fit falls back to."""
+        return cls(torch.ones(1, dtype=F64), 1.0, source, check=check)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: normalised bin heights (mean 1), mix and the fit's source."""
-        return {"heights": self.heights.tolist(), "mix": self.mix, "source": self.source}
+        """JSON-ready form: bin heights and edges, mix, the fit's source and self-check."""
+        return {
+            "heights": self.heights.tolist(),
+            "edges": self.edges.tolist(),
+            "mix": self.mix,
+            "source": self.source,
+            "check": self.check,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PPOTS:
-        """Rebuild from `to_dict()`, checking the fields and that the density integrates to 1."""
-        _check_keys(data, {"heights", "mix"}, {"source"}, "P-POTS file")
-        source = data.get("source")
-        if source is not None and not isinstance(source, Mapping):
-            raise ValueError(
-                f"P-POTS file: 'source' must be a dict or null, got {type(source).__name__}"
-            )
+        """Rebuild from `to_dict()`, checking the fields and that the density integrates to 1
+        (files written before edges and the self-check existed load with equal bins)."""
+        _check_keys(data, {"heights", "mix"}, {"edges", "source", "check"}, "P-POTS file")
         sampler = cls.__new__(cls)
-        sampler._set_density(
-            _normalised_heights(data["heights"], "P-POTS file"), _check_mix(data["mix"])
-        )
-        sampler.source = dict(source) if source is not None else None
+        sampler._set_density(*_stored_density(data, "P-POTS file"))
+        sampler.source = _optional_dict(data.get("source"), "P-POTS file: 'source'")
+        sampler.check = _optional_dict(data.get("check"), "P-POTS file: 'check'")
         return sampler
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "source": self.source}
+        return {**super().state_dict(), "source": self.source, "check": self.check}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _check_keys(state, {"heights", "mix"}, {"source"}, "PPOTS")
-        super().load_state_dict({"heights": state["heights"], "mix": state["mix"]})
-        self.source = state.get("source")
+        _check_keys(state, {"heights", "mix"}, {"edges", "source", "check"}, "PPOTS")
+        self._set_density(*_stored_density(state, "PPOTS"))
+        self.source = _optional_dict(state.get("source"), "PPOTS: 'source'")
+        self.check = _optional_dict(state.get("check"), "PPOTS: 'check'")
+
+
+def _optional_dict(value: Any, what: str) -> dict[str, Any] | None:
+    """A copy of an optional mapping (None stays None); anything else is an error."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a dict or null, got {type(value).__name__}")
+    return dict(value)
 
 
 class EMA(PiecewiseDensity):
@@ -353,8 +425,12 @@ class EMA(PiecewiseDensity):
     moving averages of E[l^2] of the unweighted loss; every `refresh_every` steps the density
     becomes sqrt(moment) per bin, mixed with the uniform.
 
-    Each draw is weighted by the density it came from, so the estimator stays unbiased
-    through refreshes. In count mode observe the rate (k - 1/2) / L of a count k.
+    The bins are equal in sqrt(t) (`sqrt_edges`), so they resolve t -> 0 where S(t) grows
+    like 1/t. `observe` collects the draws of the current optimizer step (every micro-batch
+    and process) and `step` folds their per-bin mean into the averages, so the decay applies
+    once per optimizer step. Each draw is weighted by the density it came from, so the
+    estimator stays unbiased through refreshes. In count mode observe the rate (k - 1/2) / L
+    of a count k.
     """
 
     name = "ema"
@@ -367,44 +443,54 @@ class EMA(PiecewiseDensity):
                 raise ValueError(f"EMA {label} must be an integer >= 1, got {value!r}")
         if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay!r}")
-        super().__init__(torch.ones(n_bins, dtype=F64), mix)
+        super().__init__(torch.ones(n_bins, dtype=F64), mix, sqrt_edges(n_bins))
         self.decay, self.refresh_every = float(decay), refresh_every
         self.moments = torch.zeros(n_bins, dtype=F64)  # [n_bins] EMA of l^2
         self.counts = torch.zeros(n_bins, dtype=torch.long)  # [n_bins] observations so far
+        self.pending_sums = torch.zeros(n_bins, dtype=F64)  # [n_bins] l^2 of this step
+        self.pending_counts = torch.zeros(n_bins, dtype=torch.long)  # [n_bins] draws this step
         self.steps = 0
 
     def observe(self, t: torch.Tensor, loss: torch.Tensor) -> None:
-        """Fold the batch's mean l^2 per bin into that bin's EMA (first observation: set it)."""
+        """Collect this step's unweighted losses `[n]` at rates t `[n]` per bin."""
         t, loss = _as_f64(t.detach()).cpu().flatten(), _as_f64(loss.detach()).cpu().flatten()
         if t.shape != loss.shape:
             raise ValueError(f"EMA.observe: t {tuple(t.shape)} and loss {tuple(loss.shape)} differ")
         if not torch.isfinite(loss).all():
             raise ValueError("EMA.observe: the loss is not finite (the run has diverged)")
         j = self._bin(t.clamp(0.0, 1.0))  # [n]
-        n = torch.bincount(j, minlength=self.n_bins)  # [n_bins]
-        sums = torch.zeros(self.n_bins, dtype=F64).index_add_(0, j, loss**2)  # [n_bins]
+        self.pending_counts += torch.bincount(j, minlength=self.n_bins)
+        self.pending_sums.index_add_(0, j, loss**2)
+
+    def _fold(self) -> None:
+        """Fold the collected per-bin mean l^2 into each bin's EMA (first observation: set it)."""
+        n = self.pending_counts
         seen = n > 0
-        batch = sums[seen] / n[seen]
+        batch = self.pending_sums[seen] / n[seen]
         old = self.moments[seen]
         fresh = self.counts[seen] == 0
         self.moments[seen] = torch.where(fresh, batch, self.decay * old + (1 - self.decay) * batch)
         self.counts += n
+        self.pending_sums = torch.zeros_like(self.pending_sums)
+        self.pending_counts = torch.zeros_like(self.pending_counts)
 
     def step(self) -> None:
-        """Count one optimizer step; refresh the density every `refresh_every` steps."""
+        """End one optimizer step: fold its draws in; refresh every `refresh_every` steps."""
+        self._fold()
         self.steps += 1
         if self.steps % self.refresh_every == 0:
             self.refresh()
 
     def refresh(self) -> None:
-        """Density heights = sqrt(moment) per observed bin, the mean of those elsewhere;
-        uniform before any (non-zero) observation."""
+        """Fold in what was collected; then density heights = sqrt(moment) per observed bin,
+        the mean of those elsewhere; uniform before any (non-zero) observation."""
+        self._fold()
         seen = self.counts > 0
         h = torch.ones(self.n_bins, dtype=F64)
         root = self.moments.sqrt()
         if seen.any() and root[seen].sum() > 0:
             h = torch.where(seen, root, root[seen].mean())
-        self._set_density(h / h.mean(), self.mix)
+        self._set_density(h / (h * torch.diff(self.edges)).sum(), self.mix, self.edges)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -413,15 +499,20 @@ class EMA(PiecewiseDensity):
             "refresh_every": self.refresh_every,
             "moments": self.moments.clone(),
             "counts": self.counts.clone(),
+            "pending_sums": self.pending_sums.clone(),
+            "pending_counts": self.pending_counts.clone(),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         keys = {"heights", "mix", "decay", "refresh_every", "moments", "counts", "steps"}
-        _check_keys(state, keys, set(), "EMA")
+        _check_keys(state, keys, {"edges", "pending_sums", "pending_counts"}, "EMA")
+        zeros = torch.zeros(self.n_bins)
         moments = torch.as_tensor(state["moments"]).to(F64).cpu()
         counts = torch.as_tensor(state["counts"]).long().cpu()
-        if moments.shape != (self.n_bins,) or counts.shape != (self.n_bins,):
+        pending_sums = torch.as_tensor(state.get("pending_sums", zeros)).to(F64).cpu()
+        pending_counts = torch.as_tensor(state.get("pending_counts", zeros)).long().cpu()
+        if any(x.shape != (self.n_bins,) for x in (moments, counts, pending_sums, pending_counts)):
             raise ValueError(
                 f"EMA state has {moments.numel()} bins but this sampler has {self.n_bins}: "
                 "build it with the same n_bins"
@@ -431,8 +522,15 @@ class EMA(PiecewiseDensity):
                 f"EMA state has decay={state['decay']}, refresh_every={state['refresh_every']}; "
                 f"this sampler has {self.decay}, {self.refresh_every}: use the same options"
             )
-        super().load_state_dict({"heights": state["heights"], "mix": state["mix"]})
+        h, mix, edges = _stored_density(state, "EMA")
+        if not torch.equal(edges, self.edges):
+            raise ValueError(
+                "EMA state has other bin edges than this sampler's (bins equal in sqrt(t)); "
+                "it was written by an older stablemdm with equal bins: start the run afresh"
+            )
+        self._set_density(h, mix, edges)
         self.moments, self.counts, self.steps = moments, counts, int(state["steps"])
+        self.pending_sums, self.pending_counts = pending_sums, pending_counts
 
 
 class _Scheme(RateSampler):
@@ -485,8 +583,9 @@ class Stratified(_Scheme):
     """StraTS: exactly one uniform per stratum [i/n, (i+1)/n), in random order; through the
     base's icdf this stratifies its CDF space (P-POTS + StraTS), paper.md section 3.
 
-    With several processes the trainer draws the *global* batch with a generator shared by
-    all ranks and each rank takes its slice, so the strata cover the global batch.
+    The trainer draws the rates of a whole optimizer step (every process and micro-batch) with
+    one generator shared by all ranks and hands each micro-batch of each rank its slice, so
+    the strata cover the global batch (`trainer.rate_slice`).
     """
 
     name = "strats"

@@ -6,9 +6,11 @@ Everything else (DDP, FSDP, DeepSpeed, gradient accumulation, clipping, schedule
 checkpoints with optimizer, scheduler and RNG states) is the engine's. Callbacks write
 the stablemdm pieces into every checkpoint: model config, tokenizer, sampler state, config.
 
-Randomness: the rates and masks of optimizer step s, micro-batch j come from generators
-seeded by (seed, s, j) (shared by all processes, so StraTS stratifies the global batch) and
-(seed, s, j, rank). A resumed run therefore draws exactly what the uninterrupted run drew.
+Randomness: the rates of optimizer step s are drawn at once for every process and
+micro-batch from a generator seeded by (seed, s), shared by all processes, and each
+micro-batch j of each rank takes its slice (`rate_slice`), so StraTS stratifies the whole
+global batch of the step; masks come from (seed, s, j, rank). A resumed run therefore draws
+exactly what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .objective import Objective
-from .samplers import EMA
+from .samplers import EMA, PPOTS
 
 SAMPLER_STATE = "sampler_state.pt"  # torch.save of the sampler's state_dict
 
@@ -33,6 +36,14 @@ def seeded_generator(seed: int, *key: object) -> torch.Generator:
     """A CPU generator whose seed is a stable hash of (seed, *key)."""
     digest = hashlib.sha256("/".join(map(str, (seed, *key))).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def rate_slice(micro: int, rank: int, world_size: int, accumulation: int) -> tuple[int, int]:
+    """(slice, slices) of the rates of micro-batch `micro` on process `rank` within its
+    optimizer step's draw: the step draws world_size x accumulation slices at once from one
+    generator shared by all processes, ordered [micro-batch][rank], so StraTS stratifies the
+    whole optimizer step (`Objective.draw_rates` takes the slice)."""
+    return micro * world_size + rank, world_size * accumulation
 
 
 def ema_of(objective: Objective) -> EMA | None:
@@ -65,14 +76,17 @@ class StableMDMTrainer(Trainer):
             step = self.state.global_step
             micro = self._micro[1] + 1 if self._micro[0] == step else 0
             self._micro = (step, micro)
-            rank, world = self.args.process_index, self.args.world_size
+            rank = self.args.process_index
+            part, parts = rate_slice(
+                micro, rank, self.args.world_size, self.args.gradient_accumulation_steps
+            )
             out = self.objective(
                 model,
                 inputs,
-                rate_generator=seeded_generator(seed, "rate", step, micro),
+                rate_generator=seeded_generator(seed, "rate", step),
                 mask_generator=seeded_generator(seed, "mask", step, micro, rank),
-                rank=rank,
-                world_size=world,
+                rank=part,
+                world_size=parts,
             )
             self._record(out, inputs)
         else:  # held-out loss: a fixed draw per batch, the same for every method and eval
@@ -162,7 +176,8 @@ class ProgressBar(ProgressCallback):
 
 
 class EMACallback(TrainerCallback):
-    """Counts optimizer steps for the EMA sampler, which refreshes its density every N."""
+    """Ends each optimizer step for the EMA sampler: it folds the step's draws (all
+    micro-batches) into its averages, once per step, and refreshes its density every N."""
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -171,6 +186,28 @@ class EMACallback(TrainerCallback):
         ema = ema_of(self.objective)
         if ema is not None:
             ema.step()
+
+
+class RefitCallback(TrainerCallback):
+    """Refits the P-POTS density every `every` optimizer steps on the current model:
+    `refit(step)` fits a new one (the same on every process) and `density`, the sampler's, takes
+    its state, so every later draw comes from and is weighted by the new density (earlier draws
+    kept theirs: unbiased). It runs before the step's checkpoint is written, which therefore
+    holds the refitted density; the self-check is logged as `ppots/*`."""
+
+    def __init__(
+        self, trainer: Trainer, density: PPOTS, refit: Callable[[int], PPOTS], every: int
+    ) -> None:
+        self.trainer, self.density, self.refit, self.every = trainer, density, refit, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every:
+            return
+        fresh = self.refit(state.global_step)
+        self.density.load_state_dict(fresh.state_dict())
+        should_log = control.should_log  # logging resets it: keep this step's loss line
+        self.trainer.log({f"ppots/{k}": float(v) for k, v in (fresh.check or {}).items()})
+        control.should_log = should_log
 
 
 class MetricsCallback(TrainerCallback):

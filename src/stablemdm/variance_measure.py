@@ -409,16 +409,9 @@ def rate_curves(
     masks: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Per-rate curves of the unweighted per-sequence loss on G midpoints t_g, from
-    l `[I, G, K]` (sequences `index` x grid x masks; rate-mode `objective`, iid masks):
-
-    g(t) = E[l | t]; v(t) = Var(l | t) over x0 and masks; S(t) = E[l^2 | t];
-    a(t) = E_x0[Var_m(l | x0, t)], whose integral over t is A (Standard);
-    b(t) = E_x0[(E_m[l | x0, t] - E[l | x0])^2], whose integral is B (Standard), with the
-    mask noise of the per-(x0, t) means removed so that it is unbiased on the grid;
-    `se_a`, `se_b` are their SEs over sequences, and `integrals` the midpoint-rule integrals
-    (A, B, C and total = int S - (int g)^2).
-    """
+    """Per-rate curves (`curve_statistics`) of the unweighted per-sequence loss on G
+    midpoints t_g, from l `[I, G, K]`: sequences `index` x grid x masks, for a rate-mode
+    `objective` with iid masks (Standard)."""
     if objective.rate != "t" or objective.masking != "iid":
         raise ValueError("rate_curves needs a rate-mode objective with iid masks (Standard)")
     I, G, K = len(index), grid, masks
@@ -432,6 +425,23 @@ def rate_curves(
             losses.append(out.unweighted.to("cpu", F64).view(G, K))
     l = torch.stack(losses).numpy()  # [I, G, K]
     _check_finite(torch.from_numpy(l), "per-rate curves")
+    return {"t": t.tolist(), **curve_statistics(l)}
+
+
+def curve_statistics(l: np.ndarray) -> dict[str, Any]:
+    """Per-rate statistics of losses l `[I, G, K]` (sequences x grid rates x masks):
+
+    g(t) = E[l | t]; v(t) = Var(l | t) over x0 and masks; S(t) = E[l^2 | t];
+    a(t) = E_x0[Var_m(l | x0, t)], whose integral over t is A (Standard);
+    b(t) = E_x0[(E_m[l | x0, t] - E[l | x0])^2], whose integral is B (Standard), with the
+    mask noise of the per-(x0, t) means removed so that it is unbiased on the grid;
+    `se_a`, `se_b` are their SEs over sequences; `m` `[I, G]` the per-sequence means (for
+    `semi_analytic_total`), and `integrals` the midpoint-rule integrals A, B, C and
+    total = int S - (E l)^2, with (E l)^2 estimated without bias (the plug-in square of the
+    mean is high by Var(mean) = Var_i(m_i) / I, which would make the total low by about C / I);
+    the total then equals A + B + C exactly.
+    """
+    I, G, K = l.shape
     S = ppots.second_moment(l)  # [G]
     g = l.mean(axis=(0, 2))  # [G]
     v = l.transpose(1, 0, 2).reshape(G, I * K).var(axis=1, ddof=1)  # [G]
@@ -441,8 +451,8 @@ def rate_curves(
     noise = ((1.0 - 2.0 / G) * s2 + s2.mean(axis=1, keepdims=True) / G) / K  # [I, G]
     b_terms = (m - m_i) ** 2 - noise  # [I, G]
     C = float(m_i[:, 0].var(ddof=1) - s2.mean(axis=1).mean() / (G * K))
+    square_of_mean = float(m_i.mean() ** 2 - m_i[:, 0].var(ddof=1) / I)  # unbiased (E l)^2
     return {
-        "t": t.tolist(),
         "g": g.tolist(),
         "v": v.tolist(),
         "S": S.tolist(),
@@ -450,11 +460,12 @@ def rate_curves(
         "b": b_terms.mean(axis=0).tolist(),
         "se_a": (s2.std(axis=0, ddof=1) / math.sqrt(I)).tolist(),
         "se_b": (b_terms.std(axis=0, ddof=1) / math.sqrt(I)).tolist(),
+        "m": m.tolist(),
         "integrals": {
             "A": float(s2.mean()),
             "B": float(b_terms.mean()),
             "C": C,
-            "total": float(S.mean() - g.mean() ** 2),
+            "total": float(S.mean() - square_of_mean),
         },
         "sequences": I,
         "masks": K,
@@ -464,9 +475,12 @@ def rate_curves(
 def semi_analytic_total(curves: Mapping[str, Any], sampler: RateSampler) -> float:
     """Variance of one draw w(t) l under t ~ p predicted from the grid curves by the midpoint
     rule: int S w^2 p dt - (int g w p dt)^2 (w = 1/p for unbiased samplers, so Standard gives
-    int S dt - (E l)^2). Valid for rate-mode estimators with iid masks."""
+    int S dt - (E l)^2), the square estimated without bias from the per-sequence means
+    (`curve_statistics`). Valid for rate-mode estimators with iid masks."""
     t = torch.tensor(curves["t"], dtype=F64)
     p = density_sampler(sampler).density(t).numpy()
     w = density_sampler(sampler).weight(t).numpy()
-    S, g = np.asarray(curves["S"]), np.asarray(curves["g"])
-    return float(np.mean(S * w**2 * p) - np.mean(g * w * p) ** 2)
+    S, m = np.asarray(curves["S"]), np.asarray(curves["m"])  # [G], [I, G]
+    y = (m * w * p).mean(axis=1)  # [I] each sequence's int g w p dt
+    square = y.mean() ** 2 - y.var(ddof=1) / len(y)
+    return float(np.mean(S * w**2 * p) - square)

@@ -231,6 +231,9 @@ class Transformer(nn.Module):
     """
 
     conditions_on_t: ClassVar[bool] = False
+    # Range-check input ids on an accelerator too. Reading the check's result back is a host
+    # sync every forward, so it is off by default and ids on the CPU are always checked.
+    check_device_ids: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -245,6 +248,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, Dh/2]
         self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, Dh/2]
         self._init_weights(generator)
+        # the architecture is fixed here, so count once: the Trainer asks every step
+        self._n_parameters = sum(p.numel() for p in self.parameters())
 
     def _init_weights(self, generator: torch.Generator | None) -> None:
         """normal(0, 0.02) everywhere; residual output projections scaled by 1/sqrt(2 n_layers)."""
@@ -260,13 +265,15 @@ class Transformer(nn.Module):
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied embedding is counted once); without the
-        token embedding if asked (the Trainer's FLOP estimate asks)."""
-        total = sum(p.numel() for p in self.parameters())
+        token embedding if asked (the Trainer's FLOP estimate asks, every step)."""
+        total = self._n_parameters
         if exclude_embeddings and not self.config.tie_embeddings:
             total -= self.tok_embeddings.weight.numel()
         return total
 
     def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Shapes and dtype always; the id range where it costs no device sync (host tensors,
+        or any device with `check_device_ids`)."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
                 f"Transformer.forward: input_ids must be a [B, L] long tensor, got "
@@ -279,7 +286,10 @@ class Transformer(nn.Module):
                 f"{self.config.max_seq_len}; truncate the inputs or build the model with a "
                 "larger max_seq_len"
             )
-        if ((input_ids < 0) | (input_ids >= self.config.vocab_size)).any():
+        on_host = input_ids.device.type == "cpu"
+        if (on_host or self.check_device_ids) and (
+            (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        ).any():
             raise ValueError(
                 f"Transformer.forward: input_ids contain ids outside [0, vocab_size="
                 f"{self.config.vocab_size}); check the tokenizer against ModelConfig.vocab_size"

@@ -2,12 +2,14 @@
 identical settings, evaluated by decoding at several points of training, reported as the
 paper's Table 1 with paired differences, spreads and the worst-above-best check."""
 
+from .progress import StudyProgress
 from .report import build_report, markdown, write_report
 from .runner import run_study
 from .spec import METHODS, StudySpec, load_study
 
 __all__ = [
     "METHODS",
+    "StudyProgress",
     "StudySpec",
     "build_report",
     "load_study",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+KINDS = ("seeds", "tokens", "loss")
+
 
 def _by_method(results: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     out: dict[str, list[Mapping]] = {}
@@ -22,6 +24,54 @@ def _band(ax, x, rows: np.ndarray, label: str) -> None:
     ax.fill_between(x, rows.min(axis=0), rows.max(axis=0), color=line.get_color(), alpha=0.2)
 
 
+def _seeds(ax, methods: dict[str, list[Mapping]], task: str) -> None:
+    """Final accuracy of every run, one colour per seed joined across methods (the pairs)."""
+    seeds = sorted({r["seed"] for runs in methods.values() for r in runs})
+    for seed in seeds:
+        points = [
+            (i, 100 * r["accuracy"])
+            for i, runs in enumerate(methods.values())
+            for r in runs
+            if r["seed"] == seed
+        ]
+        ax.plot(*zip(*points, strict=True), marker="o", ms=4, lw=0.6, label=f"seed {seed}")
+    for i, runs in enumerate(methods.values()):
+        ax.hlines(np.mean([100 * r["accuracy"] for r in runs]), i - 0.3, i + 0.3, color="k")
+    ax.set_xticks(range(len(methods)), list(methods), rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: final accuracy per seed (black: mean)")
+
+
+def _tokens(ax, methods: dict[str, list[Mapping]], task: str) -> None:
+    """Accuracy at each evaluation point against forward token positions, band over seeds."""
+    for method, runs in methods.items():
+        steps = [e["step"] for e in runs[0]["evaluations"]]
+        tokens = np.asarray(steps) * runs[0]["forward_tokens_per_step"]
+        acc = np.asarray([[100 * e["accuracy"] for e in r["evaluations"]] for r in runs])
+        _band(ax, tokens, acc, method)
+    ax.set_xlabel("forward token positions")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: accuracy vs compute (mean, min-max over seeds)")
+
+
+def _loss(ax, methods: dict[str, list[Mapping]], task: str) -> None:
+    """Training-loss curves (each method's own estimator), band over seeds."""
+    positive = True
+    for method, runs in methods.items():
+        n = min(len(r["losses"]) for r in runs)
+        if n == 0:  # a run shorter than logging_steps logs no training loss
+            continue
+        steps = [s for s, _ in runs[0]["losses"][:n]]
+        losses = np.asarray([[loss for _, loss in r["losses"][:n]] for r in runs])
+        positive = positive and bool((losses > 0).all())
+        _band(ax, steps, losses, method)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{task}: training loss (mean, min-max over seeds)")
+    if positive:
+        ax.set_yscale("log")
+
+
 def plot_task(results: Sequence[Mapping], task: str, folder: Path) -> list[Path]:
     """Write `<task>-seeds.png`, `<task>-tokens.png` and `<task>-loss.png`; return the paths."""
     import matplotlib
@@ -30,48 +80,14 @@ def plot_task(results: Sequence[Mapping], task: str, folder: Path) -> list[Path]
     import matplotlib.pyplot as plt
 
     methods = _by_method(results)
-    paths = [folder / f"{task}-{kind}.png" for kind in ("seeds", "tokens", "loss")]
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for i, runs in enumerate(methods.values()):
-        acc = [100 * r["accuracy"] for r in runs]
-        ax.scatter([i] * len(acc), acc, s=18)
-        ax.hlines(np.mean(acc), i - 0.3, i + 0.3)
-    ax.set_xticks(range(len(methods)), list(methods), rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{task}: final accuracy per seed (line: mean)")
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for method, runs in methods.items():
-        steps = [e["step"] for e in runs[0]["evaluations"]]
-        tokens = np.asarray(steps) * runs[0]["forward_tokens_per_step"]
-        acc = np.asarray([[100 * e["accuracy"] for e in r["evaluations"]] for r in runs])
-        _band(ax, tokens, acc, method)
-    ax.set_xlabel("forward token positions")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    positive = True
-    for method, runs in methods.items():
-        steps = [s for s, _ in runs[0]["losses"]]
-        if not steps:  # a run shorter than logging_steps logs no training loss
-            continue
-        losses = np.asarray([[loss for _, loss in r["losses"]][: len(steps)] for r in runs])
-        positive = positive and bool((losses > 0).all())
-        _band(ax, steps, losses, method)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (each method's own estimator)")
-    if positive:
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
-    plt.close(fig)
+    paths = []
+    for kind, draw in zip(KINDS, (_seeds, _tokens, _loss), strict=True):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        draw(ax, methods, task)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(folder / f"{task}-{kind}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths

@@ -1,7 +1,7 @@
-"""The study report: the paper's Table 1 layout per task (one column per seed, then mean,
-std, min, max), paired differences to Standard with a 95% t interval, the worst-run-above-
-best-baseline check, cost and estimator noise per method, accuracy at every evaluation point;
-written as report.md, report.json and PNG figures, and printed."""
+"""The study report: the paper's Table 1 layout per task and evaluation point (one column per
+seed, then mean, std, min, max), paired differences to Standard with a 95% t interval, the
+worst-run-above-best-baseline check, cost and estimator noise per method; written as
+report.md, report.json and PNG figures, and printed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ BASELINES = ("standard", "clipped")
 
 
 def _accuracy_at(results: Sequence[Mapping], step: int) -> dict[str, dict[int, float]]:
-    """method -> seed -> accuracy at `step`."""
+    """method -> seed -> accuracy at `step`, methods in the order of `results`."""
     out: dict[str, dict[int, float]] = {}
     for r in results:
         acc = next(e["accuracy"] for e in r["evaluations"] if e["step"] == step)
@@ -31,44 +31,44 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
-    """Everything the report says about one task's runs."""
-    final = _accuracy_at(results, steps[-1])
-    table = {m: {"per_seed": per_seed, **summary(per_seed)} for m, per_seed in final.items()}
-    paired, claims = {}, {}
-    for method, per_seed in final.items():
-        if REFERENCE in final and method != REFERENCE:
-            paired[method] = paired_difference(per_seed, final[REFERENCE])
-        claims[method] = {
-            f"worst_above_best_{b}": worst_above_best(per_seed, final[b])
+def point_report(accuracy: Mapping[str, Mapping[int, float]]) -> dict[str, Any]:
+    """Table 1, paired differences to Standard and the third claim at one evaluation point."""
+    table = {m: {"per_seed": dict(v), **summary(v)} for m, v in accuracy.items()}
+    paired = {
+        m: paired_difference(v, accuracy[REFERENCE])
+        for m, v in accuracy.items()
+        if REFERENCE in accuracy and m != REFERENCE
+    }
+    claims = {
+        m: {
+            f"worst_above_best_{b}": worst_above_best(v, accuracy[b])
             for b in BASELINES
-            if b in final and b != method
+            if b in accuracy and b != m
         }
+        for m, v in accuracy.items()
+    }
+    return {"table": table, "paired_to_standard": paired, "claims": claims}
+
+
+def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
+    """Everything the report says about one task's runs (`steps`: the evaluation points)."""
+    by_step = {str(step): point_report(_accuracy_at(results, step)) for step in steps}
     cost = {}
-    for method in final:
+    for method in by_step[str(steps[-1])]["table"]:
         runs = [r for r in results if r["method"] == method]
+        per_step = runs[0]["forward_tokens_per_step"]
         cost[method] = {
-            "forward_tokens_per_step": runs[0]["forward_tokens_per_step"],
+            "forward_tokens_per_step": per_step,
+            "forward_tokens": per_step * steps[-1],
             "train_seconds": _mean([r["train_seconds"] for r in runs]),
             "estimator_variance": _mean([r["estimator_variance"] for r in runs]),
         }
-    speed = {
-        str(step): {m: summary(v)["mean"] for m, v in _accuracy_at(results, step).items()}
-        for step in steps
-    }
-    return {
-        "steps": list(steps),
-        "table": table,
-        "paired_to_standard": paired,
-        "claims": claims,
-        "cost": cost,
-        "accuracy_by_step": speed,
-    }
+    return {"steps": list(steps), "final_step": steps[-1], "by_step": by_step, "cost": cost}
 
 
 def build_report(name: str, results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
     """The report of a study from its runs' results."""
-    tasks = sorted({r["task"] for r in results})
+    tasks = list(dict.fromkeys(r["task"] for r in results))
     return {
         "study": name,
         "tasks": {t: task_report([r for r in results if r["task"] == t], steps) for t in tasks},
@@ -79,78 +79,81 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def _accuracy_table(task: Mapping[str, Any]) -> str:
-    seeds = sorted({s for row in task["table"].values() for s in row["per_seed"]})
-    header = ["method", *map(str, seeds), "mean", "std", "min", "max"]
-    rows = []
-    for method, row in task["table"].items():
-        per_seed = [_pct(row["per_seed"].get(s)) for s in seeds]
-        stats = [_pct(row[k]) for k in ("mean", "std", "min", "max")]
-        rows.append([method, *per_seed, *stats])
-    return _table(header, rows)
-
-
-def _claims_table(task: Mapping[str, Any]) -> str:
-    header = [
-        "method",
-        "vs Standard (95% CI)",
-        "worst > best Standard",
-        "worst > best Clipped",
-        "forward tokens/step",
-        "train s",
-        "estimator variance",
-    ]
-    rows = []
-    for method in task["table"]:
-        d = task["paired_to_standard"].get(method)
-        diff = "-" if d is None else f"{100 * d['mean']:+.1f} [{_pct(d['low'])}, {_pct(d['high'])}]"
-        claims = task["claims"][method]
-        cost = task["cost"][method]
-        var = cost["estimator_variance"]
-        rows.append(
-            [
-                method,
-                diff,
-                _yes(claims.get("worst_above_best_standard")),
-                _yes(claims.get("worst_above_best_clipped")),
-                f"{cost['forward_tokens_per_step']:,}",
-                f"{cost['train_seconds']:.0f}",
-                "-" if var is None else f"{var:.4g}",
-            ]
-        )
-    return _table(header, rows)
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
 def _yes(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
-def _speed_table(task: Mapping[str, Any]) -> str:
-    steps = list(task["accuracy_by_step"])
-    methods = list(task["table"])
-    rows = [[m, *(_pct(task["accuracy_by_step"][s].get(m)) for s in steps)] for m in methods]
-    return _table(["method", *(f"step {s}" for s in steps)], rows)
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def accuracy_table(point: Mapping[str, Any]) -> str:
+    """Table 1: a row per method, a column per seed, then mean, std, min and max (in %)."""
+    table = point["table"]
+    seeds = sorted({int(s) for row in table.values() for s in row["per_seed"]})
+    rows = []
+    for method, row in table.items():
+        per_seed = {int(s): v for s, v in row["per_seed"].items()}
+        cells = [_pct(per_seed.get(s)) for s in seeds]
+        rows.append([method, *cells, *(_pct(row[k]) for k in ("mean", "std", "min", "max"))])
+    return _table(["method", *map(str, seeds), "mean", "std", "min", "max"], rows)
+
+
+def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
+    """Paired differences to Standard, the third claim, and each method's cost and noise."""
+    header = [
+        "method",
+        "vs Standard (95% CI)",
+        "worst > best Standard",
+        "worst > best Clipped",
+        "forward tokens",
+        "train s",
+        "estimator variance",
+    ]
+    rows = []
+    for method in point["table"]:
+        d = point["paired_to_standard"].get(method)
+        diff = "-" if d is None else f"{100 * d['mean']:+.1f} [{_pct(d['low'])}, {_pct(d['high'])}]"
+        claims, c = point["claims"][method], cost[method]
+        var = c["estimator_variance"]
+        rows.append(
+            [
+                method,
+                diff,
+                _yes(claims.get("worst_above_best_standard")),
+                _yes(claims.get("worst_above_best_clipped")),
+                _count(c["forward_tokens"]),
+                f"{c['train_seconds']:.0f}",
+                "-" if var is None else f"{var:.3g}",
+            ]
+        )
+    return _table(header, rows)
 
 
 def markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown (accuracies in %)."""
+    """The report as Markdown (accuracies in %), final evaluation point first."""
     parts = [f"# Study {report['study']}"]
     for name, task in report["tasks"].items():
+        final = task["by_step"][str(task["final_step"])]
         parts += [
-            f"## {name}: test accuracy (%) at step {task['steps'][-1]}",
-            _accuracy_table(task),
-            "Paired differences to Standard (same seed), the paper's third claim, and cost:",
-            _claims_table(task),
-            "Mean accuracy (%) at each evaluation point (learning speed):",
-            _speed_table(task),
-            f"![accuracy per seed]({name}-seeds.png) ![accuracy vs tokens]({name}-tokens.png) "
-            f"![training loss]({name}-loss.png)",
+            f"## {name}: test accuracy (%) after {task['final_step']} steps",
+            accuracy_table(final),
+            "Method minus Standard on the same seeds (points, 95% t interval), the paper's "
+            "third claim (worst run above the best baseline run), forward token positions, "
+            "mean training seconds and the estimator's variance at the final checkpoint:",
+            claims_table(final, task["cost"]),
         ]
+        for step in reversed(task["steps"][:-1]):
+            parts += [f"### {name}: after {step} steps", accuracy_table(task["by_step"][str(step)])]
+        parts.append(
+            f"![accuracy per seed]({name}-seeds.png) ![accuracy vs tokens]({name}-tokens.png) "
+            f"![training loss]({name}-loss.png)"
+        )
     return "\n\n".join(parts) + "\n"
 
 

@@ -3,29 +3,32 @@
 A run is trained with checkpoints at each evaluation point, then each of those checkpoints is
 decoded on the test split; `result.json` marks it finished. Re-running skips finished runs,
 resumes a killed one from its latest checkpoint, and restarts one that died before its first.
+The trainer's own log lines go to the run's `train.log` (they are in metrics.jsonl too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, default_data_collator
 
+from ..config import StableMDMConfig
+from ..data import TextTokenizer
 from ..evaluation import evaluate
 from ..models.loading import load_checkpoint, objective_of
 from ..run import build_objective, build_sampler, encode_split, load_density, resolve_canvas, train
-from ..tasks import get_task
+from ..tasks import Task, get_task
 from ..trainer import seeded_generator
-from .spec import StudySpec
+from .progress import StudyProgress
+from .spec import RESULT, StudySpec
 
-RESULT = "result.json"
+TRAIN_LOG = "train.log"
 
 
 class SaveAt(TrainerCallback):
@@ -39,37 +42,46 @@ class SaveAt(TrainerCallback):
             control.should_save = True
 
 
-def _train(config, callbacks: list) -> float:
+def _train(config: StableMDMConfig, callbacks: list) -> float:
     """Train (resuming from a checkpoint if there is one); returns the seconds it took."""
     folder = Path(config.output_dir)
     resume = any(folder.glob("checkpoint-*"))
     if not resume and folder.exists():
         shutil.rmtree(folder)  # the study's own run folder, stopped before its first checkpoint
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    train(config, resume=resume, callbacks=callbacks)
+    with open(folder / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log):
+        train(config, resume=resume, callbacks=callbacks)
     return time.perf_counter() - start
 
 
-def train_base(spec: StudySpec, task: str, log: Callable[[str], None]) -> None:
+def train_base(spec: StudySpec, task: str, progress: StudyProgress) -> None:
     """Pretrain the shared base MDM and ARM of `task` once (cached in the study folder)."""
     for objective in ("mdm", "arm"):
         config = spec.base_config(task, objective)
         if (Path(config.output_dir) / "model.safetensors").is_file():
             continue
-        log(f"base {task}/{objective}: {config.max_steps} steps")
-        _train(config, [])
+        label = f"{task}/base-{objective}"
+        progress.say(f"{label}: pretraining {config.max_steps} steps (seed {config.seed})")
+        seconds = _train(config, [progress.start_run(label, config.max_steps)])
+        progress.say(f"{label}: pretrained in {seconds:.0f} s")
 
 
-def estimator_variance(model, config, task, draws: int, seed: int) -> float | None:
-    """Variance of the minibatch loss estimate over `draws` draws of rates and masks on one
-    fixed held-out batch of the test split: the masking noise the method leaves (0 for an
-    ARM, whose only randomness is the data)."""
+def estimator_variance(
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    config: StableMDMConfig,
+    task: Task,
+    draws: int,
+) -> float | None:
+    """Variance of the run's minibatch loss over `draws` draws of rates and masks on one fixed
+    batch of the test split: the noise the estimator leaves at fixed data (0 for an ARM, whose
+    only randomness is the data). None when `draws` < 2."""
     if draws < 2:
         return None
-    _, tokenizer = load_checkpoint(config.output_dir)
     canvas = resolve_canvas(config, task, tokenizer)
     data = encode_split(task, tokenizer, "test", canvas, config.per_device_train_batch_size)
-    batch = default_data_collator([data[i] for i in range(len(data))])
+    batch = default_data_collator([data[i] for i in range(len(data))])  # [B, L] each
     density = None
     if config.sampler == "ppots":
         density = load_density(Path(config.output_dir) / "ppots.json")
@@ -80,23 +92,48 @@ def estimator_variance(model, config, task, draws: int, seed: int) -> float | No
             objective(
                 model,
                 batch,
-                seeded_generator(seed, "variance-rate", i),
-                seeded_generator(seed, "variance-mask", i),
+                seeded_generator(config.seed, "variance-rate", i),
+                seeded_generator(config.seed, "variance-mask", i),
             ).loss.item()
             for i in range(draws)
         ]
     return float(torch.tensor(losses, dtype=torch.float64).var())
 
 
-def run_one(spec: StudySpec, task: str, method: str, seed: int) -> dict[str, Any]:
+def forward_tokens_per_step(config: StableMDMConfig) -> int:
+    """Token positions through the network per optimizer step: sequences (halved by
+    compute-matched MIRROR) x forward passes per sequence (two for MIRROR) x length."""
+    sequences = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    passes = 2 if config.objective == "mdm" and config.masking == "mirror" else 1
+    if config.compute_matched:
+        sequences //= 2
+    return sequences * passes * config.max_length
+
+
+def training_losses(folder: Path) -> list[tuple[int, float]]:
+    """(step, loss) of each training log line; a resumed run's repeated steps count once,
+    as logged last."""
+    losses = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("loss") is not None:
+            losses[record["step"]] = record["loss"]
+    return sorted(losses.items())
+
+
+def run_one(
+    spec: StudySpec, task: str, method: str, seed: int, progress: StudyProgress
+) -> dict[str, Any]:
     """Train, evaluate at every point and measure one run; writes and returns result.json."""
     config = spec.run_config(task, method, seed)
     folder = Path(config.output_dir)
     steps = spec.eval_steps()
-    seconds = _train(config, [SaveAt(steps)])
+    watch = progress.start_run(f"{task}/{method}/seed-{seed}", config.max_steps)
+    seconds = _train(config, [SaveAt(steps), watch])
     task_data = get_task(task, **config.task_options)
     evaluations = []
     for step in steps:
+        progress.phase(f"decoding step {step}")
         model, tokenizer = load_checkpoint(folder / f"checkpoint-{step}")
         ev = evaluate(
             model,
@@ -110,54 +147,51 @@ def run_one(spec: StudySpec, task: str, method: str, seed: int) -> dict[str, Any
             output_path=folder / f"eval-{step}.jsonl",
         )
         evaluations.append({"step": step, "accuracy": ev.accuracy, "n": ev.n})
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    progress.phase("estimator variance")
     result = {
         "task": task,
         "method": method,
         "seed": seed,
         "evaluations": evaluations,
+        "eval_limit": spec.eval_limit,
         "accuracy": evaluations[-1]["accuracy"],
         "train_seconds": round(seconds, 1),
         "forward_tokens_per_step": forward_tokens_per_step(config),
-        "losses": [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None],
+        "losses": training_losses(folder),
         "estimator_variance": estimator_variance(
-            model, config, task_data, spec.variance_draws, seed
+            model, tokenizer, config, task_data, spec.variance_draws
         ),
     }
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     return result
 
 
-def forward_tokens_per_step(config) -> int:
-    """Token positions through the network per optimizer step: sequences (halved by
-    compute-matched MIRROR) x forward passes per sequence (two for MIRROR) x length."""
-    sequences = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    passes = 2 if config.objective == "mdm" and config.masking == "mirror" else 1
-    if config.compute_matched:
-        sequences //= 2
-    return sequences * passes * config.max_length
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's CPU threads set to `n` (None: unchanged) for the block, then restored."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def run_study(spec: StudySpec, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run (or pick up) every run of the study; returns their results."""
-    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+def run_study(spec: StudySpec, progress: StudyProgress | None = None) -> list[dict[str, Any]]:
+    """Run (or pick up) every run of the study, seed by seed; returns their results."""
     runs = [(t, m, s) for t in spec.tasks for s in spec.seeds for m in spec.methods]
     results = []
-    started = time.perf_counter()
-    for task in spec.tasks if spec.base is not None else ():
-        train_base(spec, task, say)
-    for done, (task, method, seed) in enumerate(runs):
-        path = spec.run_dir(task, method, seed) / RESULT
-        prefix = f"[{done + 1}/{len(runs)}] {task}/{method}/seed-{seed}"
-        if path.is_file():
-            results.append(json.loads(path.read_text()))
-            say(f"{prefix}: done already")
-            continue
-        result = run_one(spec, task, method, seed)
-        results.append(result)
-        elapsed = time.perf_counter() - started
-        say(
-            f"{prefix}: accuracy {100 * result['accuracy']:.1f}% in {result['train_seconds']} s "
-            f"(study {elapsed / 60:.1f} min)"
-        )
+    with progress or StudyProgress(spec.name, len(runs)) as progress, _threads(spec.threads):
+        for task in spec.tasks if spec.base is not None else ():
+            train_base(spec, task, progress)
+        for task, method, seed in runs:
+            path = spec.run_dir(task, method, seed) / RESULT
+            label = f"{task}/{method}/seed-{seed}"
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+                progress.finish_run(label, None)
+                continue
+            results.append(run_one(spec, task, method, seed, progress))
+            progress.finish_run(label, results[-1])
     return results

@@ -9,6 +9,7 @@ evaluate, and an optional shared base model. Everything is validated before any 
     eval_points: [0.25, 0.5, 1.0]               # fractions of the training budget
     eval_limit: 200                             # test items decoded per evaluation
     variance_draws: 32                          # estimator draws at the final checkpoint
+    threads: 1                                  # torch CPU threads (default: one per core)
     task_options: {chain_sum: {n_train: 20000, n_test: 200}}
     train: {model_preset: tiny, max_steps: 1000, ...}   # StableMDMConfig fields, every run
     base: {max_steps: 500}                      # optional: pretrain one MDM and one ARM first
@@ -19,12 +20,18 @@ evaluate, and an optional shared base model. Everything is validated before any 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import ConfigError, StableMDMConfig, config_from_values, load_yaml, parse_override
 from ..tasks import available_tasks, get_task
+from ..variance_report import ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS
 from ..variance_report import METHODS as ESTIMATORS
 
 # every estimator of the variance tool, the ARM, and MIRROR at a Standard step's compute
@@ -40,9 +47,49 @@ METHODS: dict[str, dict[str, Any]] = {
         "compute_matched": True,
     },
 }
-# fields a study sets itself for every run
-OWN_FIELDS = ("output_dir", "seed", "task", "task_options", "init_from", "objective")
+# fields the study sets for every run (train may not), and the estimator fields only a
+# method sets (so `standard` means Standard whatever the shared fields say)
+OWN_FIELDS = ("output_dir", "seed", "task", "task_options", "init_from", "save_steps")
+METHOD_FIELDS = ("objective", *ESTIMATOR_DEFAULTS)
+# fields that decide a network's architecture (a cached base must match them)
 MODEL_FIELDS = ("model_preset", "d_model", "n_layers", "n_heads", "model")
+METHOD_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # one folder name
+RESULT = "result.json"  # in a run folder: the run is finished
+# config fields a finished or checkpointed run may differ in from the study's current config
+HARMLESS = ("output_dir", "logging_steps", "disable_tqdm", "report_to", "dataloader_num_workers")
+MEASURED = ("max_length", "gen_length")  # measured on the data when the study leaves them unset
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_fraction(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, list) and all(check(v) for v in x)
+
+
+# field: (type check, what it must be); `methods` is checked by `_methods`
+FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda x: isinstance(x, str) and bool(x), "a non-empty string"),
+    "output_dir": (lambda x: isinstance(x, str) and bool(x), "a folder path"),
+    "tasks": (_list_of(lambda x: isinstance(x, str)), "a list of task names"),
+    "seeds": (_list_of(_is_int), "a list of integers"),
+    "eval_points": (_list_of(_is_fraction), "a list of fractions of the budget"),
+    "eval_limit": (_is_int, "an integer"),
+    "variance_draws": (_is_int, "an integer (0 to skip)"),
+    "threads": (lambda x: x is None or (_is_int(x) and x >= 1), "a positive integer"),
+    "task_options": (
+        lambda x: isinstance(x, dict) and all(isinstance(v, dict) for v in x.values()),
+        "a mapping of task name to its options",
+    ),
+    "train": (lambda x: isinstance(x, dict), "a mapping of config fields"),
+    "base": (lambda x: x is None or isinstance(x, dict), "a mapping of config fields"),
+}
+REQUIRED = ("name", "output_dir", "tasks", "seeds", "methods")
 
 
 @dataclass
@@ -57,6 +104,7 @@ class StudySpec:
     eval_points: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     eval_limit: int = 200
     variance_draws: int = 32
+    threads: int | None = None
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] | None = None
@@ -67,21 +115,26 @@ class StudySpec:
     def base_dir(self, task: str, objective: str) -> Path:
         return Path(self.output_dir) / task / f"base-{objective}"
 
+    def max_steps(self) -> int:
+        """Every run's budget in optimizer steps."""
+        return self.train.get("max_steps", _default("max_steps"))
+
     def eval_steps(self) -> list[int]:
         """The optimizer steps at which each run is decoded."""
-        steps = self.train.get("max_steps", 200)
-        return sorted({max(1, round(f * steps)) for f in self.eval_points})
+        return sorted({max(1, round(f * self.max_steps())) for f in self.eval_points})
 
     def run_config(self, task: str, method: str, seed: int) -> StableMDMConfig:
         """The training config of one run: shared fields, the method's, the study's own."""
-        values = {**self.train, **self.methods[method]}
+        values = {**self.train, **ESTIMATOR_DEFAULTS, **self.methods[method]}
+        if values["masking"] == "isad" and not values.get("isad_tokens"):
+            values["isad_tokens"] = ISAD_DEFAULT_TOKENS.get(task, [])
         objective = values.get("objective", "mdm")
         values.update(
             output_dir=str(self.run_dir(task, method, seed)),
             seed=seed,
             task=task,
             task_options=self.task_options.get(task, {}),
-            save_steps=values.get("max_steps", 200),
+            save_steps=self.max_steps(),
             disable_tqdm=True,
         )
         if self.base is not None:
@@ -89,14 +142,17 @@ class StudySpec:
         return _build(values, f"{task}/{method}/seed-{seed}")
 
     def base_config(self, task: str, objective: str) -> StableMDMConfig:
-        """The shared base of `objective` for `task`: the study's fields, the base's budget."""
-        values = {**self.train, **self.base, "objective": objective}
+        """The shared base of `objective` for `task`: the study's fields, the base's budget
+        and seed (default 0), Standard's estimator for the MDM."""
+        base = dict(self.base or {})
+        seed = base.pop("seed", 0)
+        values = {**self.train, **ESTIMATOR_DEFAULTS, **base, "objective": objective}
         values.update(
             output_dir=str(self.base_dir(task, objective)),
-            seed=self.base.get("seed", 0),
+            seed=seed,
             task=task,
             task_options=self.task_options.get(task, {}),
-            save_steps=values.get("max_steps", 200),
+            save_steps=values.get("max_steps", _default("max_steps")),
             disable_tqdm=True,
         )
         return _build(values, f"base of {task} ({objective})")
@@ -110,28 +166,37 @@ def _build(values: dict[str, Any], where: str) -> StableMDMConfig:
         raise ConfigError(f"study run {where}: {err}") from None
 
 
-def _methods(raw: Any) -> dict[str, dict[str, Any]]:
+def _default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(StableMDMConfig) if f.name == name)
+
+
+def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
     """Method names (from METHODS) or a mapping of names to overrides (None: the registry's)."""
     if isinstance(raw, list):
         raw = {name: None for name in raw}
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError("study: methods must be a non-empty list of names or a mapping")
+        raise ConfigError(f"{where}: methods must be a non-empty list of names or a mapping")
     out = {}
     for name, overrides in raw.items():
+        if not isinstance(name, str) or not METHOD_NAME.match(name):
+            raise ConfigError(
+                f"{where}: method name {name!r} must be letters, digits and _.+- (a folder name)"
+            )
         if overrides is None:
             if name not in METHODS:
                 raise ConfigError(
-                    f"study: unknown method {name!r}; known: {', '.join(METHODS)} (or give its "
-                    "config overrides: {name: {sampler: ppots, ...}})"
+                    f"{where}: unknown method {name!r}; known: {', '.join(METHODS)} (or give "
+                    "its config overrides: {name: {sampler: ppots, ...}})"
                 )
             overrides = METHODS[name]
         if not isinstance(overrides, dict):
-            raise ConfigError(f"study: method {name!r} needs a mapping of config overrides")
-        out[str(name)] = dict(overrides)
+            raise ConfigError(f"{where}: method {name!r} needs a mapping of config overrides")
+        out[name] = dict(overrides)
     return out
 
 
 def _apply_override(values: dict[str, Any], text: str) -> None:
+    """`key=value` or `parent.key=value` (into a mapping such as train or task_options)."""
     key, value = parse_override(text)
     *parents, last = key.split(".")
     target = values
@@ -147,7 +212,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
-    values = load_yaml(path.read_text())
+    try:
+        values = load_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a study file is a mapping of study fields")
     for text in overrides:
@@ -156,51 +224,75 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown study field(s) {unknown}; known: {sorted(known)}")
-    missing = sorted(
-        f for f in ("name", "output_dir", "tasks", "seeds", "methods") if f not in values
-    )
+    missing = [f for f in REQUIRED if f not in values]
     if missing:
         raise ConfigError(f"{path}: missing study field(s) {missing}")
-    values["methods"] = _methods(values["methods"])
-    try:
-        spec = StudySpec(**values)
-    except TypeError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    for key, (check, what) in FIELD_TYPES.items():
+        if key in values and not check(values[key]):
+            raise ConfigError(f"{path}: {key} must be {what}, got {values[key]!r}")
+    values["methods"] = _methods(values["methods"], str(path))
+    spec = StudySpec(**values)
     validate(spec, str(path))
     return spec
 
 
 def validate(spec: StudySpec, where: str) -> None:
-    """Refuse before any training: bad seeds, tasks, eval points, fields the study sets, and
-    any run config that does not build."""
+    """Refuse before any training: bad seeds, tasks, eval points, fields the study or a method
+    sets, a mismatched cached base, and any run config that does not build."""
     seeds = spec.seeds
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if not seeds:
+        raise ConfigError(f"{where}: seeds is empty; give at least one (the paper: 42, 731, 20231)")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(
-            f"{where}: duplicate seeds {sorted(s for s in seeds if seeds.count(s) > 1)}"
+            f"{where}: duplicate seeds {sorted({s for s in seeds if seeds.count(s) > 1})}"
         )
     unknown = [t for t in spec.tasks if t not in available_tasks()]
     if not spec.tasks or unknown:
         raise ConfigError(
             f"{where}: unknown task(s) {unknown}; known: {', '.join(available_tasks())}"
         )
+    stray = sorted(set(spec.task_options) - set(spec.tasks))
+    if stray:
+        raise ConfigError(f"{where}: task_options for {stray}, which is not in tasks {spec.tasks}")
     if not spec.eval_points or not all(0 < f <= 1 for f in spec.eval_points):
         raise ConfigError(
             f"{where}: eval_points must be fractions in (0, 1], got {spec.eval_points}"
         )
-    if spec.eval_limit < 1 or spec.variance_draws < 0:
-        raise ConfigError(f"{where}: need eval_limit >= 1 and variance_draws >= 0")
-    clash = [k for k in OWN_FIELDS if k in spec.train]
-    if clash:
-        raise ConfigError(f"{where}: train sets {clash}, which the study sets per run")
+    if spec.eval_limit < 1:
+        raise ConfigError(f"{where}: eval_limit must be >= 1, got {spec.eval_limit}")
+    if spec.variance_draws < 0 or spec.variance_draws == 1:
+        raise ConfigError(
+            f"{where}: variance_draws must be 0 (skip) or >= 2, got {spec.variance_draws}"
+        )
+    _check_shared_fields(spec, where)
     for task in spec.tasks:
-        get_task(task, **spec.task_options.get(task, {}))
+        try:
+            get_task(task, **spec.task_options.get(task, {}))
+        except ValueError as err:
+            raise ConfigError(f"{where}: task_options of {task}: {err}") from None
         if spec.base is not None:
             for objective in ("mdm", "arm"):
                 check_base(spec, task, objective)
         for method in spec.methods:
-            spec.run_config(task, method, spec.seeds[0])
+            for seed in spec.seeds:
+                check_started(spec, task, method, seed)
+
+
+def _check_shared_fields(spec: StudySpec, where: str) -> None:
+    """`train` and `base` leave per-run fields to the study and estimators to the methods."""
+    for part, values in (("train", spec.train), ("base", spec.base or {})):
+        allowed_here = ("seed",) if part == "base" else ()
+        clash = [k for k in OWN_FIELDS if k in values and k not in allowed_here]
+        if clash:
+            raise ConfigError(f"{where}: {part} sets {clash}, which the study sets per run")
+        estimators = [k for k in METHOD_FIELDS if k in values]
+        if estimators:
+            raise ConfigError(
+                f"{where}: {part} sets {estimators}, which each method sets; move them into a "
+                "method ({name: {sampler: ppots, ...}})"
+            )
+    if not _is_int(spec.max_steps()) or spec.max_steps() < 1:
+        raise ConfigError(f"{where}: train.max_steps must be a positive integer (the budget)")
 
 
 def check_base(spec: StudySpec, task: str, objective: str) -> None:
@@ -210,16 +302,39 @@ def check_base(spec: StudySpec, task: str, objective: str) -> None:
     if not saved.is_file():
         return
     before = load_yaml(saved.read_text()) or {}
-    changed = [
-        k for k in MODEL_FIELDS if before.get(k) != {**spec.train, **spec.base}.get(k, _default(k))
-    ]
+    merged = {**spec.train, **(spec.base or {})}
+    wanted = {k: merged.get(k, _default(k)) for k in MODEL_FIELDS}
+    changed = [k for k in MODEL_FIELDS if before.get(k) != wanted[k]]
     if changed:
+        now = ", ".join(f"{k}: {before.get(k)!r} -> {wanted[k]!r}" for k in changed)
         raise ConfigError(
-            f"base checkpoint {saved.parent} was trained with a different architecture "
-            f"({', '.join(f'{k}: {before.get(k)!r}' for k in changed)}); delete it to retrain "
-            "the base, or restore those fields"
+            f"base checkpoint {saved.parent} was trained with another architecture ({now}); "
+            "delete that folder to retrain the base, or restore those fields"
         )
 
 
-def _default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(StableMDMConfig) if f.name == name)
+def check_started(spec: StudySpec, task: str, method: str, seed: int) -> None:
+    """A run's config must build, and a run already finished or checkpointed in the study
+    folder must have been trained with it (and evaluated at the same points)."""
+    config = spec.run_config(task, method, seed)
+    folder = spec.run_dir(task, method, seed)
+    if not (folder / RESULT).is_file() and not any(folder.glob("checkpoint-*")):
+        return  # nothing there yet, or a run that will be restarted
+    saved = load_yaml((folder / "config.yaml").read_text()) or {}
+    now = config.resolved()
+    changed = [
+        k
+        for k in sorted(set(saved) & set(now))
+        if k not in HARMLESS and saved[k] != now[k] and not (k in MEASURED and now[k] is None)
+    ]
+    if (folder / RESULT).is_file() and not changed:
+        done = json.loads((folder / RESULT).read_text())
+        if [e["step"] for e in done["evaluations"]] != spec.eval_steps():
+            changed = ["eval_points"]
+        elif done.get("eval_limit", spec.eval_limit) != spec.eval_limit:
+            changed = ["eval_limit"]
+    if changed:
+        raise ConfigError(
+            f"{folder} was run with other settings ({', '.join(changed)}): give the study "
+            "another output_dir, or delete that run to redo it"
+        )

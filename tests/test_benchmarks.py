@@ -1,0 +1,85 @@
+"""benchmarks/step.py and benchmarks/gpu.py run end to end at tiny sizes on CPU and count the
+work of each method correctly (forward tokens, saved activations); no timing is asserted."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+B, L = 4, 16  # the step benchmark's tiny batch
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmark scripts as modules (gpu.py imports step.py from its own folder), on one
+    torch thread as the scripts run on this shared machine."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield importlib.import_module("step"), importlib.import_module("gpu")
+    torch.set_num_threads(threads)
+
+
+def test_step_benchmark_times_every_method_of_the_issue_once(bench):
+    step, _ = bench
+    result = step.measure_steps("tiny", B, L, steps=1, rounds=1, bf16=False)
+    rows = result["methods"]
+    issue = {
+        "ARM", "Standard", "P-POTS", "StraTS", "SyRM", "EMA", "ISAD", "Clipped", "count",
+        "MIRROR fused", "MIRROR sequential", "P-POTS+MIRROR", "MIRROR compute-matched",
+        "count+P-POTS+MIRROR",
+    }  # fmt: skip
+    assert issue <= set(rows)
+    two_copies = {"MIRROR fused", "MIRROR sequential", "P-POTS+MIRROR", "count+P-POTS+MIRROR"}
+    for name, row in rows.items():
+        passes = 2 if name in two_copies or "batch 2B" in name else 1
+        assert row["forward_tokens"] == passes * B * L, name
+        assert math.isfinite(row["draw_share"]["median"]) and row["draw_share"]["min"] >= 0
+    assert rows["ARM"]["draw_share"]["median"] == 0.0
+    assert rows["Standard"]["tokens_vs_standard"]["median"] == pytest.approx(1.0)
+    standard = rows["Standard"]["activation_mib"]
+    assert rows["MIRROR fused"]["activation_mib"] > 1.5 * standard  # two copies are saved
+    assert (
+        rows["MIRROR compute-matched"]["activation_mib"]
+        < 0.75 * rows["MIRROR fused"]["activation_mib"]
+    )
+    table = step.steps_table(result)
+    assert all(f"| {name} |" in table for name in rows)
+
+
+def test_trainer_overhead_runs_the_demo_training_and_the_raw_loop(bench):
+    step, _ = bench
+    result = step.trainer_overhead(steps=4, n_train=128)
+    assert result["blocks"] == 3 and result["block"] == 1  # 4 steps: a warm-up step, 3 blocks
+    assert result["raw_step_s"] > 0 and result["trainer_step_s"] > 0
+    assert result["final_checkpoint_s"] > 0  # the checkpoint is written at the end
+    assert "Trainer overhead" in step.trainer_table(result)
+
+
+def test_gpu_benchmark_tiny_cpu_run_writes_json_and_markdown(bench, tmp_path):
+    _, gpu = bench
+    gpu.run(["tiny"], steps=1, rounds=1, compile_blocks=False, output=tmp_path)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    entry = report["sizes"]["tiny"]
+    rows, tokens = entry["methods"], entry["batch"] * entry["length"]
+    assert list(rows) == list(gpu.METHODS)
+    for name, row in rows.items():
+        passes = 2 if "MIRROR" in name else 1
+        assert row["forward_tokens"] == passes * tokens, name
+        assert row["mfu"] is None and row["peak_memory_gib"] is None  # no GPU, no peak
+    assert rows["Standard"]["tokens_vs_standard"] == pytest.approx(1.0)
+    assert "| MIRROR sequential |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_peak_tflops_by_card_name(bench):
+    _, gpu = bench
+    assert gpu.peak_tflops("NVIDIA H200") == gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("cpu") is None
