@@ -15,6 +15,8 @@ on the same model, optimizer, schedule and data, alternated over rounds.
     .venv/bin/python benchmarks/step.py                  # small preset, batch 32 x length 128
     .venv/bin/python benchmarks/step.py --bf16           # the step part under bf16 autocast
     .venv/bin/python benchmarks/step.py --quick          # one repetition of each, tiny sizes
+    .venv/bin/python benchmarks/step.py --clock cpu      # CPU time: a machine shared with others
+    .venv/bin/python benchmarks/step.py --methods "MIRROR fused,MIRROR sequential" --no-trainer
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +48,11 @@ from stablemdm.tokenizer import CharTokenizer
 from stablemdm.trainer import StableMDMTrainer
 
 # a P-POTS density of the shape fits produce (cost does not depend on the shape)
+Clock = Callable[[], float]
+# wall time, or this process's CPU time: on a shared machine a one-thread run's CPU time
+# measures its own work and not the time it waited for a core
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_NAMES = {v: k for k, v in CLOCKS.items()}
 PPOTS_SHAPE = FamilyParams(a=4.0, b=0.5, A=1.0, r=1.0, q=2.0, k=0.5, m=1.0)
 PROMPT_SHARE = 4  # the synthetic batch: the first 1/4 of each row is prompt, the rest response
 MIB = 2**20
@@ -96,7 +104,7 @@ def methods(mask_id: int, isad_id: int) -> dict[str, Method]:
         "P-POTS+MIRROR": Method(o(masking="mirror", sampler=ppots())),
         "MIRROR compute-matched": Method(o(masking="mirror", compute_matched=True)),
         "count+P-POTS+MIRROR": Method(o(rate="count", masking="mirror", sampler=ppots())),
-        "Standard, batch 2B (control)": Method(o(), batch_factor=2),
+        "Standard 2B (control)": Method(o(), batch_factor=2),
     }
 
 
@@ -183,16 +191,16 @@ class Bench:
         self.optims[name].zero_grad(set_to_none=True)
         return passes * self.batch["input_ids"].shape[1]
 
-    def draw_seconds(self, name: str, repeats: int) -> float:
+    def draw_seconds(self, name: str, repeats: int, clock: Clock = time.perf_counter) -> float:
         """Seconds per call of `draw` for this method (mean over `repeats` calls)."""
         method = self.methods[name]
         if method.objective.kind == "arm":  # the ARM draws nothing
             return 0.0
         batch, gens = self.batch_of(method), (torch.Generator(), torch.Generator())
-        start = time.perf_counter()
+        start = clock()
         for _ in range(repeats):
             draw(method.objective, batch, *gens)
-        return (time.perf_counter() - start) / repeats
+        return (clock() - start) / repeats
 
     def activation_mib(self, name: str, bf16: bool) -> float:
         """MiB of distinct tensors saved for backward by one forward (parameters excluded)."""
@@ -221,8 +229,26 @@ def _ratio(a: list[float], b: list[float], minus_one: bool = False) -> dict[str,
     return _summary([x / y - minus_one for x, y in zip(a, b, strict=True)])
 
 
+def selected(table: dict[str, Method], only: list[str] | None) -> dict[str, Method]:
+    """The methods named in `only` (all if None), always with ARM and Standard, the references;
+    fewer methods make shorter rounds, so the paired times lie closer together."""
+    if only is None:
+        return table
+    unknown = sorted(set(only) - set(table))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(table)}")
+    return {k: v for k, v in table.items() if k in {"ARM", "Standard", *only}}
+
+
 def measure_steps(
-    preset: str, batch: int, length: int, steps: int, rounds: int, bf16: bool
+    preset: str,
+    batch: int,
+    length: int,
+    steps: int,
+    rounds: int,
+    bf16: bool,
+    only: list[str] | None = None,
+    clock: Clock = time.perf_counter,
 ) -> dict:
     """Part 1: per method the step time, tokens/s, activations and draw share; ratios to
     Standard and to the ARM within each round."""
@@ -230,7 +256,7 @@ def measure_steps(
     cfg = ModelConfig.from_preset(
         preset, vocab_size=tok.vocab_size, max_seq_len=length, mask_token_id=tok.mask_token_id
     )
-    table = methods(tok.mask_token_id, tok.token_id("-", where="ISAD token"))
+    table = selected(methods(tok.mask_token_id, tok.token_id("-", where="ISAD token")), only)
     bench = Bench(table, synthetic_batch(batch, length, tok.vocab_size), cfg)
     names = list(table)
     for name in names:  # warm-up
@@ -240,11 +266,11 @@ def measure_steps(
     drawn = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(steps):
                 tokens[name] = bench.step(name, bf16)
-            seconds[name].append((time.perf_counter() - start) / steps)
-            drawn[name].append(bench.draw_seconds(name, max(1, 4 * steps)))
+            seconds[name].append((clock() - start) / steps)
+            drawn[name].append(bench.draw_seconds(name, max(1, 4 * steps), clock))
     rows = {}
     for name in names:
         s = seconds[name]
@@ -271,6 +297,7 @@ def measure_steps(
         "steps_per_round": steps,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
+        "clock": CLOCK_NAMES[clock],
         "methods": rows,
     }
 
@@ -289,7 +316,8 @@ class PairedRawStep(TrainerCallback):
     of raw step i-1 to the end of Trainer step i (data loading, collation, the step, callbacks,
     logging: everything `train` does per step), `raw_s[i]` that of raw step i."""
 
-    def __init__(self, config: StableMDMConfig) -> None:
+    def __init__(self, config: StableMDMConfig, clock: Clock = time.perf_counter) -> None:
+        self.clock = clock
         task = get_task(config.task, **config.task_options)
         self.model, tokenizer, canvas = build_model(config, task)
         self.data = train_dataset(task, tokenizer, canvas).tensors
@@ -317,20 +345,22 @@ class PairedRawStep(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.model.train()
-        self.mark = time.perf_counter()
+        self.mark = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
+        now = self.clock()
         self.trainer_s.append(now - self.mark)
         self.raw_step(len(self.raw_s))
-        self.mark = time.perf_counter()
+        self.mark = self.clock()
         self.raw_s.append(self.mark - now)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.final_s = time.perf_counter() - self.mark  # the last log line and the checkpoint
+        self.final_s = self.clock() - self.mark  # the last log line and the checkpoint
 
 
-def trainer_overhead(steps: int, n_train: int, demo_steps: int = 1000) -> dict:
+def trainer_overhead(
+    steps: int, n_train: int, demo_steps: int = 1000, clock: Clock = time.perf_counter
+) -> dict:
     """Part 2: the Trainer's overhead over the raw step, paired step by step in one run. Per
     block of `logging_steps` steps after a warm-up block: the median of the paired
     differences over the median raw step (robust to the load bursts of a shared machine);
@@ -338,7 +368,7 @@ def trainer_overhead(steps: int, n_train: int, demo_steps: int = 1000) -> dict:
     the end-of-run checkpoint as a share of the demo's `demo_steps` raw steps."""
     with tempfile.TemporaryDirectory() as tmp:
         config = demo_config(Path(tmp), steps, n_train)
-        paired = PairedRawStep(config)
+        paired = PairedRawStep(config, clock)
         train(config, callbacks=[paired])
     trained, raw = paired.trainer_s, paired.raw_s
     per = config.logging_steps if steps >= 3 * config.logging_steps else max(1, steps // 3)
@@ -349,6 +379,7 @@ def trainer_overhead(steps: int, n_train: int, demo_steps: int = 1000) -> dict:
         for block in blocks
     ]
     return {
+        "clock": CLOCK_NAMES[clock],
         "steps": steps,
         "block": per,
         "blocks": len(blocks),
@@ -410,28 +441,49 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition each")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--methods", help="comma-separated methods of the step part (ARM, Standard always run)"
+    )
+    parser.add_argument("--no-trainer", action="store_true", help="skip the Trainer part")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall", help="cpu: process CPU time (shared machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.preset, args.length, args.batch, args.steps, args.rounds = "tiny", 16, 4, 1, 1
         args.trainer_steps = 4
-    steps = measure_steps(args.preset, args.batch, args.length, args.steps, args.rounds, args.bf16)
+    only = args.methods.split(",") if args.methods else None
+    steps = measure_steps(
+        args.preset,
+        args.batch,
+        args.length,
+        args.steps,
+        args.rounds,
+        args.bf16,
+        only,
+        CLOCKS[args.clock],
+    )
     print(
         f"step: preset {steps['preset']} ({steps['parameters']:,} parameters), batch "
         f"{steps['batch']} x length {steps['length']}, bf16={steps['bf16']}, "
         f"{steps['rounds']} rounds x {steps['steps_per_round']} steps, "
-        f"torch threads {steps['threads']}\n"
+        f"torch threads {steps['threads']}, {steps['clock']} clock\n"
     )
     print(steps_table(steps) + "\n")
-    n_train = 256 if args.quick else DEMO["task_options"]["n_train"]
-    overhead = trainer_overhead(args.trainer_steps, n_train)
-    print(
-        f"trainer: demo sizes (tiny preset, batch 64, chain_sum), {overhead['steps']} steps, "
-        f"{overhead['blocks']} blocks of {overhead['block']} after a warm-up block\n"
-    )
-    print(trainer_table(overhead))
+    result = {"step": steps}
+    if not args.no_trainer:
+        n_train = 256 if args.quick else DEMO["task_options"]["n_train"]
+        result["trainer"] = overhead = trainer_overhead(
+            args.trainer_steps, n_train, clock=CLOCKS[args.clock]
+        )
+        print(
+            f"trainer: demo sizes (tiny preset, batch 64, chain_sum), {overhead['steps']} "
+            f"steps, {overhead['blocks']} blocks of {overhead['block']} after a warm-up block\n"
+        )
+        print(trainer_table(overhead))
     if args.json:
-        args.json.write_text(json.dumps({"step": steps, "trainer": overhead}, indent=1) + "\n")
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

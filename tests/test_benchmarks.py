@@ -39,7 +39,7 @@ def test_step_benchmark_times_every_method_of_the_issue_once(bench):
     assert issue <= set(rows)
     two_copies = {"MIRROR fused", "MIRROR sequential", "P-POTS+MIRROR", "count+P-POTS+MIRROR"}
     for name, row in rows.items():
-        passes = 2 if name in two_copies or "batch 2B" in name else 1
+        passes = 2 if name in two_copies or "2B" in name else 1
         assert row["forward_tokens"] == passes * B * L, name
         assert math.isfinite(row["draw_share"]["median"]) and row["draw_share"]["min"] >= 0
     assert rows["ARM"]["draw_share"]["median"] == 0.0
@@ -83,3 +83,21 @@ def test_peak_tflops_by_card_name(bench):
     assert gpu.peak_tflops("NVIDIA H200") == gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu.peak_tflops("cpu") is None
+
+
+def test_step_benchmark_runs_a_selection_with_its_references(bench):
+    step, _ = bench
+    result = step.measure_steps("tiny", B, L, steps=1, rounds=1, bf16=False, only=["count"])
+    assert list(result["methods"]) == ["ARM", "Standard", "count"]
+    with pytest.raises(SystemExit, match="unknown"):
+        step.measure_steps("tiny", B, L, steps=1, rounds=1, bf16=False, only=["nope"])
+
+
+def test_step_benchmark_can_time_on_the_process_cpu_clock(bench):
+    step, _ = bench
+    result = step.measure_steps(
+        "tiny", B, L, steps=1, rounds=1, bf16=False, only=[], clock=step.CLOCKS["cpu"]
+    )
+    assert result["clock"] == "cpu" and all(
+        row["step_s"]["median"] > 0 for row in result["methods"].values()
+    )

@@ -181,7 +181,8 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
-    """Two gloo processes train, hold identical parameters, and write one checkpoint."""
+    """Two gloo processes train P-POTS+StraTS+MIRROR, hold identical parameters and write one
+    checkpoint, which one process then resumes (a smaller global batch, the same weights)."""
     script = tmp_path / "ddp.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -207,8 +208,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "save_steps=3",
         "scheme=stratified",
         "sampler=ppots",
+        "masking=mirror",
         "ppots_sequences=3",
-        "ppots_rates=8",
         "ddp_backend=gloo",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -230,6 +231,11 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     fresh = Transformer.from_pretrained(tmp_path / "ddp" / "checkpoint-3")
     flat = torch.cat([p.detach().flatten() for p in fresh.parameters()])
     assert torch.equal(flat, p0)
+    args = [a.replace("max_steps=3", "max_steps=4") for a in args if a != "ddp_backend=gloo"]
+    resumed = train(load_config(None, args), resume=True)
+    assert resumed.global_step == 4
+    assert [r["step"] for r in resumed.log_history if "loss" in r][-1] == 4
+    assert all(math.isfinite(r["loss"]) for r in resumed.log_history if "loss" in r)
 
 
 @pytest.mark.parametrize(
@@ -294,8 +300,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
         return real(self, model, inputs, return_outputs, num_items_in_batch)
 
     monkeypatch.setattr(StableMDMTrainer, "compute_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train(_config(tmp_path, "nan", "max_steps=3", "save_steps=1"))
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient"):
+        train(_config(tmp_path, "nan", "max_steps=3", "save_steps=1", "max_nonfinite_steps=2"))
     assert (tmp_path / "nan" / "checkpoint-1" / "model.safetensors").is_file()
 
 

@@ -1,20 +1,28 @@
 """The `stablemdm` command line: train, eval, generate, fit-t, variance, study, demo.
 
 Each verb is a thin layer over the library; errors in user input end the command with one
-clear line (exit status 2), never a traceback.
+clear line (exit status 2), never a traceback (`stablemdm --debug VERB ...` shows it).
+Commands that write refuse to replace an existing output unless `--overwrite` is given
+(`outputs`); see docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
-from .config import ConfigError, field_help, load_config, parse_override
+import yaml
+
+from .config import ConfigError, StableMDMConfig, field_help, load_config, parse_override
+from .outputs import check_output_file, config_inputs, write_text
 
 DESCRIPTION = "stablemdm: train masked diffusion language models with low gradient variance."
 
@@ -27,8 +35,46 @@ def _train_epilog() -> str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (NaN and infinity refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} if it exists (never a file the command reads)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablemdm", description=DESCRIPTION)
+    parser = _Parser(prog="stablemdm", description=DESCRIPTION)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     train = verbs.add_parser(
@@ -56,11 +102,15 @@ def _parser() -> argparse.ArgumentParser:
 
     def decoding_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--gen-length", type=int, help="response canvas length (default: the task's)"
+            "--gen-length", type=positive_int, help="response canvas length (default: the task's)"
         )
-        p.add_argument("--steps", type=int, help="MDM decoding iterations (default: gen-length)")
         p.add_argument(
-            "--block-length", type=int, help="MDM semi-autoregressive block (default: 32 or less)"
+            "--steps", type=positive_int, help="MDM decoding iterations (default: gen-length)"
+        )
+        p.add_argument(
+            "--block-length",
+            type=positive_int,
+            help="MDM semi-autoregressive block (default: 32 or less)",
         )
         p.add_argument(
             "--remasking",
@@ -68,9 +118,11 @@ def _parser() -> argparse.ArgumentParser:
             choices=["low_confidence", "random"],
             help="which predictions the MDM keeps each iteration",
         )
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
         p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
-        p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+        p.add_argument(
+            "--batch-size", type=positive_int, default=32, help="prompts decoded together"
+        )
 
     ev = verbs.add_parser(
         "eval",
@@ -88,11 +140,12 @@ def _parser() -> argparse.ArgumentParser:
         help="task option, e.g. n_test=100 (repeatable)",
     )
     ev.add_argument("--split", default="test", choices=["train", "test"], help="which split")
-    ev.add_argument("--limit", type=int, help="score only the first N items")
+    ev.add_argument("--limit", type=positive_int, help="score only the first N items")
     ev.add_argument(
         "--output",
         help="JSONL of per-item records (default: <checkpoint>/eval-<task>-<split>.jsonl)",
     )
+    _add_overwrite(ev, "the records file")
     decoding_options(ev)
 
     gen = verbs.add_parser(
@@ -116,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", help="flat YAML recipe")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     fit.add_argument("--output", required=True, help="where to write the density (JSON)")
+    _add_overwrite(fit, "the density file")
 
     from .variance_report import add_parser as add_variance_parser
 
@@ -124,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
     from .study.command import add_parsers as add_study_parsers
 
     add_study_parsers(verbs)
+    for verb in verbs.choices.values():  # `--debug` also after the verb
+        verb.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of an error",
+        )
     return parser
 
 
@@ -137,11 +198,28 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def _preflight(config: StableMDMConfig, resume: bool) -> None:
+    """Inputs `train` reads only once output_dir exists, checked before it is created: the
+    density file and, for the built-in model, the ISAD tokens."""
+    from .run import load_density
+    from .tokenizer import CharTokenizer
+
+    if config.ppots_file and not resume:  # a resumed run reads its checkpoint's density
+        load_density(config.ppots_file)
+    if config.model is None:
+        for text in config.isad_tokens:
+            CharTokenizer().token_id(text, where="isad_tokens")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .run import train
 
-    config = load_config(args.config, args.overrides)
-    result = train(config, resume=args.resume)
+    resume, overrides = args.resume, args.overrides
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        resume, overrides = True, [resume, *overrides]  # `--resume key=value`: an override
+    config = load_config(args.config, overrides)
+    _preflight(config, bool(resume))
+    result = train(config, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"trained to step {result.global_step}; model, tokenizer and config in "
@@ -156,9 +234,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import decode_length
     from .tasks import get_task
 
-    model, tokenizer = load_checkpoint(args.checkpoint)
-    task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
+    options = dict(parse_override(o) for o in args.task_option)
     output = args.output or str(Path(args.checkpoint) / f"eval-{args.task}-{args.split}.jsonl")
+    data = [v for v in options.values() if isinstance(v, str)]
+    check_output_file(
+        output,
+        overwrite=args.overwrite,
+        inputs=data,
+        reads=[args.checkpoint, *(d for d in data if Path(d).is_dir())],
+        allowed_in_reads="eval-*.jsonl",
+    )
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    task = get_task(args.task, **options)
     objective = objective_of(model)
     if args.gen_length is None:
         args.gen_length = decode_length(task, tokenizer, args.checkpoint)
@@ -198,7 +285,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.file)
         if not path.is_file():
             raise ConfigError(f"prompts file {path} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"prompts file {path} is not UTF-8 text (byte {err.start})") from None
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
@@ -209,7 +300,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                         f"{path}:{n}: expected a JSON object with a 'prompt' field"
                     ) from err
             else:
-                prompts.append(line)
+                prompts.append(line.rstrip("\r"))
     if not prompts:
         raise ConfigError("no prompts: pass --prompt TEXT or --file PATH")
     return prompts
@@ -276,13 +367,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     config = load_config(args.config, [*args.overrides, "sampler=ppots"])
+    files, folders = config_inputs(config, args.config)
+    out = check_output_file(args.output, overwrite=args.overwrite, inputs=files, reads=folders)
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     start = time.perf_counter()
     density = fit_density(config, model, task, tokenizer, canvas)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(density.to_dict(), indent=1))
+    write_text(out, json.dumps(density.to_dict(), indent=1))
     print(f"{describe_fit(density)}; written to {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -310,29 +401,79 @@ COMMANDS = {
 }
 
 
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message on one line: its lines joined with '; ', shortened to `limit` characters."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text = f"{text.rstrip(':')}: {'; '.join(lines[1:])}"
+    return textwrap.shorten(text, limit, placeholder=" [...]")
+
+
+def describe_error(err: BaseException, verb: str) -> str | None:
+    """The one-line message of a user error (bad input, a missing or corrupted file, a
+    full disk), or None for anything else (a bug: it keeps its traceback)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        again = (
+            "re-run with --resume (the last complete checkpoint is kept)"
+            if verb == "train"
+            else "run the command again"
+        )
+        where = f" while writing {err.filename}" if err.filename else ""
+        return f"no space left on the device{where}; free space, then {again}"
+    if isinstance(err, yaml.YAMLError):
+        from .config import describe_yaml_error
+
+        return f"not valid YAML: {describe_yaml_error(err)}"
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.strerror or err}: {err.filename}"
+    if isinstance(err, (ConfigError, ValueError, FileNotFoundError, FloatingPointError)):
+        return str(err) or type(err).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `stablemdm` console command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not sys.stderr.isatty():  # weight-loading and dataset bars only clutter a log
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import datasets
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as exit_:  # a one-line usage error: exit status 2, as a return value
+        if exit_.code in (0, None):  # --help
+            raise
+        return exit_.code if isinstance(exit_.code, int) else 2
     stray = [
         e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")
     ]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        print(
+            f"stablemdm {args.verb}: error: unrecognized arguments: {' '.join(stray)} "
+            f"(see stablemdm {args.verb} --help)",
+            file=sys.stderr,
+        )
+        return 2
     if extra:  # key=value overrides given after an option: argparse leaves them over
         args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.verb](args)
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
-        message = textwrap.shorten(str(err), 2000) if "\n" not in str(err) else str(err)
-        print(f"stablemdm {args.verb}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"stablemdm {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = describe_error(err, args.verb)
+        if message is None or args.debug:
+            raise
+        print(f"stablemdm {args.verb}: error: {one_line(message)}", file=sys.stderr)
         return 2
 
 

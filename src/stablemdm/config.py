@@ -9,8 +9,12 @@ parsed as YAML literals and type-checked against the field. Unknown keys are err
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -219,6 +223,13 @@ class StableMDMConfig(TrainingArguments):
         metadata={"help": "MIRROR: half the sequences per step, same forward tokens."},
     )
 
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Steps in a row whose loss or gradient is not finite (each skipped: no "
+            "update) before the run stops, keeping its last finite checkpoint."
+        },
+    )
     log_rate_bins: int = field(
         default=0,
         metadata={
@@ -279,6 +290,7 @@ class StableMDMConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._check_choices()
+        self._check_numbers()
         if not 0.0 <= self.eps < 1.0:
             raise ConfigError(f"eps must lie in [0, 1), got {self.eps}")
         if not 0.0 < self.mix <= 1.0:
@@ -337,6 +349,14 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError("ppots_refit_steps is only used with sampler=ppots")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        try:
+            re.compile(self.ppots_params)
+        except re.error as err:
+            raise ConfigError(
+                f"ppots_params={self.ppots_params!r} is not a valid regex ({err})"
+            ) from None
         self._check_model_options()
         super().__post_init__()
 
@@ -391,6 +411,25 @@ class StableMDMConfig(TrainingArguments):
                 f"{self.lora_alpha}, {self.lora_dropout}"
             )
 
+    def _check_numbers(self) -> None:
+        """Every float finite, every size, count and step positive: before any work starts."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        for names, bad, what in (
+            (_POSITIVE, lambda v: v <= 0, "> 0"),
+            (_NON_NEGATIVE, lambda v: v < 0, ">= 0"),
+        ):
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and bad(value):
+                    raise ConfigError(f"{name} must be {what}, got {value}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(
+                f"max_steps must be >= 1 (or -1: train num_train_epochs), got {self.max_steps}"
+            )
+
     def _check_choices(self) -> None:
         hints = typing.get_type_hints(StableMDMConfig)
         for f in dataclasses.fields(StableMDMConfig):
@@ -424,6 +463,24 @@ class StableMDMConfig(TrainingArguments):
 _OWN_FIELDS = {f.name for f in dataclasses.fields(StableMDMConfig)} - {
     f.name for f in dataclasses.fields(TrainingArguments)
 }
+# sizes, counts and steps that must be > 0, and amounts that must be >= 0 (None: unset)
+_POSITIVE = (
+    "learning_rate",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+    "save_total_limit",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "eval_limit",
+    "eval_heldout",
+)
+_NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers")
 _OVERRIDDEN = {
     "output_dir",
     "learning_rate",
@@ -503,6 +560,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         if get_origin(hint) is Literal:
             allowed = ", ".join(map(str, get_args(hint)))
             raise ConfigError(f"{where}: {key} must be one of {allowed}; got {value!r}")
+        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf"):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         raise ConfigError(
             f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}"
         )
@@ -517,7 +576,24 @@ def _type_name(hint: Any) -> str:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 scalars: only true/false are booleans (`eval_strategy: no` stays the string
-    'no') and `1e-3` is a float, as a user means them."""
+    'no') and `1e-3` is a float, as a user means them; a key given twice in one mapping is an
+    error (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """The mapping of `node`, refusing a key that appears twice."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first given on line {seen[key] + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -545,6 +621,34 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: `line L, column C: problem` (PyYAML's own spans lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in a user's YAML file (`what`: "config file", "study file"); ConfigError,
+    naming the file and line, when it is missing, unreadable, empty, invalid or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(err)}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: a {what} is a mapping of field: value")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a {what} is a mapping of field: value, not {type(data).__name__}"
+        )
+    return data
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value`; the value is parsed as a YAML literal (`3`, `1e-3`, `true`, `[a, b]`)."""
     if "=" not in text:
@@ -553,30 +657,101 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value does not parse ({err})") from err
+        raise ConfigError(
+            f"override {text!r}: the value does not parse ({describe_yaml_error(err)})"
+        ) from None
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has no key before '='")
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> StableMDMConfig:
-    """Build the config from a flat YAML recipe and `key=value` overrides (later wins)."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), *, allow_unused: bool = False
+) -> StableMDMConfig:
+    """Build the config from a flat YAML recipe and `key=value` overrides (later wins).
+    A field set to a non-default value that the chosen method ignores is warned about on
+    stderr unless `allow_unused` (a base config shared by several methods, as in `stablemdm
+    variance`)."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a flat mapping of field: value")
-        for key, value in data.items():
+        for key, value in read_yaml_file(path, "config file").items():
             values[key], sources[key] = value, str(path)
     for text in overrides:
         key, value = parse_override(text)
         values[key], sources[key] = value, "command line"
-    return config_from_values(values, sources)
+    config = config_from_values(values, sources)
+    if not allow_unused and os.environ.get("RANK", "0") == "0":
+        for message in unused_options(config, values, sources):
+            print(f"stablemdm: warning: {message}", file=sys.stderr)
+    return config
+
+
+# fields only one method reads: (whether the config uses it, what it needs)
+METHOD_OPTIONS: dict[str, tuple[typing.Callable[[StableMDMConfig], bool], str]] = {
+    **dict.fromkeys(
+        ("clip_low", "clip_high"), (lambda c: c.sampler == "clipped", "sampler=clipped")
+    ),
+    "mix": (lambda c: c.sampler in ("ppots", "ema"), "sampler=ppots or sampler=ema"),
+    **dict.fromkeys(
+        ("ppots_method", "ppots_target", "ppots_sequences", "ppots_masks"),
+        (lambda c: c.sampler == "ppots", "sampler=ppots"),
+    ),
+    "ppots_rates": (
+        lambda c: c.sampler == "ppots" and c.ppots_method != "counts",
+        "sampler=ppots with ppots_method=family or grid",
+    ),
+    "ppots_counts": (
+        lambda c: c.sampler == "ppots" and c.ppots_method == "counts",
+        "sampler=ppots with ppots_method=counts",
+    ),
+    "ppots_params": (
+        lambda c: c.sampler == "ppots" and c.ppots_target == "grad",
+        "sampler=ppots with ppots_target=grad",
+    ),
+    **dict.fromkeys(
+        ("ema_bins", "ema_decay", "ema_refresh_every"),
+        (lambda c: c.sampler == "ema", "sampler=ema"),
+    ),
+    **dict.fromkeys(
+        ("isad_tokens", "isad_delta", "isad_q_max"), (lambda c: c.masking == "isad", "masking=isad")
+    ),
+    "eps": (lambda c: c.objective == "mdm", "objective=mdm"),
+    **dict.fromkeys(
+        ("lora_alpha", "lora_dropout", "lora_target_modules"),
+        (lambda c: c.lora_r > 0, "lora_r > 0"),
+    ),
+    "eval_limit": (lambda c: c.eval_accuracy, "eval_accuracy=true"),
+    "eval_heldout": (
+        lambda c: c.eval_strategy not in ("no", IntervalStrategy.NO),
+        "eval_strategy=steps or epoch",
+    ),
+    **dict.fromkeys(
+        ("d_model", "n_layers", "n_heads", "model_preset"),
+        (lambda c: c.model is None and c.init_from is None, "the built-in model without init_from"),
+    ),
+}
+
+
+def unused_options(
+    config: StableMDMConfig, values: dict[str, Any], sources: dict[str, str] | None = None
+) -> list[str]:
+    """One message per field given a non-default value that the configured method never
+    reads (`clip_low` without sampler=clipped): such a run silently trains something else."""
+    fields = {f.name: f for f in dataclasses.fields(StableMDMConfig)}
+    messages = []
+    for name, (used, needs) in METHOD_OPTIONS.items():
+        if name not in values or used(config):
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(config, name) != default:
+            where = (sources or {}).get(name, "config")
+            messages.append(
+                f"{where}: {name}={getattr(config, name)!r} is ignored: it is used only with "
+                f"{needs}"
+            )
+    return messages
 
 
 def config_from_values(
@@ -590,9 +765,9 @@ def config_from_values(
     known = {f.name for f in dataclasses.fields(StableMDMConfig) if f.init}
     for key, value in values.items():
         if key not in known:
-            close = [k for k in sorted(known) if key in k or k in key][:5]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"{sources.get(key, 'config')}: unknown config key {key!r}{hint}")
+            raise ConfigError(
+                f"{sources.get(key, 'config')}: unknown config key {key!r}{suggest(key, known)}"
+            )
         values[key] = _coerce(key, value, hints[key], sources.get(key, "config"))
     try:
         return StableMDMConfig(**values)
@@ -600,6 +775,14 @@ def config_from_values(
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid configuration: {err}") from err
+
+
+def suggest(key: str, known: typing.Iterable[str]) -> str:
+    """ "; did you mean X?" for the known names closest to a mistyped `key` (or "")."""
+    names = sorted(known)
+    close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.75)
+    close += [k for k in names if str(key) in k and k not in close]
+    return f"; did you mean {', '.join(close[:3])}?" if close else ""
 
 
 def save_config(config: StableMDMConfig, path: str | Path) -> None:

@@ -18,8 +18,19 @@ import torch
 from safetensors import safe_open
 from transformers import default_data_collator
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import (
+    METRICS,
+    MODEL_FILES,
+    PPOTS_FILE,
+    SAMPLER_STATE,
+    checkpoints,
+    latest_complete,
+    leftovers,
+    missing_files,
+    previous_complete,
+    restart_metrics,
+)
 from .config import ConfigError, StableMDMConfig, load_yaml, save_config
 from .data import TextTokenizer, canvas_lengths, encode_examples, fits
 from .data.sources import EncodedStream
@@ -33,9 +44,7 @@ from .samplers import EMA, PPOTS, Clipped, Stratified, Uniform, with_scheme
 from .tasks import Task, get_task
 from .tokenizer import CharTokenizer
 from .trainer import (
-    SAMPLER_STATE,
     AccuracyCallback,
-    CheckpointCallback,
     EMACallback,
     MetricsCallback,
     ProgressBar,
@@ -44,12 +53,14 @@ from .trainer import (
     seeded_generator,
 )
 
-PPOTS_FILE = "ppots.json"
-# what a checkpoint holds the weights in: one file, a sharded index, or a LoRA adapter
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# fields that may differ between a run and its resumption
+# fields that may differ between a run and its resumption: cadence, length, how processes
+# talk (a run written by several processes resumes in one), and what a run stopped by
+# non-finite steps needs to continue (a lower learning_rate, tighter clipping)
 RESUMABLE_CHANGES = {
     "output_dir",
+    "learning_rate",
+    "max_grad_norm",
+    "max_nonfinite_steps",
     "max_steps",
     "num_train_epochs",
     "logging_steps",
@@ -62,6 +73,7 @@ RESUMABLE_CHANGES = {
     "report_to",
     "disable_tqdm",
     "dataloader_num_workers",
+    "ddp_backend",
     "resume_from_checkpoint",
 }
 
@@ -103,15 +115,23 @@ class Canvas:
 
 def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer) -> Canvas:
     """Lengths from the config, else the task's (character tasks), else measured on the data
-    with this tokenizer (a streamed train split is not read: its test split is measured)."""
+    with this tokenizer (a streamed train split is not read: its test split is measured),
+    where one overlong example does not inflate every sequence (`data.length_cap`: it is
+    left out, with a warning on stderr)."""
     max_length, gen_length = config.max_length, config.gen_length
     if isinstance(tokenizer, CharTokenizer):
         max_length = max_length or getattr(task, "max_length", None)
         gen_length = gen_length or getattr(task, "gen_length", None)
+    notes = list(getattr(task, "notes", []))
     if max_length is None or gen_length is None:
         splits = ("test",) if getattr(task, "streaming", False) else ("train", "test")
         examples = [e for split in splits for e in task.examples(split)]
-        max_length, gen_length = canvas_lengths(examples, tokenizer, max_length, gen_length)
+        max_length, gen_length = canvas_lengths(
+            examples, tokenizer, max_length, gen_length, notes=notes
+        )
+    if config.process_index == 0:
+        for note in notes:
+            print(f"stablemdm: warning: {note}", file=sys.stderr)
     return Canvas(max_length, gen_length, config.eos_fill)
 
 
@@ -126,17 +146,19 @@ def encode_split(
     fit the canvas are left out and counted on stderr (a held-out loss skips them too)."""
     examples = task.examples(split)
     kept = [e for e in examples if fits(e, tokenizer, canvas.max_length, canvas.gen_length)]
+    # training examples the task itself left out for length (jsonl, gsm8k) count too
+    before = getattr(task, "dropped", 0) if split == "train" else 0
     if not kept:
         raise ConfigError(
             f"no {split} example of task {task.name} fits max_length={canvas.max_length}, "
             f"gen_length={canvas.gen_length}: the prompts leave no room for the responses; "
             "raise max_length (or leave it unset to measure it on the data)"
         )
-    if len(kept) < len(examples):
+    left_out, total = len(examples) - len(kept) + before, len(examples) + before
+    if left_out:
         print(
-            f"stablemdm: {len(examples) - len(kept)} of {len(examples)} {split} examples of "
-            f"task {task.name} do not fit max_length={canvas.max_length}, "
-            f"gen_length={canvas.gen_length} and are left out",
+            f"stablemdm: {left_out} of {total} {split} examples of task {task.name} do not fit "
+            f"max_length={canvas.max_length}, gen_length={canvas.gen_length} and are left out",
             file=sys.stderr,
         )
     tensors = encode_examples(
@@ -289,7 +311,8 @@ def fit_density(
 
 
 def prepare_output(config: StableMDMConfig, resume: bool) -> None:
-    """Create the output folder and refuse to overwrite an earlier run unless resuming."""
+    """Create the output folder and refuse to overwrite an earlier run unless resuming; a
+    folder whose run stopped before its first complete checkpoint is reused (said on stderr)."""
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,41 +321,87 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror}") from err
-    if not resume and (any(out.glob("checkpoint-*")) or (out / "metrics.jsonl").exists()):
+    if resume or not (checkpoints(out) or leftovers(out) or (out / METRICS).exists()):
+        return
+    if latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES):
         raise ConfigError(
             f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
             "another output_dir (nothing there was changed)"
         )
+    if config.process_index == 0:
+        print(
+            f"stablemdm: {out} holds a run that stopped before its first complete checkpoint; "
+            f"starting it again there ({METRICS} starts afresh)",
+            file=sys.stderr,
+        )
+        (out / METRICS).unlink(missing_ok=True)
 
 
 def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
-    """The checkpoint to resume from, checked to be complete and readable."""
-    if resume is True:
-        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-        if last is None:
-            raise ConfigError(f"--resume: no checkpoint-* folder in {config.output_dir}")
-        path = Path(last)
-    else:
-        path = Path(resume)
-    needed = ("trainer_state.json", RUN_CONFIG, SAMPLER_STATE)
-    missing = [n for n in needed if not (path / n).is_file()]
-    if not any((path / n).is_file() for n in MODEL_FILES):
-        missing.append(" or ".join(MODEL_FILES))
-    if missing:
-        raise ConfigError(
-            f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)})"
-        )
+    """The checkpoint to resume from: complete, readable, and of the same config."""
+    path = _latest_checkpoint(config) if resume is True else _named_checkpoint(Path(resume))
     try:
         json.loads((path / "trainer_state.json").read_text())
         if (path / MODEL_FILES[0]).is_file():
             with safe_open(str(path / MODEL_FILES[0]), "pt") as f:
                 list(f.keys())
         torch.load(path / SAMPLER_STATE, weights_only=True)
+        saved = load_yaml((path / RUN_CONFIG).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"{RUN_CONFIG} holds no mapping")
     except Exception as err:  # any parse failure means the same thing to the user
         raise ConfigError(
-            f"--resume: checkpoint {path} is corrupted ({type(err).__name__}: {err})"
+            f"--resume: checkpoint {path} is corrupted ({type(err).__name__}: {err}); "
+            f"{_way_back(path)}"
         ) from err
-    saved = load_yaml((path / RUN_CONFIG).read_text())
+    _check_unchanged(config, saved, path)
+    return path
+
+
+def _latest_checkpoint(config: StableMDMConfig) -> Path:
+    """The latest complete checkpoint in output_dir; the folders skipped (incomplete ones,
+    leftovers of an interrupted save) are named on stderr."""
+    out = Path(config.output_dir)
+    if not out.is_dir() or not (checkpoints(out) or leftovers(out)):
+        raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
+    path, skipped = latest_complete(out)
+    if path is None:
+        raise ConfigError(
+            f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)}); run the same "
+            "command without --resume to start again there"
+        )
+    if skipped and config.process_index == 0:
+        print(
+            f"stablemdm: --resume skips {'; '.join(skipped)}; resuming from {path}",
+            file=sys.stderr,
+        )
+    return path
+
+
+def _named_checkpoint(path: Path) -> Path:
+    """The folder given as `--resume PATH`, refused unless it is a complete checkpoint (a
+    missing optimizer or scheduler would silently restart them)."""
+    if not path.is_dir():
+        raise ConfigError(f"--resume: {path} is not a folder")
+    missing = missing_files(path)
+    if missing:
+        raise ConfigError(
+            f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)}); "
+            f"{_way_back(path)}"
+        )
+    return path
+
+
+def _way_back(path: Path) -> str:
+    """Where to resume instead of a broken checkpoint: the complete one before it."""
+    previous = previous_complete(path)
+    if previous is None:
+        return "there is no complete checkpoint before it to resume from"
+    return f"the previous complete checkpoint is {previous} (--resume {previous})"
+
+
+def _check_unchanged(config: StableMDMConfig, saved: dict, path: Path) -> None:
+    """Refuse a resumed config that differs from the checkpoint's beyond RESUMABLE_CHANGES."""
     now = config.resolved()
     changed = sorted(
         k
@@ -341,8 +410,25 @@ def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
     )
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"--resume: the config differs from the checkpoint's ({details})")
-    return path
+        allowed = ", ".join(sorted(RESUMABLE_CHANGES - {"output_dir", "resume_from_checkpoint"}))
+        raise ConfigError(
+            f"--resume: the config differs from the checkpoint's ({details}); only {allowed} "
+            f"may change on --resume: for other changes start a new run in another output_dir "
+            f"(init_from={path} starts from its weights)"
+        )
+
+
+def _restart_metrics(config: StableMDMConfig, checkpoint: Path) -> None:
+    """Drop from metrics.jsonl the records the run resumed from `checkpoint` writes again, so
+    that each logged step appears once (said on stderr)."""
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    dropped = restart_metrics(Path(config.output_dir), step)
+    if dropped:
+        print(
+            f"stablemdm: {METRICS}: dropped {dropped} record(s) written after the checkpoint "
+            f"of step {step} (the resumed run logs those steps again)",
+            file=sys.stderr,
+        )
 
 
 @dataclasses.dataclass
@@ -365,6 +451,8 @@ def train(
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
+    if checkpoint is not None and config.process_index == 0:
+        _restart_metrics(config, checkpoint)
     train_data = train_dataset(task, tokenizer, canvas)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     density = None
@@ -405,9 +493,9 @@ def train(
             return fit_density(config, model, task, tokenizer, canvas, step, encoded)
 
         refits.append(RefitCallback(trainer, density, refit, config.ppots_refit_steps))
+    trainer.checkpoint_extras = lambda folder: save_extras(folder, with_model=builtin)
     for callback in (
         MetricsCallback(),
-        CheckpointCallback(lambda folder: save_extras(folder, with_model=builtin)),
         EMACallback(objective),
         *refits,
         *(callbacks or []),

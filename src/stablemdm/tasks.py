@@ -22,6 +22,7 @@ from typing import Any
 import reasoning_gym
 
 from .data import DataError, Example, map_jsonl, read_jsonl
+from .data.examples import cap_note, length_cap
 from .data.sources import examples_from_records, load_records
 from .tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
@@ -159,8 +160,11 @@ def get_task(name: str, **options: Any) -> Task:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(options) - set(params))
         if unknown:
+            hint = " (in YAML, write 'key: value' with a space after ':')" * any(
+                ":" in str(k) for k in unknown
+            )
             raise ValueError(
-                f"task {name!r} has no option(s) {unknown}; its options are {sorted(params)}"
+                f"task {name!r} has no option(s) {unknown}; its options are {sorted(params)}{hint}"
             )
     try:
         signature.bind(**options)
@@ -484,8 +488,9 @@ class JsonlTask(Task):
     """A task from user JSONL files (see `read_jsonl`); scored by exact match of the stripped
     answer, taken after the last '####' when present.
 
-    Lengths default to the longest in the data; training examples that do not fit are dropped
-    and counted in `dropped`.
+    Lengths default to the longest in the data, under the outlier rule of `data.length_cap`
+    (warnings in `notes`); training examples that do not fit are dropped and counted in
+    `dropped`.
     """
 
     def __init__(
@@ -500,17 +505,15 @@ class JsonlTask(Task):
         for example in splits["train"] + splits["test"]:
             tokenizer.encode(example.prompt, where=f"{example.source}, field 'prompt'")
             tokenizer.encode(example.response, where=f"{example.source}, field 'response'")
-        everything = splits["train"] + splits["test"]
-        if gen_length is None:
-            gen_length = max(len(e.response) for e in everything) + 1
-        if max_length is None:
-            max_length = max(len(e.prompt) for e in everything) + 1 + gen_length
-        if gen_length <= 0 or max_length <= gen_length:
-            raise ValueError(
-                f"task 'jsonl': need 0 < gen_length < max_length, got gen_length={gen_length}, "
-                f"max_length={max_length}"
-            )
-        self.max_length, self.gen_length = max_length, gen_length
+        max_length, gen_length = self._lengths(splits, max_length, gen_length)
+        if self.notes:  # an outlier the cap set aside in the test split is counted in a note
+            test = [e for e in splits["test"] if fits(e, max_length, gen_length)]
+            if len(test) < len(splits["test"]):
+                self.notes.append(
+                    f"{len(splits['test']) - len(test)} of {len(splits['test'])} test examples "
+                    f"of {test} are left out of scoring (longer than the measured lengths)"
+                )
+            splits["test"] = test
         _check_prompts_fit(splits["test"], max_length, gen_length)
         kept = [e for e in splits["train"] if fits(e, max_length, gen_length)]
         self.dropped = len(splits["train"]) - len(kept)
@@ -520,6 +523,33 @@ class JsonlTask(Task):
                 "raise them"
             )
         self._splits = {"train": kept, "test": splits["test"]}
+
+    def _lengths(
+        self, splits: dict[str, list[Example]], max_length: int | None, gen_length: int | None
+    ) -> tuple[int, int]:
+        """The given lengths, else measured on both splits under `length_cap`'s outlier rule
+        (its warnings go to `notes`)."""
+        everything = splits["train"] + splits["test"]
+        self.notes: list[str] = []
+        if gen_length is None:
+            responses = [len(e.response) + 1 for e in everything]
+            gen_length = length_cap(responses)
+            setting = f"gen_length={max(responses)}"
+            self.notes.append(cap_note("response (with <eos>)", responses, gen_length, setting))
+        if max_length is None:
+            prompts = [len(e.prompt) + 1 for e in everything]
+            max_length = length_cap(prompts) + gen_length
+            setting = f"max_length={max(prompts) + gen_length}"
+            head = max_length - gen_length
+            self.notes.append(cap_note("prompt (with <sep>)", prompts, head, setting))
+        self.notes = [n for n in self.notes if n]
+        if gen_length <= 0 or max_length <= gen_length:
+            raise ValueError(
+                f"task 'jsonl': need 0 < gen_length < max_length, got gen_length={gen_length}, "
+                f"max_length={max_length}"
+            )
+        self.max_length, self.gen_length = max_length, gen_length
+        return max_length, gen_length
 
     def examples(self, split: str) -> list[Example]:
         check_split(split)

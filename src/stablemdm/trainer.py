@@ -3,8 +3,11 @@
 The subclass overrides `compute_loss` (sampler -> masks -> model -> loss) and `log` (to add
 what the sampler did: mean and spread of the rates and importance weights, tokens/s).
 Everything else (DDP, FSDP, DeepSpeed, gradient accumulation, clipping, schedules, bf16,
-checkpoints with optimizer, scheduler and RNG states) is the engine's. Callbacks write
-the stablemdm pieces into every checkpoint: model config, tokenizer, sampler state, config.
+checkpoints with optimizer, scheduler and RNG states) is the engine's. It also overrides how
+a checkpoint is written: into a `tmp-` folder with the stablemdm pieces (`checkpoint_extras`:
+model config, tokenizer, sampler state, config, density), renamed when complete, and only
+then are old ones rotated away (`checkpoints`); and it skips a step whose loss or gradient is
+not finite, stopping after `max_nonfinite_steps` in a row (docs/reliability.md).
 
 Randomness: the rates of optimizer step s are drawn at once for every process and
 micro-batch from a generator seeded by (seed, s), shared by all processes, and each
@@ -15,21 +18,25 @@ exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoints import STAGING, checkpoints, clear_staging, publish, rotate
+from .config import ConfigError
 from .objective import Objective
 from .samplers import EMA, PPOTS
-
-SAMPLER_STATE = "sampler_state.pt"  # torch.save of the sampler's state_dict
 
 
 def seeded_generator(seed: int, *key: object) -> torch.Generator:
@@ -68,6 +75,12 @@ class StableMDMTrainer(Trainer):
         self._seen: dict[str, list[torch.Tensor]] = {"rate": [], "weight": [], "loss": []}
         self._tokens = 0
         self._clock = time.perf_counter()
+        # writes the stablemdm files into a checkpoint folder before it is published
+        self.checkpoint_extras: Callable[[Path], None] | None = None
+        self._bad_loss: torch.Tensor | None = None  # a non-finite micro-batch loss this step
+        self._streak = 0  # non-finite steps in a row, up to now
+        self._skipped = 0  # non-finite steps since the last log line
+        self._interval = 0  # steps since the last log line
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One Monte Carlo estimate of the objective on this micro-batch."""
@@ -89,6 +102,8 @@ class StableMDMTrainer(Trainer):
                 world_size=parts,
             )
             self._record(out, inputs)
+            bad = ~torch.isfinite(out.loss.detach())  # judged with the gradient (no sync here)
+            self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
         else:  # held-out loss: a fixed draw per batch, the same for every method and eval
             key = int(inputs["input_ids"].sum()), int(inputs["eligible"].sum())
             out = self.eval_objective(
@@ -97,13 +112,69 @@ class StableMDMTrainer(Trainer):
                 seeded_generator(seed, "eval-rate", *key),
                 seeded_generator(seed, "eval-mask", *key),
             )
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite loss {out.loss.item()} at step {self.state.global_step}; "
-                f"checkpoints already written in {self.args.output_dir} are intact. Lower "
-                "learning_rate, raise mix (bounds the importance weights) or use bf16=false."
-            )
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(
+                    f"non-finite held-out loss {out.loss.item()} at step "
+                    f"{self.state.global_step}; checkpoints already written in "
+                    f"{self.args.output_dir} are intact. Lower learning_rate, raise mix (bounds "
+                    "the importance weights) or use bf16=false."
+                )
         return (out.loss, {"per_sequence": out.per_sequence}) if return_outputs else out.loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The engine's gradient norm, just before the optimizer step: where a non-finite
+        step is skipped (`_skip_if_nonfinite`)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._skip_if_nonfinite(grad_norm)
+        return grad_norm
+
+    def _skip_if_nonfinite(self, grad_norm) -> None:
+        """If this step's loss or gradient norm is not finite on any process, drop the
+        gradients, so that the optimizer step changes neither weights nor optimizer state (the
+        schedule still advances: the learning rate stays a function of the step), count it,
+        and stop after `max_nonfinite_steps` in a row. The decision is the same on every
+        process. With fp16 the gradient scaler skips such a step itself."""
+        device = self.args.device
+        bad = ~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))
+        if self._bad_loss is not None:
+            bad = bad | self._bad_loss.to(device)
+        self._bad_loss = None
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad.float(), reduction="sum") > 0
+        if not bool(bad):
+            self._streak = 0
+            return
+        if getattr(self.accelerator, "scaler", None) is None:
+            self.optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer skips
+        self._streak += 1
+        self._skipped += 1
+        if self._streak >= self.args.max_nonfinite_steps:
+            raise FloatingPointError(self._nonfinite_message())
+
+    def _nonfinite_message(self) -> str:
+        """The one line a run stopped for non-finite steps ends with."""
+        step, run_dir = self.state.global_step + 1, Path(self.args.output_dir)
+        found = checkpoints(run_dir)
+        what = (
+            f"the last finite checkpoint, {found[0]}, is intact; continue it with a lower "
+            f"learning_rate: stablemdm train --config {run_dir / 'config.yaml'} "
+            "learning_rate=<lower> --resume"
+            if found
+            else f"no checkpoint was written; start again in {run_dir} with a lower learning_rate"
+        )
+        return (
+            f"{self._streak} steps in a row up to step {step} had a non-finite loss or gradient "
+            f"(max_nonfinite_steps={self.args.max_nonfinite_steps}); {what} "
+            "(docs/reliability.md)"
+        )
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs) -> None:
+        """The engine's log/evaluate/save, without a checkpoint in a run of non-finite
+        steps: the latest checkpoint stays the last finite one."""
+        if self._streak:
+            self.control.should_save = False
+        self._interval = self.state.global_step - self._globalstep_last_logged
+        super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _record(self, out, inputs) -> None:
         """Remember what the sampler drew (on the device: no host sync in the training step;
@@ -119,7 +190,8 @@ class StableMDMTrainer(Trainer):
             both = torch.stack([rate.float(), out.unweighted.float()])  # [2, B]
             if self.args.world_size > 1:
                 both = self.accelerator.gather(both.T.contiguous()).T
-            ema.observe(both[0].cpu(), both[1].cpu())
+            keep = torch.isfinite(both).all(0)  # a non-finite loss says nothing about S(t)
+            ema.observe(both[0][keep].cpu(), both[1][keep].cpu())
 
     def _rate_bins(self, rate: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
         """Per-bin mean and second moment of the unweighted loss since the last log line."""
@@ -138,13 +210,21 @@ class StableMDMTrainer(Trainer):
         return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the sampler's diagnostics and throughput to each training log line."""
+        """Add the sampler's diagnostics, throughput and the count of skipped non-finite
+        steps since the last line to each training log line (whose loss is NaN, null in
+        metrics.jsonl, when every step since the last line was skipped)."""
+        if "loss" in logs:
+            if self._skipped and self._skipped >= self._interval:
+                logs["loss"] = float("nan")
+            logs["nonfinite_steps"], self._skipped = self._skipped, 0
         if "loss" in logs and self._seen["rate"]:
             rate, weight, loss = (
                 torch.cat(self._seen[k]).cpu() for k in ("rate", "weight", "loss")
             )
+            finite = torch.isfinite(weight) & torch.isfinite(loss)  # skipped steps' draws out
+            rate, weight, loss = rate[finite], weight[finite], loss[finite]
             now = time.perf_counter()
-            if self.objective.kind == "mdm":  # an ARM draws no rates and carries no weights
+            if self.objective.kind == "mdm" and len(rate):  # an ARM draws no rates or weights
                 logs.update(
                     t_mean=rate.mean().item(),
                     t_std=rate.std().item() if len(rate) > 1 else 0.0,
@@ -159,6 +239,95 @@ class StableMDMTrainer(Trainer):
             self._seen = {"rate": [], "weight": [], "loss": []}
             self._tokens, self._clock = 0, now
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-N whole or not at all: every file (the engine's and
+        `checkpoint_extras`') goes into tmp-checkpoint-N, which the main process renames once
+        every process is done; only then are old checkpoints rotated away."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = run_dir / f"{STAGING}{final.name}"
+        if self.args.should_save:
+            clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        try:
+            self._write_checkpoint(model, trial, staged, final)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            shutil.rmtree(staged, ignore_errors=True)  # give the space back
+            raise ConfigError(
+                f"no space left on the device while writing {final} ({err.filename or staged}); "
+                f"{_way_forward(run_dir)}"
+            ) from err
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(staged, final)
+            best = self.state.best_model_checkpoint
+            rotate(run_dir, self.args.save_total_limit, {final, *([Path(best)] if best else [])})
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(str(final))
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, model, trial, staged: Path, final: Path) -> None:
+        """Everything a checkpoint holds, into `staged`; each process writes its share (the
+        main one the weights, optimizer, scheduler, states and extras; each its RNG state)."""
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(staged), _internal_call=True)
+        if self.state.best_global_step:
+            best = final.with_name(f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if best == final or best.is_dir():
+                self.state.best_model_checkpoint = str(best)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staged))
+            self._save_scaler(str(staged))
+            self._save_rng_state(str(staged))
+        if self.args.should_save:
+            self._save_trainer_state(staged)
+            if self.checkpoint_extras is not None:
+                self.checkpoint_extras(staged)
+
+    def _save_trainer_state(self, folder: Path) -> None:
+        """trainer_state.json with the exportable callbacks' states, as the engine writes it."""
+        for cb in [*self.callback_handler.callbacks, self.control]:
+            if isinstance(cb, ExportableState):
+                name, state = type(cb).__name__, cb.state()
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(state)
+                else:
+                    self.state.stateful_callbacks[name] = state
+        self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The engine's, then the configured learning_rate if a resumed run changed it: the
+        loaded optimizer and scheduler states carry the checkpoint's."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._apply_learning_rate()
+
+    def _apply_learning_rate(self) -> None:
+        """Rescale the loaded schedule so that its peak is `learning_rate` (same shape, same
+        position in it); nothing changes when the learning rate did not."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        base = getattr(scheduler, "base_lrs", None)
+        if not base or base[0] == self.args.learning_rate:
+            return
+        ratio = self.args.learning_rate / base[0]
+        scheduler.base_lrs = [lr * ratio for lr in base]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def _way_forward(run_dir: Path) -> str:
+    """The end of a failed save's message: what is intact and how to go on."""
+    found = checkpoints(run_dir)
+    if found:
+        return f"the previous checkpoint, {found[0]}, is intact: free space, then run with --resume"
+    return "no checkpoint was written yet: free space, then run the same command again"
 
 
 class ProgressBar(ProgressCallback):
@@ -222,18 +391,6 @@ class MetricsCallback(TrainerCallback):
 
 def _finite(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-class CheckpointCallback(TrainerCallback):
-    """Writes model config, tokenizer, sampler state and run config into each checkpoint,
-    so a checkpoint folder loads with `Transformer.from_pretrained` and describes itself."""
-
-    def __init__(self, save_extras) -> None:
-        self.save_extras = save_extras
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.save_extras(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class AccuracyCallback(TrainerCallback):

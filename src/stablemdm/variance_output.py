@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError
+from .outputs import atomic_path, write_text
 
 TERMINAL_WIDTH = 120  # rich's width when stdout is not a terminal (a log file)
 PLOTS = ("components.png", "curves.png", "efficiency.png")
@@ -205,19 +206,25 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_report(report: Mapping[str, Any], output_dir: str | Path) -> list[Path]:
-    """Write variance.json, variance.md and the PNG plots into `output_dir`; return the paths."""
+    """Write variance.json, variance.md and the PNG plots into `output_dir`, each atomically
+    (a crash leaves whole files); return the paths. The caller checks the folder first
+    (`outputs.check_output_folder`)."""
     folder = Path(output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--output {folder} cannot be created: {err.strerror}") from err
-    json_path, md_path = folder / "variance.json", folder / "variance.md"
-    json_path.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-    md_path.write_text(markdown_report(report))
+    json_path = write_text(folder / "variance.json", json.dumps(_jsonable(report), indent=1) + "\n")
+    md_path = write_text(folder / "variance.md", markdown_report(report))
     plots = [folder / name for name in PLOTS]
-    _plot_components(report, plots[0])
-    _plot_curves(report["curves"], plots[1])
-    _plot_efficiency(report, plots[2])
+    draw = (
+        lambda p: _plot_components(report, p),
+        lambda p: _plot_curves(report["curves"], p),
+        lambda p: _plot_efficiency(report, p),
+    )
+    for path, plot in zip(plots, draw, strict=True):
+        with atomic_path(path) as tmp:
+            plot(tmp)
     return [json_path, md_path, *plots]
 
 

@@ -28,6 +28,7 @@ base's (reported as `same_as`) and their effect shows only in the comparison.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,7 @@ from .data import TextTokenizer
 from .models import Transformer
 from .models.loading import check_fits, load_checkpoint, objective_of, saved_run_config
 from .objective import Objective
+from .outputs import check_output_folder, config_inputs
 from .run import (
     Canvas,
     TensorDataset,
@@ -156,6 +158,13 @@ class VarianceOptions:
             )
         if self.project is not None and self.project < 1:
             raise ConfigError(f"--project must be >= 1 dimensions, got {self.project}")
+        if self.params is not None:
+            try:
+                re.compile(self.params)
+            except re.error as err:
+                raise ConfigError(
+                    f"--params {self.params!r} is not a valid regular expression ({err})"
+                ) from None
 
 
 # --- building the methods ------------------------------------------------------------------
@@ -599,6 +608,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, help="seed of every draw and of a fresh model (default: the config's)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --output folder that already holds files (replacing an earlier "
+        "report there)",
+    )
     return parser
 
 
@@ -626,7 +641,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, allow_unused=True)  # shared by every method
+    folders = config_inputs(config, args.config)[1]
+    reads = [args.checkpoint, args.arm_checkpoint, *folders]
+    check_output_folder(args.output, overwrite=args.overwrite, reads=reads)
     console = Console() if sys.stdout.isatty() else Console(width=TERMINAL_WIDTH)
     report = run_variance(
         config,

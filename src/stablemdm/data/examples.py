@@ -42,7 +42,8 @@ def map_jsonl(path: str | Path, parse: Callable[[dict, str], T]) -> list[T]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # lines end at "\n" only: U+2028 and friends are legal inside a JSON string
+        lines = path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -145,20 +146,61 @@ def fits(example: Example, tokenizer: TextTokenizer, max_length: int, gen_length
     return head + gen_length <= max_length and len(tokenizer.encode_response(example)) <= gen_length
 
 
+# the outlier rule of measured lengths (docs/reliability.md, "Data surprises")
+OUTLIER_FACTOR = 1.5
+OUTLIER_MIN_EXAMPLES = 20
+
+
+def length_cap(lengths: Sequence[int]) -> int:
+    """The length to size sequences for: the longest, unless it is more than OUTLIER_FACTOR
+    times the 99th-percentile length (the longest once the top 1%, at least one, is set
+    aside); then that percentile, so one overlong example cannot inflate every sequence.
+    With fewer than OUTLIER_MIN_EXAMPLES lengths it is always the longest."""
+    ordered = sorted(lengths)
+    if len(ordered) < OUTLIER_MIN_EXAMPLES:
+        return ordered[-1]
+    reference = ordered[-1 - max(1, len(ordered) // 100)]
+    return reference if ordered[-1] > OUTLIER_FACTOR * reference else ordered[-1]
+
+
+def cap_note(what: str, lengths: Sequence[int], cap: int, setting: str) -> str | None:
+    """The warning when `length_cap` set aside the longest `what` (None when it did not)."""
+    longer = sum(n > cap for n in lengths)
+    if not longer:
+        return None
+    return (
+        f"the longest {what} is {max(lengths)} tokens, more than {OUTLIER_FACTOR}x the "
+        f"99th-percentile length {cap}: sequences are sized for {cap} and the {longer} "
+        f"longer example(s) are left out; set {setting} to keep them"
+    )
+
+
 def canvas_lengths(
     examples: Sequence[Example],
     tokenizer: TextTokenizer,
     max_length: int | None = None,
     gen_length: int | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[int, int]:
     """(max_length, gen_length) with each one not given measured on `examples`: the canvas
-    holds the longest response + `<eos>`, the row the longest prompt plus the canvas."""
+    holds the longest response + `<eos>`, the row the longest prompt plus the canvas, each
+    under the outlier rule of `length_cap` (its warnings are appended to `notes`)."""
     if not examples:
         raise DataError("no examples to measure max_length and gen_length on")
+    found: list[str | None] = []
     if gen_length is None:
-        gen_length = max(len(tokenizer.encode_response(e)) for e in examples)
+        responses = [len(tokenizer.encode_response(e)) for e in examples]
+        gen_length = length_cap(responses)
+        setting = f"gen_length={max(responses)}"
+        found.append(cap_note("response (with <eos>)", responses, gen_length, setting))
     if max_length is None:
-        max_length = max(len(tokenizer.encode_prompt(e)) for e in examples) + gen_length
+        prompts = [len(tokenizer.encode_prompt(e)) for e in examples]
+        head = length_cap(prompts)
+        max_length = head + gen_length
+        setting = f"max_length={max(prompts) + gen_length}"
+        found.append(cap_note("prompt (with <sep>)", prompts, head, setting))
+    if notes is not None:
+        notes.extend(n for n in found if n)
     if gen_length >= max_length:
         raise DataError(
             f"gen_length {gen_length} leaves no room for a prompt in max_length {max_length}; "

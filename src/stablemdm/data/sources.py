@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,9 @@ class EncodedStream(torch.utils.data.IterableDataset):
         self.skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        seen, self.skipped = 0, 0
         for example in self.examples:
+            seen += 1
             if not fits(example, self.tokenizer, self.max_length, self.gen_length):
                 self.skipped += 1
                 continue
@@ -37,6 +43,12 @@ class EncodedStream(torch.utils.data.IterableDataset):
                 [example], self.tokenizer, self.max_length, self.gen_length, self.eos_fill
             )
             yield {k: v[0] for k, v in row.items()}
+        if self.skipped:  # the count of one full pass (a run may stop before the end)
+            print(
+                f"stablemdm: {self.skipped} of {seen} streamed train examples do not fit "
+                f"max_length={self.max_length}, gen_length={self.gen_length} and were left out",
+                file=sys.stderr,
+            )
 
 
 def _builder(path: Path) -> str:
@@ -65,13 +77,46 @@ def load_records(path: str | Path, *, split: str = "train", streaming: bool = Fa
                     raise DataError(f"{path}: no split {split!r}; it has {', '.join(data)}")
                 data = data[split]
             return data
-        return datasets.load_dataset(
-            _builder(path), data_files=str(path), split="train", streaming=streaming
-        )
+        with _quiet_datasets():  # its own log of a parse failure would repeat ours
+            return datasets.load_dataset(
+                _builder(path), data_files=str(path), split="train", streaming=streaming
+            )
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+        where = _bad_json_line(path) if path.suffix == ".jsonl" else None
+        reason = where or str(err).splitlines()[0]
+        raise DataError(f"cannot read {path}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence the `datasets` logger (errors included) while a file is read."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """`line N: problem` for the first line of a JSONL file that is not a JSON object."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text (byte {err.start})"
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {n}: invalid JSON ({err.msg} at column {err.colno})"
+        if not isinstance(record, dict):
+            return f"line {n}: expected a JSON object, got {type(record).__name__}"
+    return None
 
 
 def _check_columns(columns: Sequence[str], needed: Sequence[str], source: str) -> None:

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ..config import ConfigError, StableMDMConfig, load_yaml
+from ..checkpoints import RUN_CONFIG
+from ..config import ConfigError, StableMDMConfig, describe_yaml_error, load_yaml
 from ..tokenizer import CharTokenizer
 from ..trainer import seeded_generator
 from .transformer import MODEL_TYPE, ModelConfig, Transformer
 
-RUN_CONFIG = "config.yaml"
 MODEL_CONFIG = "config.json"
 
 
@@ -134,16 +135,52 @@ def saved_run_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     for path in (folder / RUN_CONFIG, folder.parent / RUN_CONFIG):
         if path.is_file():
-            return load_yaml(path.read_text()) or {}
+            try:
+                return load_yaml(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(
+                    f"{path} is corrupted ({describe_yaml_error(err)}); restore it from the "
+                    "run's output_dir or another checkpoint"
+                ) from None
     return {}
+
+
+def _step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1]) if path.name.rsplit("-", 1)[-1].isdigit() else -1
+
+
+def other_checkpoints(folder: Path) -> str:
+    """ "; try F" naming the latest other saved model beside or inside `folder` (the way out
+    when `folder` cannot be read), or advice to re-save it."""
+    near = [*folder.glob("checkpoint-*"), *folder.parent.glob("checkpoint-*")]
+    ok = [p for p in near if p.resolve() != folder.resolve() and (p / MODEL_CONFIG).is_file()]
+    if not ok:
+        return "; re-save the model (or retrain it)"
+    return f"; try another checkpoint, e.g. {max(ok, key=_step)}"
 
 
 def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """A saved model and its tokenizer: a built-in run (the default character tokenizer if
-    none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA)."""
+    none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA). A
+    missing or corrupted file is a `ConfigError` naming it and another checkpoint to use."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"checkpoint folder {folder} does not exist")
+    try:
+        return _load_checkpoint(folder)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{other_checkpoints(folder)}") from err
+    except (ValueError, OSError, SafetensorError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"cannot load the checkpoint {folder}: {message}{other_checkpoints(folder)}"
+        ) from err
+
+
+def _load_checkpoint(folder: Path) -> tuple[torch.nn.Module, Any]:
+    """`load_checkpoint` of an existing folder."""
     if is_hf_folder(folder):
         from ..data.hf_tokenizer import HFTokenizer
         from .hf import load_trained

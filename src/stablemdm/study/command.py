@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ..config import ConfigError
 from .report import build_report, markdown, write_report
 from .runner import run_study
-from .spec import load_study
+from .spec import StudySpec, load_study
 
 SHIPPED = Path(__file__).resolve().parents[1] / "studies"
 
@@ -47,11 +48,45 @@ def add_parsers(verbs) -> None:
         "over three seeds, in about twelve minutes on two CPU cores; prints the table.",
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. output_dir=runs/x")
+    for verb in (study, demo):
+        verb.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into an output_dir that holds files of something other than this study",
+        )
+
+
+def check_study_folder(spec: StudySpec, overwrite: bool) -> None:
+    """The study's output_dir must be new, empty or this study's own (a re-run resumes it and
+    rewrites its report); a folder holding anything else is refused unless `overwrite`."""
+    folder = Path(spec.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output_dir {folder} is a file, not a folder (nothing was written)")
+    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    report = folder / "report.json"
+    if report.is_file():
+        try:
+            name = json.loads(report.read_text()).get("study")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            name = None
+        if name == spec.name:
+            return
+        raise ConfigError(
+            f"output_dir {folder} holds the report of study {name!r}, not {spec.name!r}; choose "
+            "another output_dir, or pass --overwrite (nothing was written)"
+        )
+    if not any((folder / task).is_dir() for task in spec.tasks):
+        raise ConfigError(
+            f"output_dir {folder} already holds files that are not this study's; choose another "
+            "output_dir, or pass --overwrite to write the study there (nothing was written)"
+        )
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run the study named by the arguments and report it."""
     spec = load_study(study_path(getattr(args, "config", None) or "demo"), args.overrides)
+    check_study_folder(spec, args.overwrite)
     results = run_study(spec)
     report = build_report(spec.name, results, spec.eval_steps())
     written = write_report(report, results, spec.output_dir)

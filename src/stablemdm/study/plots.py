@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import atomic_path
+
 KINDS = ("seeds", "tokens", "loss")
 
 
@@ -88,6 +90,7 @@ def plot_task(results: Sequence[Mapping], task: str, folder: Path) -> list[Path]
             ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(folder / f"{task}-{kind}.png")
-        fig.savefig(paths[-1], dpi=110)
+        with atomic_path(paths[-1]) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
     return paths

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..outputs import write_text
 from .plots import plot_task
 from .stats import paired_difference, summary, worst_above_best
 
@@ -163,8 +164,8 @@ def write_report(
     """report.md, report.json and the figures of each task into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=1))
-    (folder / "report.md").write_text(markdown(report))
+    write_text(folder / "report.json", json.dumps(report, indent=1))
+    write_text(folder / "report.md", markdown(report))
     written = [folder / "report.md", folder / "report.json"]
     for task in report["tasks"]:
         written += plot_task([r for r in results if r["task"] == task], task, folder)

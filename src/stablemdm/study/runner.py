@@ -22,6 +22,7 @@ from ..config import StableMDMConfig
 from ..data import TextTokenizer
 from ..evaluation import evaluate
 from ..models.loading import load_checkpoint, objective_of
+from ..outputs import write_text
 from ..run import build_objective, build_sampler, encode_split, load_density, resolve_canvas, train
 from ..tasks import Task, get_task
 from ..trainer import seeded_generator
@@ -162,7 +163,7 @@ def run_one(
             model, tokenizer, config, task_data, spec.variance_draws
         ),
     }
-    (folder / RESULT).write_text(json.dumps(result, indent=1))
+    write_text(folder / RESULT, json.dumps(result, indent=1))
     return result
 
 

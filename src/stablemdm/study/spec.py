@@ -29,7 +29,16 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, StableMDMConfig, config_from_values, load_yaml, parse_override
+from ..config import (
+    ConfigError,
+    StableMDMConfig,
+    config_from_values,
+    load_yaml,
+    parse_override,
+    read_yaml_file,
+    suggest,
+    unused_options,
+)
 from ..tasks import available_tasks, get_task
 from ..variance_report import ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS
 from ..variance_report import METHODS as ESTIMATORS
@@ -139,7 +148,7 @@ class StudySpec:
         )
         if self.base is not None:
             values["init_from"] = str(self.base_dir(task, objective))
-        return _build(values, f"{task}/{method}/seed-{seed}")
+        return _build(values, f"{task}/{method}/seed-{seed}", self.methods[method])
 
     def base_config(self, task: str, objective: str) -> StableMDMConfig:
         """The shared base of `objective` for `task`: the study's fields, the base's budget
@@ -158,10 +167,17 @@ class StudySpec:
         return _build(values, f"base of {task} ({objective})")
 
 
-def _build(values: dict[str, Any], where: str) -> StableMDMConfig:
-    """The run's config, its errors prefixed by the run they belong to."""
+def _build(
+    values: dict[str, Any], where: str, method: dict[str, Any] | None = None
+) -> StableMDMConfig:
+    """The run's config, its errors prefixed by the run they belong to; a field the method
+    sets but its estimator ignores is refused (`unused_options`)."""
     try:
-        return config_from_values(values, dict.fromkeys(values, "study file"))
+        config = config_from_values(values, dict.fromkeys(values, "study file"))
+        unused = unused_options(config, method or {}, dict.fromkeys(method or {}, "method"))
+        if unused:
+            raise ConfigError(f"{unused[0]}; remove it from the method or change its estimator")
+        return config
     except ConfigError as err:
         raise ConfigError(f"study run {where}: {err}") from None
 
@@ -210,20 +226,16 @@ def _apply_override(values: dict[str, Any], text: str) -> None:
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     """Read, override and validate a study file (one clear line per problem)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        values = load_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a study file is a mapping of study fields")
+    values = read_yaml_file(path, "study file")
     for text in overrides:
         _apply_override(values, text)
     known = {f.name for f in dataclasses.fields(StudySpec)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown study field(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(
+            f"{path}: unknown study field {unknown[0]!r}{suggest(unknown[0], known)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
     missing = [f for f in REQUIRED if f not in values]
     if missing:
         raise ConfigError(f"{path}: missing study field(s) {missing}")
@@ -313,6 +325,17 @@ def check_base(spec: StudySpec, task: str, objective: str) -> None:
         )
 
 
+def _read_saved(folder: Path, name: str, parse: Callable[[str], Any]) -> Any:
+    """A run's saved `name` parsed, or a ConfigError naming it and the way out."""
+    try:
+        return parse((folder / name).read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(
+            f"{folder / name} cannot be read ({type(err).__name__}); delete {folder} to redo "
+            "that run"
+        ) from None
+
+
 def check_started(spec: StudySpec, task: str, method: str, seed: int) -> None:
     """A run's config must build, and a run already finished or checkpointed in the study
     folder must have been trained with it (and evaluated at the same points)."""
@@ -320,7 +343,7 @@ def check_started(spec: StudySpec, task: str, method: str, seed: int) -> None:
     folder = spec.run_dir(task, method, seed)
     if not (folder / RESULT).is_file() and not any(folder.glob("checkpoint-*")):
         return  # nothing there yet, or a run that will be restarted
-    saved = load_yaml((folder / "config.yaml").read_text()) or {}
+    saved = _read_saved(folder, "config.yaml", load_yaml)
     now = config.resolved()
     changed = [
         k
@@ -328,7 +351,7 @@ def check_started(spec: StudySpec, task: str, method: str, seed: int) -> None:
         if k not in HARMLESS and saved[k] != now[k] and not (k in MEASURED and now[k] is None)
     ]
     if (folder / RESULT).is_file() and not changed:
-        done = json.loads((folder / RESULT).read_text())
+        done = _read_saved(folder, RESULT, json.loads)
         if [e["step"] for e in done["evaluations"]] != spec.eval_steps():
             changed = ["eval_points"]
         elif done.get("eval_limit", spec.eval_limit) != spec.eval_limit:

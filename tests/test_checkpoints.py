@@ -1,0 +1,330 @@
+"""Checkpoints are written whole or not at all (tmp-checkpoint-N renamed when complete), old
+ones are rotated away only after that, `--resume` takes the latest complete one and says what
+it skipped, a named incomplete one is refused with the way back, a run killed with SIGKILL at
+random moments (inside checkpoint writes too) resumes to the uninterrupted run's weights bit
+for bit with each step logged once, and a run that died before its first checkpoint is simply
+run again. docs/reliability.md lists these guarantees."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from stablemdm.checkpoints import (
+    checkpoints,
+    latest_complete,
+    leftovers,
+    missing_files,
+    publish,
+    restart_metrics,
+    rotate,
+)
+from stablemdm.config import ConfigError, load_config
+from stablemdm.run import train
+
+SMALL = [
+    "task=chain_sum",
+    "task_options={n_train: 300, n_test: 20}",
+    "model_preset=tiny",
+    "d_model=32",
+    "n_layers=1",
+    "per_device_train_batch_size=8",
+    "logging_steps=1",
+    "disable_tqdm=true",
+    "warmup_steps=2",
+    "learning_rate=0.003",
+    "eval_strategy=no",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as in the subprocesses (OMP_NUM_THREADS=1): bitwise comparable runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(folder: Path, *extra: str):
+    return load_config(None, [*SMALL, f"output_dir={folder}", *extra])
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _loss_records(folder: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training log line of metrics.jsonl, in file order."""
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+class _Stop(TrainerCallback):
+    """Ends the process's training (an exception out of train) after step `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def test_a_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """With save_total_limit=1, a save that dies while writing the project's own files (the
+    sampler state, after the engine's) leaves checkpoint-2 complete and a tmp-checkpoint-3
+    that --resume skips, naming it; the resumed run ends where the uninterrupted one does."""
+    steps = ["max_steps=5", "save_steps=1", "save_total_limit=1"]
+    train(_config(tmp_path / "full", *steps))
+    real_save = torch.save
+
+    def dies_in_checkpoint_3(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join("tmp-checkpoint-3", "sampler_state.pt")):
+            raise KeyboardInterrupt("killed while writing checkpoint-3")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_in_checkpoint_3)
+    run = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(run, *steps))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-2"]
+    assert missing_files(run / "checkpoint-2") == []
+    assert [p.name for p in leftovers(run)] == ["tmp-checkpoint-3"]
+    assert (run / "tmp-checkpoint-3" / "optimizer.pt").is_file()
+    capsys.readouterr()
+    train(_config(run, *steps), resume=True)
+    err = capsys.readouterr().err
+    assert "skips tmp-checkpoint-3 (left by an interrupted save)" in err
+    assert f"resuming from {run / 'checkpoint-2'}" in err
+    assert "dropped 1 record(s) written after the checkpoint of step 2" in err
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-5"] and not leftovers(run)
+    assert _same(_weights(run), _weights(tmp_path / "full"))
+    assert _same(_weights(run / "checkpoint-5"), _weights(tmp_path / "full" / "checkpoint-5"))
+    assert _loss_records(run) == _loss_records(tmp_path / "full")
+
+
+def test_resume_skips_incomplete_checkpoints_and_refuses_a_named_one(tmp_path, capsys):
+    """A checkpoint missing any file it needs to resume exactly is skipped by --resume (with
+    the reason) and refused when named, with the previous complete checkpoint as the way."""
+    run = tmp_path / "run"
+    steps = ["max_steps=4", "save_steps=2"]
+    train(_config(run, *steps))
+    uninterrupted = _weights(run)
+    last = run / "checkpoint-4"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "sampler_state.pt"):
+        (last / name).rename(tmp_path / name)
+        with pytest.raises(ConfigError) as err:
+            train(_config(run, *steps), resume=str(last))
+        assert f"{last} is not a complete checkpoint (missing {name})" in str(err.value)
+        assert f"the previous complete checkpoint is {run / 'checkpoint-2'}" in str(err.value)
+        (tmp_path / name).rename(last / name)
+    (last / "optimizer.pt").unlink()
+    (run / "tmp-checkpoint-6").mkdir()
+    (run / "tmp-checkpoint-6" / "model.safetensors").write_bytes(b"half")
+    capsys.readouterr()
+    train(_config(run, *steps), resume=True)
+    err = capsys.readouterr().err
+    assert (
+        "skips tmp-checkpoint-6 (left by an interrupted save); checkpoint-4 (missing "
+        f"optimizer.pt); resuming from {run / 'checkpoint-2'}"
+    ) in err
+    assert missing_files(last) == [] and not leftovers(run)
+    assert _same(_weights(run), uninterrupted)
+    assert [s for s, _ in _loss_records(run)] == [1, 2, 3, 4]
+
+
+def test_no_complete_checkpoint_is_refused_and_named(tmp_path):
+    run = tmp_path / "run"
+    train(_config(run, "max_steps=2", "save_steps=2"))
+    (run / "checkpoint-2" / "scheduler.pt").unlink()
+    with pytest.raises(ConfigError, match="no complete checkpoint .*missing scheduler.pt"):
+        train(_config(run, "max_steps=2", "save_steps=2"), resume=True)
+    with pytest.raises(ConfigError, match="there is no complete checkpoint before it"):
+        train(_config(run, "max_steps=2"), resume=str(run / "checkpoint-2"))
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_run_again_in_place(tmp_path, capsys):
+    """Its folder (config.yaml, metrics.jsonl, no checkpoint) is reused by a plain re-run,
+    which says so; a folder with a complete checkpoint or a finished run is still refused."""
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(run, "max_steps=3", "save_steps=3"), callbacks=[_Stop(2)])
+    assert (run / "metrics.jsonl").is_file() and not checkpoints(run)
+    capsys.readouterr()
+    train(_config(run, "max_steps=3", "save_steps=3"))
+    assert "stopped before its first complete checkpoint; starting it again" in (
+        capsys.readouterr().err
+    )
+    assert [s for s, _ in _loss_records(run)] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_config(run, "max_steps=3"))
+    finished = tmp_path / "finished"
+    train(_config(finished, "max_steps=1", "save_strategy=no"))
+    assert not checkpoints(finished)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_config(finished, "max_steps=1", "save_strategy=no"))
+
+
+def _folder(path: Path, *names: str) -> Path:
+    path.mkdir(parents=True)
+    for name in names:
+        (path / name).write_text(name)
+    return path
+
+
+COMPLETE = (
+    "model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state_0.pth",
+    "trainer_state.json",
+    "sampler_state.pt",
+    "config.yaml",
+)
+
+
+def test_publish_replaces_and_rotate_keeps_the_new_checkpoint(tmp_path):
+    """publish renames a finished folder into place (replacing one of the same step); rotate
+    deletes the oldest beyond the limit but never the one just published nor the best."""
+    for step in (2, 4, 6):
+        _folder(tmp_path / f"checkpoint-{step}", *COMPLETE)
+    staged = _folder(tmp_path / "tmp-checkpoint-4", *COMPLETE, "new")
+    publish(staged, tmp_path / "checkpoint-4")
+    assert (tmp_path / "checkpoint-4" / "new").is_file() and not leftovers(tmp_path)
+    rotate(tmp_path, 2, {tmp_path / "checkpoint-4"})
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-4"]
+    rotate(tmp_path, 1, {tmp_path / "checkpoint-4"})
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4"]
+    rotate(tmp_path, None, set())
+    assert latest_complete(tmp_path) == (tmp_path / "checkpoint-4", [])
+    (tmp_path / "checkpoint-4" / "config.yaml").write_text("sampler: ppots\n")
+    assert missing_files(tmp_path / "checkpoint-4") == ["ppots.json"]
+
+
+def test_restart_metrics_keeps_each_step_once(tmp_path):
+    lines = [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "eval_loss": 2.5},
+        {"step": 2, "train_runtime": 1.0},
+        {"step": 3, "loss": 3.0},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert restart_metrics(tmp_path, 2) == 3
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:3]
+    assert restart_metrics(tmp_path, 2) == 0
+
+
+def _training_started(run: Path, after: int, launched: float) -> bool:
+    """Whether this process has logged a step later than `after` (it is training)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_mtime < launched:
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > after:
+                return True
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return False
+
+
+def _launch(args: list[str], run: Path, log: Path) -> tuple[subprocess.Popen, int, float]:
+    """Start `stablemdm train` in a subprocess: --resume when a checkpoint exists, else a plain
+    run (which reuses a folder left by a run killed before its first checkpoint). Returns the
+    process, the step it starts from and when it was launched."""
+    found = checkpoints(run) if run.is_dir() else []
+    start = json.loads((found[0] / "trainer_state.json").read_text())["global_step"] if found else 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "stablemdm.cli", "train", *args, f"output_dir={run}"]
+    launched = time.time()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            cmd + ["--resume"] * bool(found), env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    return proc, start, launched
+
+
+def _staged(run: Path) -> list[Path]:
+    """Checkpoint folders being written (not ones being deleted by rotation)."""
+    return list(run.glob("tmp-checkpoint-*"))
+
+
+def _kill(args: list[str], run: Path, log: Path, delay: float, in_write: bool) -> bool:
+    """Run training and SIGKILL it `delay` seconds after it starts training, or (`in_write`)
+    at the first checkpoint write after that. Returns whether a checkpoint was being written
+    (its tmp-checkpoint-N folder present) when it was killed."""
+    proc, start, launched = _launch(args, run, log)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not _training_started(run, start, launched):
+        assert time.monotonic() < deadline, "the training process never started"
+        time.sleep(0.005)
+    time.sleep(delay)
+    while in_write and proc.poll() is None and not _staged(run):
+        time.sleep(0.0005)
+    writing = bool(_staged(run))
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return writing and proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """A CLI training run (save_steps=1, save_total_limit=1) is killed with SIGKILL at seeded
+    random moments and inside a checkpoint write, and resumed with --resume (or run again when
+    no checkpoint exists yet) until it finishes: every checkpoint folder left is complete, the
+    final weights equal the uninterrupted run's bit for bit, and each step is logged once."""
+    args = [*SMALL, "max_steps=16", "save_steps=1", "save_total_limit=1"]
+    train(load_config(None, [*args, f"output_dir={tmp_path / 'full'}"]))
+    run, rng = tmp_path / "killed", random.Random(12)
+    hit_a_write = False
+    for n in range(4):  # a kill at a random moment, then kills inside a write until one lands
+        if n > 1 and hit_a_write:
+            break
+        log = tmp_path / f"stderr-{n}.txt"
+        hit_a_write |= _kill(args, run, log, rng.uniform(0.0, 0.2), in_write=n > 0)
+        assert all(missing_files(p) == [] for p in checkpoints(run))
+    assert hit_a_write, "no kill landed inside a checkpoint write"
+    proc, _, _ = _launch(args, run, tmp_path / "stderr-last.txt")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "stderr-last.txt").read_text()[-3000:]
+    assert _same(_weights(run), _weights(tmp_path / "full"))
+    assert _loss_records(run) == _loss_records(tmp_path / "full")
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-16"] and not leftovers(run)
+
+
+def test_a_full_disk_during_a_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
+    """No space left while writing checkpoint-2: one line naming checkpoint-1 (complete, kept
+    despite save_total_limit=1) and the way on; the half-written folder is removed."""
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "tmp-checkpoint-2" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        train(_config(run, "max_steps=3", "save_steps=1", "save_total_limit=1"))
+    assert "no space left on the device while writing" in str(err.value)
+    assert f"the previous checkpoint, {run / 'checkpoint-1'}, is intact" in str(err.value)
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-1"] and not leftovers(run)
+    assert missing_files(run / "checkpoint-1") == []

@@ -1,0 +1,137 @@
+"""Non-finite steps: a step whose loss or gradient is not finite is skipped (no change to the
+weights or the optimizer state, the schedule advancing with the step) and counted in the log;
+after `max_nonfinite_steps` in a row the run stops with one line naming the step and the last
+finite checkpoint, which a resumed run with a lower learning_rate continues."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from stablemdm.checkpoints import checkpoints, missing_files
+from stablemdm.config import ConfigError, load_config
+from stablemdm.objective import Objective
+from stablemdm.run import train
+
+SMALL = [
+    "task=chain_sum",
+    "task_options={n_train: 300, n_test: 20}",
+    "model_preset=tiny",
+    "d_model=32",
+    "n_layers=1",
+    "per_device_train_batch_size=8",
+    "logging_steps=1",
+    "disable_tqdm=true",
+    "warmup_steps=2",
+    "learning_rate=0.003",
+    "eval_strategy=no",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: on a loaded 2-core machine one thread is much faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(folder: Path, *extra: str):
+    return load_config(None, [*SMALL, f"output_dir={folder}", *extra])
+
+
+def _records(folder: Path) -> dict[int, dict]:
+    """step -> its training log line in metrics.jsonl."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+
+
+class NaNSteps(TrainerCallback):
+    """Test-only fault: the objective's loss (and so the gradient) is NaN in the optimizer
+    steps `steps` (1-based); keeps the flat parameters after every step."""
+
+    def __init__(self, steps, monkeypatch) -> None:
+        self.steps, self.now, self.params = set(steps), 0, {}
+        real = Objective.__call__
+
+        def call(objective, *args, **kwargs):
+            out = real(objective, *args, **kwargs)
+            if self.now in self.steps and torch.is_grad_enabled():
+                return dataclasses.replace(out, loss=out.loss * float("nan"))
+            return out
+
+        monkeypatch.setattr(Objective, "__call__", call)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.now = state.global_step + 1
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params[state.global_step] = torch.cat(
+            [p.detach().flatten() for p in model.parameters()]
+        )
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    """NaN in steps 3 and 4: the weights and the optimizer state do not move there, no
+    checkpoint is written there, the log counts them, and the learning rate keeps following
+    the schedule of the clean run."""
+    steps = ["max_steps=6", "save_steps=1", "max_nonfinite_steps=3"]
+    train(_config(tmp_path / "clean", *steps))
+    fault = NaNSteps({3, 4}, monkeypatch)
+    train(_config(tmp_path / "nan", *steps), callbacks=[fault])
+    p = fault.params
+    assert torch.equal(p[2], p[3]) and torch.equal(p[3], p[4]) and not torch.equal(p[4], p[5])
+    assert torch.isfinite(p[6]).all()
+    assert sorted(c.name for c in checkpoints(tmp_path / "nan")) == [
+        f"checkpoint-{s}" for s in (1, 2, 5, 6)
+    ]
+    optimizer = torch.load(tmp_path / "nan" / "checkpoint-6" / "optimizer.pt")
+    assert all(s["step"] == 4 for s in optimizer["state"].values())  # 6 steps, 2 skipped
+    nan, clean = _records(tmp_path / "nan"), _records(tmp_path / "clean")
+    assert [nan[s]["nonfinite_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
+    assert all(nan[s]["grad_norm"] is None and nan[s]["loss"] is None for s in (3, 4))
+    assert [nan[s]["learning_rate"] for s in nan] == [clean[s]["learning_rate"] for s in clean]
+    assert [nan[s]["loss"] for s in (1, 2)] == [clean[s]["loss"] for s in (1, 2)]
+
+
+def test_a_run_of_nonfinite_steps_stops_and_a_lower_learning_rate_continues_it(
+    tmp_path, monkeypatch
+):
+    """NaN from step 3 on with max_nonfinite_steps=2: the run stops at step 4 with one line
+    naming the step and checkpoint-2, which stays complete; resumed with half the learning
+    rate it finishes, on the clean run's schedule scaled by one half."""
+    run = tmp_path / "run"
+    steps = ["max_steps=6", "save_steps=2", "save_total_limit=1", "max_nonfinite_steps=2"]
+    train(_config(tmp_path / "clean", *steps))
+    with pytest.raises(FloatingPointError) as err:
+        train(_config(run, *steps), callbacks=[NaNSteps(range(3, 99), monkeypatch)])
+    message = str(err.value)
+    assert "\n" not in message
+    assert "2 steps in a row up to step 4 had a non-finite loss or gradient" in message
+    assert f"the last finite checkpoint, {run / 'checkpoint-2'}, is intact" in message
+    assert "learning_rate=<lower> --resume" in message
+    assert [c.name for c in checkpoints(run)] == ["checkpoint-2"]
+    assert missing_files(run / "checkpoint-2") == []
+    monkeypatch.undo()
+    with pytest.raises(
+        ConfigError, match=r"weight_decay: 0\.01 -> 0\.1\); only .*learning_rate.* may change"
+    ):
+        train(_config(run, *steps, "weight_decay=0.1"), resume=True)
+    train(_config(run, *steps, "learning_rate=0.0015"), resume=True)
+    resumed, clean = _records(run), _records(tmp_path / "clean")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s]["learning_rate"] for s in (1, 2)] == [
+        clean[s]["learning_rate"] for s in (1, 2)
+    ]
+    for s in (3, 4, 5, 6):
+        assert resumed[s]["learning_rate"] == pytest.approx(clean[s]["learning_rate"] / 2)
+    assert all(resumed[s]["nonfinite_steps"] == 0 for s in resumed)
+
+
+def test_max_nonfinite_steps_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="max_nonfinite_steps must be >= 1, got 0"):
+        _config(tmp_path, "max_nonfinite_steps=0")
