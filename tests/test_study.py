@@ -82,7 +82,7 @@ def test_the_t_interval_covers_the_true_difference_at_its_level():
         ("methods=[a/b]", "folder name"),
         ("tasks=[nope]", "unknown task"),
         ("tasks=chain_sum", "tasks must be a list"),
-        ("task_options={mini_sudoku: {n_train: 10}}", "not in tasks"),
+        ("task_options={chain_sums: {n_train: 10}}", "which is not a task"),
         ("task_options={chain_sum: {colour: 1}}", "has no option"),
         ("eval_points=[0,1]", "eval_points"),
         ("eval_points=[0.5,1.5]", "eval_points"),
@@ -120,6 +120,8 @@ def test_every_shipped_study_validates(tmp_path):
     cpu = load_study(study_path("cpu"), [f"output_dir={tmp_path}", *small["cpu"]])
     assert len(cpu.seeds) >= 5 and len(cpu.tasks) >= 2
     assert {"arm", "standard", "clipped", "count", "ppots_mirror"} <= set(cpu.methods)
+    one = load_study(study_path("cpu"), [f"output_dir={tmp_path}", "tasks=[chain_sum]"])
+    assert one.tasks == ["chain_sum"]  # the file's mini_sudoku options wait unused
 
 
 def test_progress_prints_one_line_per_run_with_and_without_bars():

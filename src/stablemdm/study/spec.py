@@ -263,9 +263,14 @@ def validate(spec: StudySpec, where: str) -> None:
         raise ConfigError(
             f"{where}: unknown task(s) {unknown}; known: {', '.join(available_tasks())}"
         )
-    stray = sorted(set(spec.task_options) - set(spec.tasks))
+    # options for a known task left out of `tasks` are kept for later (`tasks=[chain_sum]` on
+    # a two-task study file); options for a name that is no task are a typo
+    stray = sorted(set(spec.task_options) - set(available_tasks()))
     if stray:
-        raise ConfigError(f"{where}: task_options for {stray}, which is not in tasks {spec.tasks}")
+        raise ConfigError(
+            f"{where}: task_options for {stray}, which is not a task; known: "
+            f"{', '.join(available_tasks())}"
+        )
     if not spec.eval_points or not all(0 < f <= 1 for f in spec.eval_points):
         raise ConfigError(
             f"{where}: eval_points must be fractions in (0, 1], got {spec.eval_points}"
