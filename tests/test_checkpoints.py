@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import SMALL
 from transformers import TrainerCallback
 
 from stablemdm.checkpoints import (
@@ -32,32 +33,11 @@ from stablemdm.checkpoints import (
 from stablemdm.config import ConfigError, load_config
 from stablemdm.run import train
 
-SMALL = [
-    "task=chain_sum",
-    "task_options={n_train: 300, n_test: 20}",
-    "model_preset=tiny",
-    "d_model=32",
-    "n_layers=1",
-    "per_device_train_batch_size=8",
-    "logging_steps=1",
-    "disable_tqdm=true",
-    "warmup_steps=2",
-    "learning_rate=0.003",
-    "eval_strategy=no",
-]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as in the subprocesses (OMP_NUM_THREADS=1): bitwise comparable runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(folder: Path, *extra: str):
-    return load_config(None, [*SMALL, f"output_dir={folder}", *extra])
+    return load_config(None, [*SMALL, "eval_strategy=no", f"output_dir={folder}", *extra])
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -292,7 +272,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
     random moments and inside a checkpoint write, and resumed with --resume (or run again when
     no checkpoint exists yet) until it finishes: every checkpoint folder left is complete, the
     final weights equal the uninterrupted run's bit for bit, and each step is logged once."""
-    args = [*SMALL, "max_steps=16", "save_steps=1", "save_total_limit=1"]
+    args = [*SMALL, "eval_strategy=no", "max_steps=16", "save_steps=1", "save_total_limit=1"]
     train(load_config(None, [*args, f"output_dir={tmp_path / 'full'}"]))
     run, rng = tmp_path / "killed", random.Random(12)
     hit_a_write = False

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import SMALL
 from transformers import TrainerCallback
 
 from stablemdm.checkpoints import checkpoints, missing_files
@@ -16,32 +17,11 @@ from stablemdm.config import ConfigError, load_config
 from stablemdm.objective import Objective
 from stablemdm.run import train
 
-SMALL = [
-    "task=chain_sum",
-    "task_options={n_train: 300, n_test: 20}",
-    "model_preset=tiny",
-    "d_model=32",
-    "n_layers=1",
-    "per_device_train_batch_size=8",
-    "logging_steps=1",
-    "disable_tqdm=true",
-    "warmup_steps=2",
-    "learning_rate=0.003",
-    "eval_strategy=no",
-]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a loaded 2-core machine one thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(folder: Path, *extra: str):
-    return load_config(None, [*SMALL, f"output_dir={folder}", *extra])
+    return load_config(None, [*SMALL, "eval_strategy=no", f"output_dir={folder}", *extra])
 
 
 def _records(folder: Path) -> dict[int, dict]:

@@ -31,13 +31,7 @@ from stablemdm.trainer import RefitCallback, rate_slice, seeded_generator
 Z = 5.0  # tolerance in standard errors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a loaded 2-core machine one thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Log:
