@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from stablemdm.config import StableMDMConfig
 from stablemdm.models.toy import save_llama
-from stablemdm.run import train
+from stablemdm.training.config import StableMDMConfig
+from stablemdm.training.run import train
 
 
 def main() -> None:

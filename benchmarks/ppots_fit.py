@@ -30,15 +30,17 @@ import numpy as np
 import torch
 from transformers import default_data_collator
 
-from stablemdm import ppots
-from stablemdm.config import load_config
-from stablemdm.losses import mdm_loss
+from stablemdm.estimators import ppots_fit as ppots
+from stablemdm.estimators.losses import mdm_loss
+from stablemdm.estimators.ppots_counts import CountMoments
+from stablemdm.estimators.rates import Uniform
 from stablemdm.models import Transformer
-from stablemdm.ppots_counts import CountMoments
-from stablemdm.run import build_model, build_objective, encode_split, fit_density, train
-from stablemdm.samplers import Uniform
-from stablemdm.tasks import get_task
-from stablemdm.trainer import seeded_generator
+from stablemdm.rng import seeded_generator
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.build import build_model, build_objective, fit_density
+from stablemdm.training.datasets import encode_split
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
 
 OUT = Path("runs/ppots_fit")
 DEMO = [  # the `train:` section of src/stablemdm/studies/demo.yaml, Standard

@@ -16,8 +16,8 @@ import tempfile
 RUN = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from stablemdm.config import load_config
-from stablemdm.run import train
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
 config = load_config(None, ["task_options={n_train: 2000, n_test: 10}", "max_steps=30",
     "logging_steps=1", "per_device_train_batch_size=64", "save_steps=30", "disable_tqdm=true",
     "learning_rate=0.002", f"output_dir={sys.argv[2]}"])

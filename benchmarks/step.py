@@ -35,17 +35,23 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, get_scheduler
 
-from stablemdm.config import StableMDMConfig
-from stablemdm.losses import mdm_loss
-from stablemdm.masking import mirror_masks, p_mask
+from stablemdm.data.tokenizer import CharTokenizer
+from stablemdm.estimators.ema import EMA
+from stablemdm.estimators.losses import mdm_loss
+from stablemdm.estimators.masking import mirror_masks, p_mask
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.estimators.ppots_fit import FamilyParams, family_density
+from stablemdm.estimators.rates import Clipped
+from stablemdm.estimators.stratified import Stratified
+from stablemdm.estimators.syrm import Mirrored
 from stablemdm.models import ModelConfig, Transformer
-from stablemdm.objective import Objective
-from stablemdm.ppots import FamilyParams, family_density
-from stablemdm.run import build_model, build_objective, train, train_dataset
-from stablemdm.samplers import EMA, PPOTS, Clipped, Mirrored, Stratified
-from stablemdm.tasks import get_task
-from stablemdm.tokenizer import CharTokenizer
-from stablemdm.trainer import StableMDMTrainer
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.build import build_model, build_objective
+from stablemdm.training.config import StableMDMConfig
+from stablemdm.training.datasets import train_dataset
+from stablemdm.training.run import train
+from stablemdm.training.trainer import StableMDMTrainer
 
 # a P-POTS density of the shape fits produce (cost does not depend on the shape)
 Clock = Callable[[], float]

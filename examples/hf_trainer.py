@@ -12,18 +12,20 @@ from pathlib import Path
 
 import torch
 
-from stablemdm.config import StableMDMConfig
 from stablemdm.data import canvas_lengths, encode_examples
 from stablemdm.data.hf_tokenizer import HFTokenizer
-from stablemdm.decoding import generate
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots_fit import FitDesign, fit_ppots
+from stablemdm.estimators.rates import Uniform
+from stablemdm.estimators.stratified import Stratified
+from stablemdm.evaluation.decoding import generate
 from stablemdm.models.hf import load_hf_model, load_trained
 from stablemdm.models.toy import save_llama
-from stablemdm.objective import Objective
-from stablemdm.ppots import FitDesign, fit_ppots
-from stablemdm.run import TensorDataset, collate
-from stablemdm.samplers import Stratified, Uniform
-from stablemdm.tasks import get_task
-from stablemdm.trainer import StableMDMTrainer, seeded_generator
+from stablemdm.rng import seeded_generator
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.config import StableMDMConfig
+from stablemdm.training.datasets import TensorDataset, collate
+from stablemdm.training.trainer import StableMDMTrainer
 
 
 def main() -> None:

@@ -17,16 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stablemdm.cli import describe_error, main
-from stablemdm.config import ConfigError, StableMDMConfig, load_config, parse_override, save_config
 from stablemdm.data import DataError, Example, canvas_lengths, length_cap, read_jsonl
 from stablemdm.data.examples import OUTLIER_FACTOR, OUTLIER_MIN_EXAMPLES
+from stablemdm.data.tokenizer import DEFAULT_ALPHABET, CharTokenizer
+from stablemdm.errors import ConfigError
 from stablemdm.models.transformer import ModelConfig, Transformer
-from stablemdm.outputs import check_output_file, write_text
-from stablemdm.run import encode_split, resolve_canvas
 from stablemdm.study.command import check_study_folder
 from stablemdm.study.spec import load_study
-from stablemdm.tasks import get_task
-from stablemdm.tokenizer import DEFAULT_ALPHABET, CharTokenizer
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.config import StableMDMConfig
+from stablemdm.training.datasets import encode_split, resolve_canvas
+from stablemdm.training.outputs import check_output_file, write_text
+from stablemdm.training.recipe import load_config, parse_override, save_config
 
 GOOD = '{"prompt": "1+1", "response": "2"}\n'
 STUDY = (

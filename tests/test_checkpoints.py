@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from test_trainer import SMALL
 from transformers import TrainerCallback
 
-from stablemdm.checkpoints import (
+from stablemdm.errors import ConfigError
+from stablemdm.training.checkpoints import (
     checkpoints,
     latest_complete,
     leftovers,
@@ -30,8 +31,8 @@ from stablemdm.checkpoints import (
     restart_metrics,
     rotate,
 )
-from stablemdm.config import ConfigError, load_config
-from stablemdm.run import train
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

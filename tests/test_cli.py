@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from stablemdm.cli import main
-from stablemdm.config import load_config
-from stablemdm.samplers import PPOTS
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.training.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stablemdm.decoding import generate, generate_arm, generate_mdm, unmask_schedule
+from stablemdm.evaluation.decoding import generate, generate_arm, generate_mdm, unmask_schedule
 
 PAD, MASK, EOS, SEP = 0, 1, 2, 3
 VOCAB = 12  # letters are 4..11

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stablemdm.data import Example
-from stablemdm.evaluation import EvalResult, default_block_length, evaluate
+from stablemdm.evaluation.scoring import EvalResult, default_block_length, evaluate
 
 PAD, MASK, EOS, SEP = 0, 1, 2, 3
 ALPHABET = "abcdefgh"

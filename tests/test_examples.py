@@ -12,7 +12,7 @@ from stablemdm.data import (
     read_jsonl,
     write_jsonl,
 )
-from stablemdm.tokenizer import CharTokenizer
+from stablemdm.data.tokenizer import CharTokenizer
 
 
 @pytest.fixture

@@ -20,9 +20,11 @@ from transformers import (
 )
 
 from stablemdm.cli import main
-from stablemdm.config import ConfigError
-from stablemdm.decoding import generate_arm, generate_mdm
-from stablemdm.losses import logits_of
+from stablemdm.errors import ConfigError
+from stablemdm.estimators.losses import logits_of
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.evaluation.decoding import generate_arm, generate_mdm
 from stablemdm.models.hf import (
     AdapterSpec,
     adapter_spec,
@@ -34,8 +36,6 @@ from stablemdm.models.hf import (
     load_trained,
     resolve_mask_token_id,
 )
-from stablemdm.objective import Objective
-from stablemdm.samplers import PPOTS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_llada"
 

@@ -7,10 +7,10 @@ from hf_fixtures import bert_tokenizer, llama_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stablemdm.config import ConfigError
 from stablemdm.data import DataError, Example, encode_examples
 from stablemdm.data.hf_tokenizer import HFTokenizer
-from stablemdm.tokenizer import CharTokenizer
+from stablemdm.data.tokenizer import CharTokenizer
+from stablemdm.errors import ConfigError
 
 EXAMPLES = [Example("2+2", "4", "4", "a"), Example("10+20=?", "30", "30", "b")]
 

@@ -19,10 +19,10 @@ from transformers import (
 )
 
 from stablemdm.cli import main
-from stablemdm.config import load_config
 from stablemdm.models.hf import adapter_spec
-from stablemdm.models.loading import load_checkpoint, objective_of
-from stablemdm.run import train
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
+from stablemdm.training.saved import load_checkpoint, objective_of
 
 TINY = [
     "task=chain_sum",

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from stablemdm import masking
-from stablemdm.losses import arm_loss, mdm_loss
+from stablemdm.estimators import masking
+from stablemdm.estimators.losses import arm_loss, mdm_loss
 
 V = 37
 MASK = 1
@@ -112,8 +112,8 @@ def test_hugging_face_models_fit_as_they_are():
     same objective and decoder: `model(input_ids=..., attention_mask=...).logits`."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from stablemdm.decoding import generate_mdm
-    from stablemdm.objective import Objective
+    from stablemdm.estimators.objective import Objective
+    from stablemdm.evaluation.decoding import generate_mdm
 
     torch.manual_seed(0)
     config = BertConfig(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stablemdm import masking
+from stablemdm.estimators import masking
 
 
 def _eligible(b: int = 64, l: int = 40) -> torch.Tensor:

@@ -12,10 +12,11 @@ import torch
 from test_trainer import SMALL
 from transformers import TrainerCallback
 
-from stablemdm.checkpoints import checkpoints, missing_files
-from stablemdm.config import ConfigError, load_config
-from stablemdm.objective import Objective
-from stablemdm.run import train
+from stablemdm.errors import ConfigError
+from stablemdm.estimators.objective import Objective
+from stablemdm.training.checkpoints import checkpoints, missing_files
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

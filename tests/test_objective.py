@@ -10,18 +10,15 @@ import pytest
 import torch
 from scipy.special import beta, betainc
 
-from stablemdm.losses import mdm_loss
+from stablemdm.estimators.counts import count_probabilities
+from stablemdm.estimators.ema import EMA
+from stablemdm.estimators.losses import mdm_loss
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.estimators.rates import Clipped, Uniform
+from stablemdm.estimators.stratified import Stratified
+from stablemdm.estimators.syrm import Mirrored
 from stablemdm.models import ModelConfig, Transformer
-from stablemdm.objective import Objective
-from stablemdm.samplers import (
-    EMA,
-    PPOTS,
-    Clipped,
-    Mirrored,
-    Stratified,
-    Uniform,
-    count_probabilities,
-)
 
 MASK, V, L_ELIG = 1, 12, 5
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from stablemdm import ppots
-from stablemdm.samplers import PPOTS, Uniform, sqrt_edges
+from stablemdm.estimators import ppots_fit as ppots
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.estimators.rates import Uniform, sqrt_edges
 
 Z = 5.0  # tolerance in standard errors
 GRID = np.arange(1, 70) / 69  # 69 rates as in the authors' estimate, ending at t = 1
@@ -210,7 +211,7 @@ class TestFromSecondMoment:
     def test_family_method_tabulates_the_fit(self):
         true = TRUE_FAMILIES["rising"]
         S = ppots.family_density(GRID, true) ** 2
-        sampler = PPOTS.from_second_moment(GRID, S, method="family", mix=0.05, n_bins=256)
+        sampler = ppots.density_from_second_moment(GRID, S, method="family", mix=0.05, n_bins=256)
         assert sampler.source["method"] == "family"
         fit = ppots.FamilyParams.from_dict(sampler.source["params"])
         edges = sqrt_edges(256).numpy()
@@ -223,7 +224,7 @@ class TestFromSecondMoment:
 
     def test_grid_method_is_a_valid_sampler(self):
         S = (1 + 3 * GRID) ** 2
-        sampler = PPOTS.from_second_moment(GRID, S, method="grid", mix=0.1, n_bins=128)
+        sampler = ppots.density_from_second_moment(GRID, S, method="grid", mix=0.1, n_bins=128)
         t, w = sampler.sample(1000, torch.Generator().manual_seed(0))
         assert (t > 0).all() and (t <= 1).all() and w.max() <= 10.0 * (1 + 1e-12)
         assert sampler.source["method"] == "grid"
@@ -237,9 +238,9 @@ class TestFromSecondMoment:
         t = np.linspace(grid[0], grid[-1], 101)
         np.testing.assert_allclose(fn(t), 1 + 2 * np.sqrt(t), rtol=1e-12)
         assert fn(np.array([0.0]))[0] == pytest.approx(1 + 2 * np.sqrt(grid[0]))
-        sampler = PPOTS.from_second_moment(grid, S, method="counts", mix=0.1, n_bins=64)
+        sampler = ppots.density_from_second_moment(grid, S, method="counts", mix=0.1, n_bins=64)
         assert sampler.source["method"] == "counts" and len(sampler.source["S"]) == 16
 
     def test_unknown_method(self):
         with pytest.raises(ValueError, match="'counts', 'family' or 'grid'"):
-            PPOTS.from_second_moment(GRID, np.ones(GRID.size), method="spline")
+            ppots.density_from_second_moment(GRID, np.ones(GRID.size), method="spline")

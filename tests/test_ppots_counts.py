@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from stablemdm import ppots
-from stablemdm.losses import mdm_loss
+from stablemdm.estimators import ppots_fit as ppots
+from stablemdm.estimators.losses import mdm_loss
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots_counts import CountMoments, count_levels, measure_count_moments
 from stablemdm.models import ModelConfig, Transformer
-from stablemdm.objective import Objective
-from stablemdm.ppots_counts import CountMoments, count_levels, measure_count_moments
 
 MASK, V, PROMPT, L = 1, 12, 3, 5
 EPS = 1e-3
@@ -243,7 +243,7 @@ class TestSelfCheck:
 
     def test_a_fit_worse_than_standard_falls_back_to_the_uniform(self):
         """A density that starves t -> 0, where S ~ 1/t holds most of its integral."""
-        from stablemdm.samplers import PPOTS
+        from stablemdm.estimators.ppots import PPOTS
 
         bad = PPOTS.from_function(lambda t: t**3, mix=0.01, source={"method": "family"})
         t, w = ppots.sqrt_cells()
@@ -257,7 +257,7 @@ class TestSelfCheck:
         assert "fell back to the uniform" in ppots.describe_fit(checked)
 
     def test_a_good_fit_is_kept_with_its_check(self):
-        from stablemdm.samplers import PPOTS
+        from stablemdm.estimators.ppots import PPOTS
 
         t, w = ppots.sqrt_cells()
         S = 1.0 / ((1 - EPS) * t + EPS)

@@ -20,13 +20,17 @@ import torch
 from test_objective import MASK, exact_rate_objective, toy  # noqa: F401 (toy is a fixture)
 from test_trainer import SMALL, _Kill, _losses
 
-from stablemdm.config import ConfigError, load_config
+from stablemdm.errors import ConfigError
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.estimators.ppots_fit import FitDesign, fit_ppots
+from stablemdm.estimators.stratified import Stratified
 from stablemdm.models import Transformer
-from stablemdm.objective import Objective
-from stablemdm.ppots import FitDesign, fit_ppots
-from stablemdm.run import train
-from stablemdm.samplers import PPOTS, Stratified
-from stablemdm.trainer import RefitCallback, rate_slice, seeded_generator
+from stablemdm.rng import seeded_generator
+from stablemdm.training.callbacks import RefitCallback
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
+from stablemdm.training.trainer import rate_slice
 
 Z = 5.0  # tolerance in standard errors
 
@@ -163,9 +167,9 @@ def test_two_processes_refit_alike_and_stratify_the_global_batch(tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         import json, os, sys, torch
-        from stablemdm.config import load_config
-        from stablemdm.run import train
-        from stablemdm.trainer import StableMDMTrainer
+        from stablemdm.training.recipe import load_config
+        from stablemdm.training.run import train
+        from stablemdm.training.trainer import StableMDMTrainer
 
         record = StableMDMTrainer._record
         rank = int(os.environ["RANK"])

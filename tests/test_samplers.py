@@ -11,22 +11,19 @@ import math
 import pytest
 import torch
 
-from stablemdm.samplers import (
-    EMA,
-    PPOTS,
-    SAMPLERS,
+from stablemdm.estimators.counts import count_probabilities, sample_counts
+from stablemdm.estimators.ema import EMA
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.estimators.rates import (
     Clipped,
-    Mirrored,
     PiecewiseDensity,
     RateSampler,
-    Stratified,
     Uniform,
-    count_probabilities,
-    make_sampler,
-    sample_counts,
     sqrt_edges,
-    with_scheme,
 )
+from stablemdm.estimators.registry import SAMPLERS, make_sampler, with_scheme
+from stablemdm.estimators.stratified import Stratified
+from stablemdm.estimators.syrm import Mirrored
 
 Z = 5.0  # tolerance in standard errors
 STEEP_EPS = 1e-3

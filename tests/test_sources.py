@@ -11,8 +11,8 @@ from hf_fixtures import llama_tokenizer
 from stablemdm.data import DataError, encode_examples
 from stablemdm.data.hf_tokenizer import HFTokenizer
 from stablemdm.data.sources import EncodedStream, examples_from_records, load_records
-from stablemdm.tasks import get_task
-from stablemdm.tokenizer import CharTokenizer
+from stablemdm.data.tokenizer import CharTokenizer
+from stablemdm.tasks.registry import get_task
 
 ROWS = [{"question": f"{i}+{i}", "solution": f"#### {2 * i}", "gold": str(2 * i)} for i in range(6)]
 COLUMNS = {"prompt_column": "question", "response_column": "solution", "answer_column": "gold"}

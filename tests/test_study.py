@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from stablemdm.cli import main
-from stablemdm.config import ConfigError
+from stablemdm.errors import ConfigError
 from stablemdm.study.command import study_path
 from stablemdm.study.progress import StudyProgress
 from stablemdm.study.spec import load_study

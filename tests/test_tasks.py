@@ -3,9 +3,10 @@ import re
 
 import pytest
 
-from stablemdm import tasks
 from stablemdm.data import DataError, Example, encode_examples
-from stablemdm.tasks import (
+from stablemdm.data.tokenizer import DEFAULT_ALPHABET, CharTokenizer
+from stablemdm.tasks import registry as tasks
+from stablemdm.tasks.registry import (
     GSM8K_ENV,
     Task,
     available_tasks,
@@ -15,7 +16,6 @@ from stablemdm.tasks import (
     normalize_text,
     register_task,
 )
-from stablemdm.tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
 SMALL = {"n_train": 300, "n_test": 40}
 RG_TASKS = ["chain_sum", "mini_sudoku", "countdown", "gsm_symbolic"]

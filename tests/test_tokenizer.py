@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from stablemdm.tokenizer import DEFAULT_ALPHABET, CharTokenizer
+from stablemdm.data.tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
 
 def test_default_alphabet_is_newline_and_printable_ascii():

@@ -14,10 +14,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from stablemdm.config import ConfigError, load_config
+from stablemdm.errors import ConfigError
 from stablemdm.models import Transformer
-from stablemdm.run import train
-from stablemdm.trainer import StableMDMTrainer
+from stablemdm.training.recipe import load_config
+from stablemdm.training.run import train
+from stablemdm.training.trainer import StableMDMTrainer
 
 SMALL = [
     "task=chain_sum",
@@ -188,8 +189,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         textwrap.dedent(f"""
         import os, sys, torch
         from transformers import TrainerCallback
-        from stablemdm.config import load_config
-        from stablemdm.run import train
+        from stablemdm.training.recipe import load_config
+        from stablemdm.training.run import train
 
         class Dump(TrainerCallback):
             def on_train_end(self, args, state, control, model=None, **kw):
@@ -316,7 +317,7 @@ def test_a_dataloader_takes_whole_batches_that_equal_the_stacked_rows():
     default collator stacks from rows, dtypes included; rows still collate."""
     from transformers import default_data_collator
 
-    from stablemdm.run import TensorDataset, collate
+    from stablemdm.training.datasets import TensorDataset, collate
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(

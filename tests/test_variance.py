@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stablemdm.variance import compare_estimators, minibatch_variance, nested_components
+from stablemdm.variance.decompose import compare_estimators, minibatch_variance, nested_components
 
 F64 = torch.float64
 

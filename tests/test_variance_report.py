@@ -28,13 +28,15 @@ import numpy as np
 import pytest
 import torch
 
-from stablemdm import variance_measure as vm
-from stablemdm import variance_report as vr
-from stablemdm.config import ConfigError
-from stablemdm.objective import Objective
-from stablemdm.run import TensorDataset
-from stablemdm.samplers import PPOTS, Uniform
-from stablemdm.variance_output import PLOTS
+from stablemdm.errors import ConfigError
+from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots import PPOTS
+from stablemdm.estimators.rates import Uniform
+from stablemdm.training.datasets import TensorDataset
+from stablemdm.variance import command as vc
+from stablemdm.variance import measure as vm
+from stablemdm.variance import report as vr
+from stablemdm.variance.output import PLOTS
 
 EPS = 0.05  # a larger eps than training's keeps the 1/p tail short, so SEs are reliable
 MASK_ID = 1
@@ -105,7 +107,7 @@ def report_dir(tmp_path_factory):
     """One `stablemdm variance` run (small design) on a 1-layer d=32 model and chain_sum."""
     out = tmp_path_factory.mktemp("variance")
     parser = argparse.ArgumentParser()
-    vr.add_parser(parser.add_subparsers(dest="verb"))
+    vc.add_parser(parser.add_subparsers(dest="verb"))
     args = parser.parse_args(
         [
             "variance",
@@ -137,7 +139,7 @@ def report_dir(tmp_path_factory):
             f"--output={out}",
         ]
     )
-    assert vr.run_cli(args) == 0
+    assert vc.run_cli(args) == 0
     return out
 
 
@@ -303,8 +305,8 @@ def test_non_finite_observations_are_reported():
 
 def test_arm_reference_from_a_trained_arm_checkpoint(tmp_path):
     """--arm-checkpoint measures a trained ARM's data noise; it has no A or B either."""
-    from stablemdm.config import load_config
-    from stablemdm.run import train
+    from stablemdm.training.recipe import load_config
+    from stablemdm.training.run import train
 
     small = ["task_options={n_train: 40, n_test: 4}", "d_model=32", "n_layers=1", "n_heads=2"]
     arm_dir = tmp_path / "arm"

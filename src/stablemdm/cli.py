@@ -18,11 +18,14 @@ import textwrap
 import time
 import typing
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import ConfigError, StableMDMConfig, field_help, load_config, parse_override
-from .outputs import check_output_file, config_inputs, write_text
+from .errors import ConfigError
+from .training.config import StableMDMConfig
+from .training.outputs import check_output_file, config_inputs, write_text
+from .training.recipe import field_help, load_config, parse_override
 
 DESCRIPTION = "stablemdm: train masked diffusion language models with low gradient variance."
 
@@ -72,11 +75,8 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="stablemdm", description=DESCRIPTION)
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
+def _add_train(verbs: Any) -> None:
+    """`stablemdm train`: a recipe, overrides and --resume."""
     train = verbs.add_parser(
         "train",
         help="train an MDM or ARM from a recipe",
@@ -100,30 +100,33 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a stopped run: the latest checkpoint in output_dir, or the folder given",
     )
 
-    def decoding_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--gen-length", type=positive_int, help="response canvas length (default: the task's)"
-        )
-        p.add_argument(
-            "--steps", type=positive_int, help="MDM decoding iterations (default: gen-length)"
-        )
-        p.add_argument(
-            "--block-length",
-            type=positive_int,
-            help="MDM semi-autoregressive block (default: 32 or less)",
-        )
-        p.add_argument(
-            "--remasking",
-            default="low_confidence",
-            choices=["low_confidence", "random"],
-            help="which predictions the MDM keeps each iteration",
-        )
-        p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
-        p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
-        p.add_argument(
-            "--batch-size", type=positive_int, default=32, help="prompts decoded together"
-        )
 
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """The decoding options `eval` and `generate` share."""
+    p.add_argument(
+        "--gen-length", type=positive_int, help="response canvas length (default: the task's)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, help="MDM decoding iterations (default: gen-length)"
+    )
+    p.add_argument(
+        "--block-length",
+        type=positive_int,
+        help="MDM semi-autoregressive block (default: 32 or less)",
+    )
+    p.add_argument(
+        "--remasking",
+        default="low_confidence",
+        choices=["low_confidence", "random"],
+        help="which predictions the MDM keeps each iteration",
+    )
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together")
+
+
+def _add_eval(verbs: Any) -> None:
+    """`stablemdm eval`: decode a task split with a saved model and score it."""
     ev = verbs.add_parser(
         "eval",
         help="decode a task split with a checkpoint and score it",
@@ -146,8 +149,11 @@ def _parser() -> argparse.ArgumentParser:
         help="JSONL of per-item records (default: <checkpoint>/eval-<task>-<split>.jsonl)",
     )
     _add_overwrite(ev, "the records file")
-    decoding_options(ev)
+    _add_decoding_options(ev)
 
+
+def _add_generate(verbs: Any) -> None:
+    """`stablemdm generate`: decode the user's prompts."""
     gen = verbs.add_parser(
         "generate",
         help="decode prompts with a checkpoint",
@@ -157,8 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("checkpoint", help="a run's output folder or checkpoint-N folder")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--file", help="prompts file: .txt (one per line) or .jsonl ('prompt' field)")
-    decoding_options(gen)
+    _add_decoding_options(gen)
 
+
+def _add_fit(verbs: Any) -> None:
+    """`stablemdm fit-t`: fit the P-POTS density once, for reuse."""
     fit = verbs.add_parser(
         "fit-t",
         help="estimate S(t) and fit the P-POTS density once, for reuse",
@@ -171,12 +180,17 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", required=True, help="where to write the density (JSON)")
     _add_overwrite(fit, "the density file")
 
-    from .variance_report import add_parser as add_variance_parser
 
-    add_variance_parser(verbs)
-
+def _parser() -> argparse.ArgumentParser:
+    """The CLI: one small function per verb adds its subcommand."""
     from .study.command import add_parsers as add_study_parsers
+    from .variance.command import add_parser as add_variance_parser
 
+    parser = _Parser(prog="stablemdm", description=DESCRIPTION)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in (_add_train, _add_eval, _add_generate, _add_fit, add_variance_parser):
+        add(verbs)
     add_study_parsers(verbs)
     for verb in verbs.choices.values():  # `--debug` also after the verb
         verb.add_argument(
@@ -201,8 +215,8 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
 def _preflight(config: StableMDMConfig, resume: bool) -> None:
     """Inputs `train` reads only once output_dir exists, checked before it is created: the
     density file and, for the built-in model, the ISAD tokens."""
-    from .run import load_density
-    from .tokenizer import CharTokenizer
+    from .data.tokenizer import CharTokenizer
+    from .training.build import load_density
 
     if config.ppots_file and not resume:  # a resumed run reads its checkpoint's density
         load_density(config.ppots_file)
@@ -212,7 +226,7 @@ def _preflight(config: StableMDMConfig, resume: bool) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .run import train
+    from .training.run import train
 
     resume, overrides = args.resume, args.overrides
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
@@ -229,10 +243,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
-    from .models.loading import load_checkpoint, objective_of
-    from .run import decode_length
-    from .tasks import get_task
+    from .evaluation.scoring import evaluate
+    from .tasks.registry import get_task
+    from .training.datasets import decode_length
+    from .training.saved import load_checkpoint, objective_of
 
     options = dict(parse_override(o) for o in args.task_option)
     output = args.output or str(Path(args.checkpoint) / f"eval-{args.task}-{args.split}.jsonl")
@@ -310,8 +324,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import Example
-    from .decoding import generate
-    from .models.loading import load_checkpoint, objective_of, saved_run_config
+    from .evaluation.decoding import generate
+    from .training.saved import load_checkpoint, objective_of, saved_run_config
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     prompts = _read_prompts(args)
@@ -362,9 +376,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .ppots import describe_fit
-    from .run import build_model, fit_density
-    from .tasks import get_task
+    from .estimators.ppots_fit import describe_fit
+    from .tasks.registry import get_task
+    from .training.build import build_model, fit_density
 
     config = load_config(args.config, [*args.overrides, "sampler=ppots"])
     files, folders = config_inputs(config, args.config)
@@ -379,7 +393,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_variance(args: argparse.Namespace) -> int:
-    from .variance_report import run_cli
+    from .variance.command import run_cli
 
     return run_cli(args)
 
@@ -422,7 +436,7 @@ def describe_error(err: BaseException, verb: str) -> str | None:
         where = f" while writing {err.filename}" if err.filename else ""
         return f"no space left on the device{where}; free space, then {again}"
     if isinstance(err, yaml.YAMLError):
-        from .config import describe_yaml_error
+        from .training.recipe import describe_yaml_error
 
         return f"not valid YAML: {describe_yaml_error(err)}"
     if isinstance(err, OSError) and err.filename:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .examples import DataError, Example
 
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import ConfigError
-from ..losses import adapter, unwrap
+from ..errors import ConfigError
+from ..estimators.losses import adapter, unwrap
 
 ModelKind = Literal["masked_lm", "diffusion", "causal"]
 KINDS = ("masked_lm", "diffusion", "causal")

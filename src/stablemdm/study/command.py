@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .report import build_report, markdown, write_report
 from .runner import run_study
 from .spec import StudySpec, load_study

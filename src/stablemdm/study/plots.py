@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..outputs import atomic_path
+from ..training.outputs import atomic_path
 
 KINDS = ("seeds", "tokens", "loss")
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..outputs import write_text
+from ..training.outputs import write_text
 from .plots import plot_task
 from .stats import paired_difference, summary, worst_above_best
 

@@ -18,14 +18,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, default_data_collator
 
-from ..config import StableMDMConfig
 from ..data import TextTokenizer
-from ..evaluation import evaluate
-from ..models.loading import load_checkpoint, objective_of
-from ..outputs import write_text
-from ..run import build_objective, build_sampler, encode_split, load_density, resolve_canvas, train
-from ..tasks import Task, get_task
-from ..trainer import seeded_generator
+from ..evaluation.scoring import evaluate
+from ..rng import seeded_generator
+from ..tasks.registry import Task, get_task
+from ..training.build import build_objective, build_sampler, load_density
+from ..training.config import StableMDMConfig
+from ..training.datasets import encode_split, resolve_canvas
+from ..training.outputs import write_text
+from ..training.run import train
+from ..training.saved import load_checkpoint, objective_of
 from .progress import StudyProgress
 from .spec import RESULT, StudySpec
 

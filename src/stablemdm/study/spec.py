@@ -29,9 +29,12 @@ from typing import Any
 
 import yaml
 
-from ..config import (
-    ConfigError,
-    StableMDMConfig,
+from ..errors import ConfigError
+from ..estimators.registry import ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS
+from ..estimators.registry import METHODS as ESTIMATORS
+from ..tasks.registry import available_tasks, get_task
+from ..training.config import StableMDMConfig
+from ..training.recipe import (
     config_from_values,
     load_yaml,
     parse_override,
@@ -39,9 +42,6 @@ from ..config import (
     suggest,
     unused_options,
 )
-from ..tasks import available_tasks, get_task
-from ..variance_report import ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS
-from ..variance_report import METHODS as ESTIMATORS
 
 # every estimator of the variance tool, the ARM, and MIRROR at a Standard step's compute
 METHODS: dict[str, dict[str, Any]] = {

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .losses import Model, logits_of
+from ..estimators.losses import Model, logits_of
 
 REMASKING = ("low_confidence", "random")
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from .counts import counts_from_rates
 from .losses import Model, arm_loss, conditions_on_t, mdm_loss
 from .masking import (
     DEFAULT_EPS,
@@ -35,12 +36,20 @@ from .masking import (
     p_mask,
     subset_mask,
 )
-from .samplers import RateSampler, Uniform, counts_from_rates
+from .rates import RateSampler, Uniform
 
 ObjectiveKind = Literal["mdm", "arm"]
+
+
 RateMode = Literal["t", "count"]
+
+
 MaskingScheme = Literal["iid", "mirror", "isad"]
+
+
 Normalizer = Literal["eligible", "response", "fixed"]
+
+
 NORMALIZERS = ("eligible", "response", "fixed")
 
 

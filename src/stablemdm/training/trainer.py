@@ -19,30 +19,22 @@ exactly what the uninterrupted run drew.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import math
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..errors import ConfigError
+from ..estimators.ema import EMA
+from ..estimators.objective import Objective
+from ..rng import seeded_generator
 from .checkpoints import STAGING, checkpoints, clear_staging, publish, rotate
-from .config import ConfigError
-from .objective import Objective
-from .samplers import EMA, PPOTS
-
-
-def seeded_generator(seed: int, *key: object) -> torch.Generator:
-    """A CPU generator whose seed is a stable hash of (seed, *key)."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *key))).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def rate_slice(micro: int, rank: int, world_size: int, accumulation: int) -> tuple[int, int]:
@@ -328,78 +320,3 @@ def _way_forward(run_dir: Path) -> str:
     if found:
         return f"the previous checkpoint, {found[0]}, is intact: free space, then run with --resume"
     return "no checkpoint was written yet: free space, then run the same command again"
-
-
-class ProgressBar(ProgressCallback):
-    """The engine's progress bar, with the latest loss, learning rate and tokens/s on it."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
-            self.training_bar.set_postfix(
-                loss=f"{logs['loss']:.4g}",
-                lr=f"{logs.get('learning_rate', 0.0):.3g}",
-                tok_s=f"{logs.get('tokens_per_s', 0.0):.0f}",
-                refresh=False,
-            )
-        super().on_log(args, state, control, logs=logs, **kwargs)
-
-
-class EMACallback(TrainerCallback):
-    """Ends each optimizer step for the EMA sampler: it folds the step's draws (all
-    micro-batches) into its averages, once per step, and refreshes its density every N."""
-
-    def __init__(self, objective: Objective) -> None:
-        self.objective = objective
-
-    def on_step_end(self, args, state, control, **kwargs):
-        ema = ema_of(self.objective)
-        if ema is not None:
-            ema.step()
-
-
-class RefitCallback(TrainerCallback):
-    """Refits the P-POTS density every `every` optimizer steps on the current model:
-    `refit(step)` fits a new one (the same on every process) and `density`, the sampler's, takes
-    its state, so every later draw comes from and is weighted by the new density (earlier draws
-    kept theirs: unbiased). It runs before the step's checkpoint is written, which therefore
-    holds the refitted density; the self-check is logged as `ppots/*`."""
-
-    def __init__(
-        self, trainer: Trainer, density: PPOTS, refit: Callable[[int], PPOTS], every: int
-    ) -> None:
-        self.trainer, self.density, self.refit, self.every = trainer, density, refit, every
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every:
-            return
-        fresh = self.refit(state.global_step)
-        self.density.load_state_dict(fresh.state_dict())
-        should_log = control.should_log  # logging resets it: keep this step's loss line
-        self.trainer.log({f"ppots/{k}": float(v) for k, v in (fresh.check or {}).items()})
-        control.should_log = should_log
-
-
-class MetricsCallback(TrainerCallback):
-    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, **{k: _finite(v) for k, v in logs.items()}}
-            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _finite(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-class AccuracyCallback(TrainerCallback):
-    """After each evaluation, decode part of the test split and log the accuracy."""
-
-    def __init__(self, trainer: Trainer, run_eval) -> None:
-        self.trainer = trainer
-        self.run_eval = run_eval
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.trainer.log({"eval_accuracy": self.run_eval(self.trainer.model)})

@@ -1,11 +1,5 @@
-"""The model and tokenizer a config names, and reloading them from a saved run.
-
-Two families share one interface (`model(input_ids, attention_mask) -> logits`, a tokenizer
-with `encode_prompt`/`encode_response`): stablemdm's own `Transformer` with the character
-tokenizer, and Hugging Face models (`model=PATH`) adapted by `models.hf` with an
-`HFTokenizer`. Everything a later command needs to drive a saved model (attention pattern,
-logit shift, mask token, chat template) is read back from the saved folder.
-"""
+"""Reading a saved run back: its config, its latest checkpoint, and the model and tokenizer in
+it, with everything a later command needs to drive them."""
 
 from __future__ import annotations
 
@@ -16,103 +10,13 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoints import RUN_CONFIG
-from ..config import ConfigError, StableMDMConfig, describe_yaml_error, load_yaml
-from ..tokenizer import CharTokenizer
-from ..trainer import seeded_generator
-from .transformer import MODEL_TYPE, ModelConfig, Transformer
+from ..data.tokenizer import CharTokenizer
+from ..errors import ConfigError
+from ..models.transformer import MODEL_TYPE, Transformer
+from .checkpoints import RUN_CONFIG
+from .recipe import describe_yaml_error, load_yaml
 
 MODEL_CONFIG = "config.json"
-
-
-def build_builtin(
-    config: StableMDMConfig, tokenizer: CharTokenizer, max_length: int
-) -> Transformer:
-    """The built-in transformer: the `init_from` checkpoint (with the attention pattern the
-    objective needs, same parameters) or a fresh seeded one for `max_length` tokens."""
-    causal = config.objective == "arm"
-    if config.init_from:
-        model, _ = load_checkpoint(config.init_from)
-        if not isinstance(model, Transformer):
-            raise ConfigError(
-                f"init_from={config.init_from} holds a Hugging Face model: use model=PATH"
-            )
-        check_fits(model, tokenizer, max_length, f"init_from={config.init_from}")
-        model.config.causal = causal
-        return model
-    overrides = {
-        k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads") if getattr(config, k)
-    }
-    model_config = ModelConfig.from_preset(
-        config.model_preset,
-        vocab_size=tokenizer.vocab_size,
-        max_seq_len=max_length,
-        causal=causal,
-        mask_token_id=tokenizer.mask_token_id,
-        **overrides,
-    )
-    return Transformer(model_config, generator=seeded_generator(config.seed, "init"))
-
-
-def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
-    """A Hugging Face model adapted to the objective (optionally with LoRA adapters) and its
-    tokenizer as an `HFTokenizer`."""
-    from transformers import AutoTokenizer, set_seed
-
-    from ..data.hf_tokenizer import HFTokenizer
-    from .hf import apply_lora, load_hf_model
-
-    set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
-    tokenizer = None
-    if config.tokenizer_name:
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer_name, trust_remote_code=config.trust_remote_code
-        )
-    model, hf_tokenizer, spec = load_hf_model(
-        config.model,
-        objective=config.objective,
-        kind=config.model_kind,
-        tokenizer=tokenizer,
-        shift_logits=config.shift_logits,
-        mask_token_id=config.mask_token_id,
-        mask_token=config.mask_token,
-        add_mask_token=config.add_mask_token,
-        trust_remote_code=config.trust_remote_code,
-        gguf_file=config.gguf_file,
-        dtype=getattr(torch, config.model_dtype),
-    )
-    wrapped = HFTokenizer(
-        hf_tokenizer,
-        spec.mask_token_id,
-        chat_template=config.chat_template,
-        system_prompt=config.system_prompt,
-    )
-    if config.lora_r > 0:
-        target = config.lora_target_modules
-        model = apply_lora(
-            model,
-            config.lora_r,
-            config.lora_alpha,
-            config.lora_dropout,
-            target[0] if target == ["all-linear"] else target,
-        )
-    return model, wrapped
-
-
-def check_fits(model: torch.nn.Module, tokenizer: Any, max_length: int, where: str) -> None:
-    """Refuse a built-in model whose vocabulary or length does not match tokenizer and data."""
-    if not isinstance(model, Transformer):
-        return
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(
-            f"{where}: the model has {model.config.vocab_size} tokens, the tokenizer "
-            f"{tokenizer.vocab_size}"
-        )
-    if model.config.max_seq_len < max_length:
-        raise ConfigError(
-            f"{where}: max_seq_len {model.config.max_seq_len} is shorter than the task's "
-            f"sequences ({max_length})"
-        )
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -183,7 +87,7 @@ def _load_checkpoint(folder: Path) -> tuple[torch.nn.Module, Any]:
     """`load_checkpoint` of an existing folder."""
     if is_hf_folder(folder):
         from ..data.hf_tokenizer import HFTokenizer
-        from .hf import load_trained
+        from ..models.hf import load_trained
 
         run = saved_run_config(folder)
         model, hf_tokenizer, spec = load_trained(
@@ -208,7 +112,7 @@ def objective_of(model: torch.nn.Module) -> str:
     LM), else "mdm": what decoding and evaluation must use."""
     if isinstance(model, Transformer):
         return "arm" if model.config.causal else "mdm"
-    from .hf import adapter_spec
+    from ..models.hf import adapter_spec
 
     spec = adapter_spec(model)
     return "arm" if spec is not None and spec.mask_token_id is None else "mdm"

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .data.examples import DataError, Example
+from .examples import DataError, Example
 
 DEFAULT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
 TOKENIZER_FILE = "tokenizer.json"
 
 

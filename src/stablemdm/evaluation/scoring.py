@@ -14,8 +14,9 @@ from typing import Protocol
 
 import torch
 
-from .data import Example, TextTokenizer, write_jsonl
-from .decoding import GENERATORS, Model, generate
+from ..data import Example, TextTokenizer, write_jsonl
+from ..estimators.losses import Model
+from .decoding import GENERATORS, generate
 
 MAX_BLOCK_LENGTH = 32
 

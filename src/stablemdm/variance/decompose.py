@@ -26,11 +26,17 @@ import numpy as np
 import torch
 
 COMPONENTS = ("A", "B", "C", "total")
+
+
 # Bootstrap check (see nested_components): a component is unresolved when its bootstrap std
 # exceeds REL_SPREAD_LIMIT * |estimate| (estimate +- 2 std includes 0), and the SEs are
 # unreliable when jackknife and bootstrap disagree by more than SE_AGREEMENT_FACTOR.
 REL_SPREAD_LIMIT = 0.5
+
+
 SE_AGREEMENT_FACTOR = 2.0
+
+
 # Components below this fraction of the total's scale are float rounding around an exact 0
 # (an ARM-like input has A = B = 0) and are not checked.
 ROUNDING = 1e-12

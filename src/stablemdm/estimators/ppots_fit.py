@@ -24,12 +24,21 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
+from .ppots import PPOTS
 from .ppots_counts import measure_count_moments
 
 LOG_SCALE_BOUND = 20.0  # |log a|, |log b|, |log A| <= this during the fit
+
+
 EXPONENT_MAX = 20.0  # r, q, m in [1, EXPONENT_MAX] and k in [0, EXPONENT_MAX] during the fit
+
+
 POSITIVE_FLOOR = 1e-6  # the smoothed density is at least this times its largest grid value
+
+
 LITTLE_TO_GAIN = 0.98  # an optimum above this x Standard's second moment gains little
+
+
 QUADRATURE_CELLS = 1 << 14  # cells of the integrals over t (equal in sqrt(t), `sqrt_cells`)
 
 
@@ -403,6 +412,29 @@ def _estimate(
     return grid, _cell_widths(grid), lambda x: S
 
 
+def density_from_second_moment(
+    grid: Any, S: Any, method: str = "family", mix: float = 0.05, n_bins: int = 1024
+) -> PPOTS:
+    """A P-POTS density from S estimated on a grid of rates: the paper's smooth family
+    ("family"), a kernel-smoothed grid ("grid"), or sqrt(S) itself interpolated between the
+    rates ("counts", the density model of the counts estimate), tabulated."""
+    grid, S = np.asarray(grid, dtype=np.float64), np.asarray(S, dtype=np.float64)
+    if method == "family":
+        params = fit_family(grid, S)
+        fn = lambda t: family_density(t, params)  # noqa: E731
+        source = {"method": "family", "params": params.to_dict()}
+    elif method == "grid":
+        fn = smoothed_grid_density(grid, S)
+        source = {"method": "grid"}
+    elif method == "counts":
+        fn = interpolated_root(grid, S)
+        source = {"method": "counts"}
+    else:
+        raise ValueError(f"PPOTS method must be 'counts', 'family' or 'grid', got {method!r}")
+    source.update(grid=grid.tolist(), S=S.tolist())
+    return PPOTS.from_function(fn, n_bins=n_bins, mix=mix, source=source)
+
+
 def fit_ppots(
     objective: Any,
     model: torch.nn.Module,
@@ -417,8 +449,6 @@ def fit_ppots(
     uniform) and check it on the held-out `check_batch` (`checked_density`). In a
     multi-process run the estimates are averaged over processes, so every process samples
     from the same density. `params` is a regex of parameter names for `target="grad"`."""
-    from .samplers import PPOTS
-
     chosen = _target(model, target, params)
     was_training = model.training
     model.eval()
@@ -434,7 +464,7 @@ def fit_ppots(
         shown = t[:: len(t) // 64]  # [64] for inspection
         density.source.update(method="counts", grid=shown.tolist(), S=S(shown).tolist())
     else:
-        density = PPOTS.from_second_moment(t, S(t), method=design.method, mix=design.mix)
+        density = density_from_second_moment(t, S(t), method=design.method, mix=design.mix)
     world = _world_size()
     density.source.update(
         target=target,
@@ -456,8 +486,6 @@ def checked_density(density: Any, t: np.ndarray, w: np.ndarray, S: np.ndarray) -
     """Attach the held-out self-check (`predicted_ratios` of S `[n]` at rates t with weights
     w) to the density; a density predicted to be no better than Standard is replaced by the
     uniform, with one warning."""
-    from .samplers import PPOTS
-
     p = density.density(torch.as_tensor(t, dtype=torch.float64)).numpy()
     check = predicted_ratios(t, w, S, p)
     if check["ratio_to_standard"] < 1.0:

@@ -18,7 +18,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .config import ConfigError, StableMDMConfig
+from ..errors import ConfigError
+from .config import StableMDMConfig
 
 UNCHANGED = "nothing was written"
 

@@ -17,22 +17,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ppots
-from .config import ConfigError
-from .models.hf import adapter_spec, as_arm
-from .objective import Objective, ObjectiveOutput
-from .run import TensorDataset
-from .samplers import Mirrored, RateSampler, Stratified
-from .trainer import ema_of, seeded_generator
-from .variance import Components, compare_estimators, nested_components
+from ..errors import ConfigError
+from ..estimators import ppots_fit as ppots
+from ..estimators.objective import Objective, ObjectiveOutput
+from ..estimators.rates import RateSampler
+from ..estimators.stratified import Stratified
+from ..estimators.syrm import Mirrored
+from ..models.hf import adapter_spec, as_arm
+from ..rng import seeded_generator
+from ..training.datasets import TensorDataset
+from ..training.trainer import ema_of
+from .decompose import Components, compare_estimators, nested_components
 
 F64 = torch.float64
+
+
 REFERENCE = "standard"  # the estimator every other one is compared with
 
+
 FULL_GRADIENT_MAX = 200_000  # more coordinates than this and no --params: project by default
+
+
 DEFAULT_PROJECTION = 128  # dimensions of the default random projection
+
+
 PROJECTION_CHUNK = 1 << 22  # entries of one projection block [columns, P] (16 MiB in fp32)
+
+
 PROJECTION_CACHE = 1 << 26  # keep the projection in memory up to this many entries (256 MiB)
+
+
 PROJECTION_ROWS = 64  # gradients buffered and projected together (bounds memory and reuse cost)
 
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
-from .outputs import atomic_path, write_text
+from ..errors import ConfigError
+from ..training.outputs import atomic_path, write_text
 
 TERMINAL_WIDTH = 120  # rich's width when stdout is not a terminal (a log file)
+
+
 PLOTS = ("components.png", "curves.png", "efficiency.png")
 
 
@@ -79,6 +81,8 @@ DECOMPOSITION_HEADER = [
     "semi-analytic",
     "flag",
 ]
+
+
 COMPARISON_HEADER = ["method", "passes", "variance", "var x passes", "ratio to standard", "/ floor"]
 
 

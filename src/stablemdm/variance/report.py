@@ -27,9 +27,7 @@ base's (reported as `same_as`) and their effect shows only in the comparison.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,29 +37,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, StableMDMConfig, load_config
-from .data import TextTokenizer
-from .models import Transformer
-from .models.loading import check_fits, load_checkpoint, objective_of, saved_run_config
-from .objective import Objective
-from .outputs import check_output_folder, config_inputs
-from .run import (
-    Canvas,
-    TensorDataset,
+from ..data import TextTokenizer
+from ..errors import ConfigError
+from ..estimators.objective import Objective
+from ..estimators.ppots import PPOTS
+from ..estimators.ppots_fit import density_from_second_moment
+from ..estimators.registry import DEFAULT_METHODS, ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS, METHODS
+from ..models import Transformer
+from ..rng import seeded_generator
+from ..tasks.registry import get_task
+from ..training.build import (
     build_model,
     build_objective,
     build_sampler,
-    encode_split,
+    check_fits,
     fit_density,
     load_density,
-    resolve_canvas,
 )
-from .samplers import PPOTS
-from .tasks import get_task
-from .trainer import seeded_generator
-from .variance_measure import (
-    DEFAULT_PROJECTION,
-    FULL_GRADIENT_MAX,
+from ..training.config import StableMDMConfig
+from ..training.datasets import Canvas, TensorDataset, encode_split, resolve_canvas
+from ..training.saved import load_checkpoint, objective_of, saved_run_config
+from .measure import (
     REFERENCE,
     Design,
     GradientFeature,
@@ -73,46 +69,8 @@ from .variance_measure import (
     semi_analytic_total,
     warm_ema,
 )
-from .variance_output import TERMINAL_WIDTH, print_report, write_report
 
 F64 = torch.float64
-# The estimator fields every method starts from, so "standard" means Standard whatever the
-# base config says; each method then overrides a few of them.
-ESTIMATOR_DEFAULTS: dict[str, Any] = {
-    "rate": "t",
-    "sampler": "uniform",
-    "scheme": "iid",
-    "masking": "iid",
-    "compute_matched": False,
-}
-METHODS: dict[str, dict[str, str]] = {
-    "standard": {},
-    "clipped": {"sampler": "clipped"},
-    "ppots": {"sampler": "ppots"},
-    "mirror": {"masking": "mirror"},
-    "ppots_mirror": {"sampler": "ppots", "masking": "mirror"},
-    "strats": {"scheme": "stratified"},
-    "ppots_strats": {"sampler": "ppots", "scheme": "stratified"},
-    "syrm": {"scheme": "mirrored"},
-    "ema": {"sampler": "ema"},
-    "isad": {"masking": "isad"},
-    "count": {"rate": "count"},
-    "count_ppots": {"rate": "count", "sampler": "ppots"},
-    "count_mirror": {"rate": "count", "masking": "mirror"},
-    "count_ppots_mirror": {"rate": "count", "sampler": "ppots", "masking": "mirror"},
-    "count_strats": {"rate": "count", "scheme": "stratified"},
-    "count_syrm": {"rate": "count", "scheme": "mirrored"},
-}
-DEFAULT_METHODS = tuple(
-    "standard clipped ppots mirror ppots_mirror strats syrm ema isad count count_ppots_mirror "
-    "count_strats".split()
-)
-# ISAD's raised tokens when the config sets none: the answer delimiter of the task.
-ISAD_DEFAULT_TOKENS: dict[str, list[str]] = {
-    "chain_sum": ["-"],
-    "gsm8k": ["#"],
-    "gsm_symbolic": ["#"],
-}
 
 
 @dataclass(frozen=True)
@@ -165,9 +123,6 @@ class VarianceOptions:
                 raise ConfigError(
                     f"--params {self.params!r} is not a valid regular expression ({err})"
                 ) from None
-
-
-# --- building the methods ------------------------------------------------------------------
 
 
 @dataclass
@@ -278,9 +233,6 @@ def load_model(
     elif objective_of(model) != "mdm":
         raise ConfigError(f"--checkpoint {checkpoint} holds an ARM; pass an MDM checkpoint")
     return model, tokenizer, canvas
-
-
-# --- the experiment ---------------------------------------------------------------------------
 
 
 def run_variance(
@@ -484,11 +436,11 @@ def _decompose_method(
 def _fit_curve_density(
     curves: Mapping[str, Any], config: StableMDMConfig, notes: list[str]
 ) -> dict[str, Any] | None:
-    """The P-POTS density fitted to the curves' S(t) (`PPOTS.from_second_moment`) on the grid,
+    """The P-POTS density fitted to the curves' S(t) (`density_from_second_moment`) on the grid,
     with the optimal density sqrt(S) / int sqrt(S) and its best-case second-moment ratio."""
     t, S = np.asarray(curves["t"]), np.asarray(curves["S"])
     try:
-        fitted = PPOTS.from_second_moment(t, S, method=config.ppots_method, mix=config.mix)
+        fitted = density_from_second_moment(t, S, method=config.ppots_method, mix=config.mix)
     except ValueError as err:
         notes.append(f"per-rate curves: no P-POTS fit ({err})")
         return None
@@ -526,134 +478,3 @@ def _options_dict(options: VarianceOptions) -> dict[str, Any]:
     out = asdict(options)
     out["methods"] = list(options.methods)
     return out
-
-
-# --- command line ---------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the `variance` verb on the main parser's subparsers."""
-    parser = subparsers.add_parser(
-        "variance",
-        help="decompose a model's training noise into A/B/C and compare estimators",
-        description="Measure, for the configured model (or --checkpoint) and task: (1) the "
-        "variance of one draw of the per-sequence loss and gradient split into A (mask), "
-        "B (rate) and C (data) for each method and for the ARM, (2) the variance of the "
-        "minibatch estimate at equal compute, against Standard and the data-noise floor, "
-        "(3) per-rate curves g, v, S and the P-POTS fit. Writes variance.json, variance.md "
-        "and PNG plots to --output. See docs/variance.md.",
-    )
-    parser.add_argument(
-        "--config", metavar="RECIPE", help="flat YAML recipe (task, model, eps, mix, ...)"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    parser.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        help="model folder (Transformer.save_pretrained; its tokenizer too if present); "
-        "default: the config's model (init_from, else a seeded fresh initialisation)",
-    )
-    parser.add_argument(
-        "--methods",
-        metavar="LIST",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma list of methods (default: %(default)s; known: {', '.join(METHODS)}); "
-        "standard is always added",
-    )
-    d = VarianceOptions()
-    integers = (
-        ("--sequences", d.loss_design.sequences, "loss design: sequences I"),
-        ("--rates", d.loss_design.rates, "loss design: rates J per sequence"),
-        ("--masks", d.loss_design.masks, "loss design: masks K per rate"),
-        ("--grad-sequences", d.grad_design.sequences, "gradient design: sequences"),
-        ("--grad-rates", d.grad_design.rates, "gradient design: rates per sequence"),
-        ("--grad-masks", d.grad_design.masks, "gradient design: masks per rate (a backward each)"),
-        ("--draws", d.draws, "comparison: independent minibatches per method"),
-        ("--batch", d.batch, "comparison: sequences per minibatch n"),
-        ("--bootstrap", d.bootstrap, "bootstrap resamples flagging unstable A/B/C, 0 = off"),
-        ("--grid", d.grid, "per-rate curves: midpoints of t"),
-        ("--grid-sequences", d.grid_sequences, "per-rate curves: sequences"),
-        ("--grid-masks", d.grid_masks, "per-rate curves: masks per (sequence, t)"),
-        ("--ema-warmup", d.ema_warmup, "draws the EMA sampler observes before it is frozen"),
-    )
-    for flag, default, help_ in integers:
-        parser.add_argument(
-            flag, type=int, default=default, metavar="N", help=f"{help_} (default {default})"
-        )
-    parser.add_argument(
-        "--params",
-        metavar="REGEX",
-        help="gradient of the parameters whose names match REGEX (re.search), e.g. 'lm_head'; "
-        f"default all, projected to {DEFAULT_PROJECTION} dims above {FULL_GRADIENT_MAX} "
-        "coordinates",
-    )
-    parser.add_argument(
-        "--project",
-        type=int,
-        metavar="P",
-        help="project the gradient onto P seeded Gaussian directions (traces stay unbiased)",
-    )
-    parser.add_argument(
-        "--arm-checkpoint",
-        metavar="DIR",
-        help="a trained ARM of the same size for the reference C (default: the model's own "
-        "weights with causal attention, a like-for-like baseline only at initialisation)",
-    )
-    parser.add_argument(
-        "--output",
-        default="runs/variance",
-        metavar="DIR",
-        help="report folder (default %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, help="seed of every draw and of a fresh model (default: the config's)"
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a --output folder that already holds files (replacing an earlier "
-        "report there)",
-    )
-    return parser
-
-
-def options_from_args(args: argparse.Namespace) -> VarianceOptions:
-    """The `VarianceOptions` the command-line arguments describe."""
-    return VarianceOptions(
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        loss_design=Design(args.sequences, args.rates, args.masks),
-        grad_design=Design(args.grad_sequences, args.grad_rates, args.grad_masks),
-        draws=args.draws,
-        batch=args.batch,
-        params=args.params,
-        project=args.project,
-        bootstrap=args.bootstrap,
-        grid=args.grid,
-        grid_sequences=args.grid_sequences,
-        grid_masks=args.grid_masks,
-        ema_warmup=args.ema_warmup,
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`stablemdm variance`: run, print the tables, write the report; returns the exit code."""
-    from rich.console import Console
-
-    options = options_from_args(args)
-    overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
-    config = load_config(args.config, overrides, allow_unused=True)  # shared by every method
-    folders = config_inputs(config, args.config)[1]
-    reads = [args.checkpoint, args.arm_checkpoint, *folders]
-    check_output_folder(args.output, overwrite=args.overwrite, reads=reads)
-    console = Console() if sys.stdout.isatty() else Console(width=TERMINAL_WIDTH)
-    report = run_variance(
-        config,
-        options,
-        args.checkpoint,
-        log=lambda m: console.log(m),
-        arm_checkpoint=args.arm_checkpoint,
-    )
-    print_report(report, console)
-    paths = write_report(report, args.output)
-    console.print(f"report in {paths[0].parent} ({report['timing_s']['total']:.0f} s)")
-    return 0

@@ -17,15 +17,27 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import load_yaml
+from .recipe import load_yaml
 
 RUN_CONFIG = "config.yaml"  # the resolved run config, in the run folder and each checkpoint
+
+
 SAMPLER_STATE = "sampler_state.pt"  # torch.save of the sampler's state_dict
+
+
 PPOTS_FILE = "ppots.json"  # the P-POTS density the run samples from
+
+
 # what a checkpoint holds the weights in: one file, a sharded index, or a LoRA adapter
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
 STAGING = "tmp-"  # prefix of a checkpoint being written (or being deleted)
+
+
 METRICS = "metrics.jsonl"
+
+
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 

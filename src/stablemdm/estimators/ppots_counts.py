@@ -24,7 +24,7 @@ import torch
 from scipy.stats import binom
 
 from .losses import conditions_on_t
-from .samplers import Uniform
+from .rates import Uniform
 
 ROWS_PER_FORWARD = 512  # sequence copies evaluated together
 

@@ -1,0 +1,171 @@
+"""The task interface and registry: what a task provides (examples per split, a scorer), text
+normalisation and answer extraction, and `get_task` by name."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import unicodedata
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from ..data import DataError, Example
+from ..data.tokenizer import DEFAULT_ALPHABET
+
+SPLITS = ("train", "test")
+
+
+_ALPHABET = frozenset(DEFAULT_ALPHABET)
+
+
+_ASCII_REPLACEMENTS = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2014": "-",
+        "\u2013": "-",
+        "\u2212": "-",
+        "\u2022": "-",
+        "\u00d7": "*",
+        "\u00f7": "/",
+        "\u2044": "/",
+        "\u00a0": " ",
+        "\t": " ",
+        "\u2028": "\n",
+        "\u20ac": "EUR",
+        "\u00a3": "GBP",
+        "\u00a2": "c",
+    }
+)
+
+
+def normalize_text(text: str) -> str:
+    """Map text into DEFAULT_ALPHABET: NFKD, common typographic characters to ASCII, tabs to
+    spaces; any other character is dropped."""
+    text = unicodedata.normalize("NFKD", text).translate(_ASCII_REPLACEMENTS)
+    return "".join(ch for ch in text if ch in _ALPHABET)
+
+
+def normalize_number(text: str) -> str:
+    """Canonical spelling of a number: commas removed, trailing decimal zeros and '.' dropped."""
+    text = text.strip().replace(",", "")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def final_number(output: str) -> str | None:
+    """The normalised first number after the last '####' of `output`, or None."""
+    if "####" not in output:
+        return None
+    match = _NUMBER.search(output.rsplit("####", 1)[1])
+    return normalize_number(match.group()) if match else None
+
+
+def check_split(split: str) -> None:
+    """Raise a ValueError unless `split` is one of SPLITS."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+
+
+def fits(example: Example, max_length: int, gen_length: int) -> bool:
+    """Whether prompt + <sep> + a gen_length canvas fit max_length and response + <eos> fits
+    the canvas (character-level: one token per character)."""
+    return (
+        len(example.prompt) + 1 + gen_length <= max_length
+        and len(example.response) + 1 <= gen_length
+    )
+
+
+def _check_prompts_fit(examples: list[Example], max_length: int, gen_length: int) -> None:
+    """DataError naming the first example whose prompt leaves no room for the canvas."""
+    for example in examples:
+        if len(example.prompt) + 1 + gen_length > max_length:
+            raise DataError(
+                f"{example.source}: prompt + <sep> is {len(example.prompt) + 1} tokens, plus "
+                f"gen_length {gen_length} exceeds max_length {max_length}; raise max_length"
+            )
+
+
+class Task(ABC):
+    """A source of train/test examples with a fixed sequence layout and a scorer."""
+
+    name: str
+    max_length: int
+    gen_length: int
+    contaminates: frozenset[str] = frozenset()
+
+    @abstractmethod
+    def examples(self, split: str) -> list[Example]:
+        """The examples of `split` ("train" or "test")."""
+
+    @abstractmethod
+    def extract(self, output: str) -> str | None:
+        """The final answer in a decoded response text, or None when there is none."""
+
+    def score(self, output: str, example: Example) -> bool:
+        """Whether the decoded response `output` answers `example` correctly."""
+        predicted = self.extract(output)
+        return predicted is not None and predicted == example.answer
+
+
+TaskFactory = Callable[..., Task]
+
+
+_REGISTRY: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+    """Decorator registering a Task subclass (its `name` is set) or a factory under `name`."""
+
+    def decorator(factory: TaskFactory) -> TaskFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"a task named {name!r} is already registered")
+        if isinstance(factory, type):
+            if not issubclass(factory, Task):
+                raise TypeError(f"register_task({name!r}) needs a Task subclass, got {factory}")
+            factory.name = name
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_tasks() -> list[str]:
+    """Names of all registered tasks."""
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build the task registered as `name` with its keyword `options`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
+    factory = _REGISTRY[name]
+    signature = inspect.signature(factory)
+    params = signature.parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            hint = " (in YAML, write 'key: value' with a space after ':')" * any(
+                ":" in str(k) for k in unknown
+            )
+            raise ValueError(
+                f"task {name!r} has no option(s) {unknown}; its options are {sorted(params)}{hint}"
+            )
+    try:
+        signature.bind(**options)
+    except TypeError as err:
+        raise ValueError(f"task {name!r}: {err}") from None
+    task = factory(**options)
+    if not isinstance(task, Task):
+        raise TypeError(f"the factory of task {name!r} returned {type(task).__name__}, not a Task")
+    return task
+
+
+GSM8K_ENV = "STABLEMDM_GSM8K_DIR"

@@ -1,0 +1,223 @@
+"""What a config builds: the model (built-in or Hugging Face), the rate sampler, the P-POTS
+density (fitted or loaded) and the objective."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import default_data_collator
+
+from ..data import TextTokenizer
+from ..data.tokenizer import CharTokenizer
+from ..errors import ConfigError
+from ..estimators.ema import EMA
+from ..estimators.objective import Objective
+from ..estimators.ppots import PPOTS
+from ..estimators.ppots_fit import FitDesign, fit_ppots
+from ..estimators.rates import Clipped, Uniform
+from ..estimators.registry import with_scheme
+from ..models.transformer import ModelConfig, Transformer
+from ..rng import seeded_generator
+from ..tasks.registry import Task
+from .config import StableMDMConfig
+from .datasets import Canvas, TensorDataset, fitting_data, resolve_canvas
+from .saved import load_checkpoint
+
+
+def build_builtin(
+    config: StableMDMConfig, tokenizer: CharTokenizer, max_length: int
+) -> Transformer:
+    """The built-in transformer: the `init_from` checkpoint (with the attention pattern the
+    objective needs, same parameters) or a fresh seeded one for `max_length` tokens."""
+    causal = config.objective == "arm"
+    if config.init_from:
+        model, _ = load_checkpoint(config.init_from)
+        if not isinstance(model, Transformer):
+            raise ConfigError(
+                f"init_from={config.init_from} holds a Hugging Face model: use model=PATH"
+            )
+        check_fits(model, tokenizer, max_length, f"init_from={config.init_from}")
+        model.config.causal = causal
+        return model
+    overrides = {
+        k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads") if getattr(config, k)
+    }
+    model_config = ModelConfig.from_preset(
+        config.model_preset,
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=max_length,
+        causal=causal,
+        mask_token_id=tokenizer.mask_token_id,
+        **overrides,
+    )
+    return Transformer(model_config, generator=seeded_generator(config.seed, "init"))
+
+
+def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
+    """A Hugging Face model adapted to the objective (optionally with LoRA adapters) and its
+    tokenizer as an `HFTokenizer`."""
+    from transformers import AutoTokenizer, set_seed
+
+    from ..data.hf_tokenizer import HFTokenizer
+    from ..models.hf import apply_lora, load_hf_model
+
+    set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
+    tokenizer = None
+    if config.tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.tokenizer_name, trust_remote_code=config.trust_remote_code
+        )
+    model, hf_tokenizer, spec = load_hf_model(
+        config.model,
+        objective=config.objective,
+        kind=config.model_kind,
+        tokenizer=tokenizer,
+        shift_logits=config.shift_logits,
+        mask_token_id=config.mask_token_id,
+        mask_token=config.mask_token,
+        add_mask_token=config.add_mask_token,
+        trust_remote_code=config.trust_remote_code,
+        gguf_file=config.gguf_file,
+        dtype=getattr(torch, config.model_dtype),
+    )
+    wrapped = HFTokenizer(
+        hf_tokenizer,
+        spec.mask_token_id,
+        chat_template=config.chat_template,
+        system_prompt=config.system_prompt,
+    )
+    if config.lora_r > 0:
+        target = config.lora_target_modules
+        model = apply_lora(
+            model,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            target[0] if target == ["all-linear"] else target,
+        )
+    return model, wrapped
+
+
+def check_fits(model: torch.nn.Module, tokenizer: Any, max_length: int, where: str) -> None:
+    """Refuse a built-in model whose vocabulary or length does not match tokenizer and data."""
+    if not isinstance(model, Transformer):
+        return
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"{where}: the model has {model.config.vocab_size} tokens, the tokenizer "
+            f"{tokenizer.vocab_size}"
+        )
+    if model.config.max_seq_len < max_length:
+        raise ConfigError(
+            f"{where}: max_seq_len {model.config.max_seq_len} is shorter than the task's "
+            f"sequences ({max_length})"
+        )
+
+
+def build_model(
+    config: StableMDMConfig, task: Task
+) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
+    """The model, tokenizer and canvas a config names (see `models.loading`)."""
+    if config.model is not None:
+        model, tokenizer = build_hf(config)
+        return model, tokenizer, resolve_canvas(config, task, tokenizer)
+    tokenizer = CharTokenizer()
+    canvas = resolve_canvas(config, task, tokenizer)
+    return build_builtin(config, tokenizer, canvas.max_length), tokenizer, canvas
+
+
+def build_objective(config: StableMDMConfig, tokenizer: TextTokenizer, sampler=None) -> Objective:
+    """The training objective the config names (sampler defaults to `build_sampler`)."""
+    isad_ids = tuple(tokenizer.token_id(s, where="isad_tokens") for s in config.isad_tokens)
+    return Objective(
+        mask_token_id=tokenizer.mask_token_id,
+        kind=config.objective,
+        rate=config.rate,
+        masking=config.masking,
+        sampler=sampler if sampler is not None else build_sampler(config),
+        eps=config.eps,
+        isad_token_ids=isad_ids,
+        isad_delta=config.isad_delta,
+        isad_q_max=config.isad_q_max,
+        compute_matched=config.compute_matched,
+        normalizer=config.loss_normalizer,
+        normalizer_length=config.normalizer_length,
+    )
+
+
+def build_sampler(config: StableMDMConfig, density: PPOTS | None = None):
+    """The rate sampler: a density (uniform, clipped, P-POTS, EMA) under a uniform scheme."""
+    if config.sampler == "uniform":
+        base = Uniform()
+    elif config.sampler == "clipped":
+        base = Clipped(config.clip_low, config.clip_high)
+    elif config.sampler == "ema":
+        base = EMA(
+            n_bins=config.ema_bins,
+            decay=config.ema_decay,
+            refresh_every=config.ema_refresh_every,
+            mix=config.mix,
+        )
+    else:
+        if density is None:
+            raise ConfigError("sampler=ppots needs a fitted density (ppots_file, or fit first)")
+        base = density
+    return with_scheme(base, config.scheme)
+
+
+def load_density(path: str | Path) -> PPOTS:
+    """A P-POTS density saved by `stablemdm fit-t` or a run (JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ppots_file {path} does not exist")
+    try:
+        return PPOTS.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"ppots_file {path}: {err}") from err
+
+
+def fit_density(
+    config: StableMDMConfig,
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: TextTokenizer,
+    canvas: Canvas,
+    step: int = 0,
+    data: TensorDataset | None = None,
+) -> PPOTS:
+    """Estimate S(t) for this model and data, fit the P-POTS density and check it on held-out
+    sequences (`ppots.fit_ppots`). Each process estimates on its own `ppots_sequences`
+    sequences and checks on as many others, and the estimates are pooled, so all processes
+    fit the same density. A refit at optimizer step `step` draws other sequences and masks.
+    `data` is the encoded train split when the caller has it (else it is encoded here)."""
+    rank, n = config.process_index, config.ppots_sequences
+    need = 2 * n * (rank + 1)
+    data = data if data is not None else fitting_data(task, tokenizer, canvas, need)
+    if need > len(data):
+        raise ConfigError(
+            f"ppots_sequences={n} per process needs {need} train sequences (half of them held "
+            f"out for the self-check); task {task.name} has {len(data)}: lower ppots_sequences"
+        )
+    pick = torch.randperm(len(data), generator=seeded_generator(config.seed, "ppots-data", step))
+    mine = [data[int(i)] for i in pick[2 * n * rank : need]]
+    plain = build_objective(config, tokenizer, sampler=Uniform())
+    design = FitDesign(
+        method=config.ppots_method,
+        counts=config.ppots_counts,
+        rates=config.ppots_rates,
+        masks=config.ppots_masks,
+        mix=config.mix,
+    )
+    return fit_ppots(
+        plain,
+        model,
+        default_data_collator(mine[:n]),
+        default_data_collator(mine[n:]),
+        generator=seeded_generator(config.seed, "ppots-masks", rank, step),
+        design=design,
+        target=config.ppots_target,
+        params=config.ppots_params,
+    )

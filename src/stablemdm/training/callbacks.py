@@ -1,0 +1,90 @@
+"""Trainer callbacks: progress, EMA decay, P-POTS refits, metrics and accuracy logging."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from ..estimators.objective import Objective
+from ..estimators.ppots import PPOTS
+from .trainer import ema_of
+
+
+class ProgressBar(ProgressCallback):
+    """The engine's progress bar, with the latest loss, learning rate and tokens/s on it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(
+                loss=f"{logs['loss']:.4g}",
+                lr=f"{logs.get('learning_rate', 0.0):.3g}",
+                tok_s=f"{logs.get('tokens_per_s', 0.0):.0f}",
+                refresh=False,
+            )
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class EMACallback(TrainerCallback):
+    """Ends each optimizer step for the EMA sampler: it folds the step's draws (all
+    micro-batches) into its averages, once per step, and refreshes its density every N."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ema = ema_of(self.objective)
+        if ema is not None:
+            ema.step()
+
+
+class RefitCallback(TrainerCallback):
+    """Refits the P-POTS density every `every` optimizer steps on the current model:
+    `refit(step)` fits a new one (the same on every process) and `density`, the sampler's, takes
+    its state, so every later draw comes from and is weighted by the new density (earlier draws
+    kept theirs: unbiased). It runs before the step's checkpoint is written, which therefore
+    holds the refitted density; the self-check is logged as `ppots/*`."""
+
+    def __init__(
+        self, trainer: Trainer, density: PPOTS, refit: Callable[[int], PPOTS], every: int
+    ) -> None:
+        self.trainer, self.density, self.refit, self.every = trainer, density, refit, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every:
+            return
+        fresh = self.refit(state.global_step)
+        self.density.load_state_dict(fresh.state_dict())
+        should_log = control.should_log  # logging resets it: keep this step's loss line
+        self.trainer.log({f"ppots/{k}": float(v) for k, v in (fresh.check or {}).items()})
+        control.should_log = should_log
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, **{k: _finite(v) for k, v in logs.items()}}
+            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class AccuracyCallback(TrainerCallback):
+    """After each evaluation, decode part of the test split and log the accuracy."""
+
+    def __init__(self, trainer: Trainer, run_eval) -> None:
+        self.trainer = trainer
+        self.run_eval = run_eval
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.trainer.log({"eval_accuracy": self.run_eval(self.trainer.model)})

@@ -1,0 +1,146 @@
+"""The training data as tensors: the canvas (sequence and generation lengths) measured on the
+task, encoded splits and the sample the P-POTS fit uses."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import torch
+from transformers import default_data_collator
+
+from ..data import TextTokenizer, canvas_lengths, encode_examples, fits
+from ..data.sources import EncodedStream
+from ..data.tokenizer import CharTokenizer
+from ..errors import ConfigError
+from ..tasks.registry import Task
+from .config import StableMDMConfig
+from .saved import saved_run_config
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Rows of a dict of equal-length tensors, as dicts (what the default collator stacks); a
+    DataLoader takes a whole batch at once (`__getitems__`: one indexing per key, not a dict
+    per row, which cost the demo's Trainer about 4% of a step)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return {k: v[index] for k, v in self.tensors.items()}  # [b, ...] each
+
+
+def collate(batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+    """The Trainer's collator: a batch `TensorDataset` stacked itself passes as it is; rows
+    (a streamed dataset's) are stacked by the default collator."""
+    return batch if isinstance(batch, dict) else default_data_collator(batch)
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The sequence layout in tokens: `max_length` in all, the last `gen_length` of each row's
+    response region the canvas the MDM decodes into, `eos_fill` as in the config."""
+
+    max_length: int
+    gen_length: int
+    eos_fill: bool = True
+
+
+def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer) -> Canvas:
+    """Lengths from the config, else the task's (character tasks), else measured on the data
+    with this tokenizer (a streamed train split is not read: its test split is measured),
+    where one overlong example does not inflate every sequence (`data.length_cap`: it is
+    left out, with a warning on stderr)."""
+    max_length, gen_length = config.max_length, config.gen_length
+    if isinstance(tokenizer, CharTokenizer):
+        max_length = max_length or getattr(task, "max_length", None)
+        gen_length = gen_length or getattr(task, "gen_length", None)
+    notes = list(getattr(task, "notes", []))
+    if max_length is None or gen_length is None:
+        splits = ("test",) if getattr(task, "streaming", False) else ("train", "test")
+        examples = [e for split in splits for e in task.examples(split)]
+        max_length, gen_length = canvas_lengths(
+            examples, tokenizer, max_length, gen_length, notes=notes
+        )
+    if config.process_index == 0:
+        for note in notes:
+            print(f"stablemdm: warning: {note}", file=sys.stderr)
+    return Canvas(max_length, gen_length, config.eos_fill)
+
+
+def encode_split(
+    task: Task,
+    tokenizer: TextTokenizer,
+    split: str,
+    canvas: Canvas,
+    limit: int | None = None,
+) -> TensorDataset:
+    """A task split encoded for training (docs/architecture.md layout). Examples that do not
+    fit the canvas are left out and counted on stderr (a held-out loss skips them too)."""
+    examples = task.examples(split)
+    kept = [e for e in examples if fits(e, tokenizer, canvas.max_length, canvas.gen_length)]
+    # training examples the task itself left out for length (jsonl, gsm8k) count too
+    before = getattr(task, "dropped", 0) if split == "train" else 0
+    if not kept:
+        raise ConfigError(
+            f"no {split} example of task {task.name} fits max_length={canvas.max_length}, "
+            f"gen_length={canvas.gen_length}: the prompts leave no room for the responses; "
+            "raise max_length (or leave it unset to measure it on the data)"
+        )
+    left_out, total = len(examples) - len(kept) + before, len(examples) + before
+    if left_out:
+        print(
+            f"stablemdm: {left_out} of {total} {split} examples of task {task.name} do not fit "
+            f"max_length={canvas.max_length}, gen_length={canvas.gen_length} and are left out",
+            file=sys.stderr,
+        )
+    tensors = encode_examples(
+        kept[:limit], tokenizer, canvas.max_length, canvas.gen_length, eos_fill=canvas.eos_fill
+    )
+    return TensorDataset(tensors)
+
+
+def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas):
+    """The training split: encoded in memory, or encoded lazily from a streamed task."""
+    if getattr(task, "streaming", False):
+        return EncodedStream(
+            task.stream("train"),
+            tokenizer,
+            canvas.max_length,
+            canvas.gen_length,
+            eos_fill=canvas.eos_fill,
+        )
+    return encode_split(task, tokenizer, "train", canvas)
+
+
+def fitting_data(task: Task, tokenizer: TextTokenizer, canvas: Canvas, n: int) -> TensorDataset:
+    """Training sequences for fitting P-POTS: the train split, or the first `n` fitting
+    examples of a streamed one."""
+    if not getattr(task, "streaming", False):
+        return encode_split(task, tokenizer, "train", canvas)
+    first = itertools.islice(
+        (e for e in task.stream("train") if fits(e, tokenizer, *astuple(canvas)[:2])), n
+    )
+    return TensorDataset(
+        encode_examples(list(first), tokenizer, *astuple(canvas)[:2], eos_fill=canvas.eos_fill)
+    )
+
+
+def decode_length(task: Task, tokenizer: TextTokenizer, folder: str | Path) -> int:
+    """The canvas to decode `task` into with a saved model: the task's own for the character
+    tokenizer, else the one its run trained on, else measured on the task's test split."""
+    if isinstance(tokenizer, CharTokenizer) and getattr(task, "gen_length", None):
+        return task.gen_length
+    saved = saved_run_config(folder).get("gen_length")
+    if saved:
+        return saved
+    return canvas_lengths(task.examples("test"), tokenizer)[1]

@@ -1,0 +1,259 @@
+"""Recipes and overrides: YAML files and `key=value` pairs turned into a checked
+`StableMDMConfig`, and the config written back."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ..errors import ConfigError
+from .config import _OVERRIDDEN, _OWN_FIELDS, METHOD_OPTIONS, StableMDMConfig
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a parsed literal fits a field's annotation (lenient for complex HF unions)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list or hint is list:
+        inner = get_args(hint)
+        return (
+            isinstance(value, list) and all(_type_ok(v, inner[0]) for v in value)
+            if inner
+            else isinstance(value, list)
+        )
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint) or isinstance(value, str)  # enums accept their string values
+    return True
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the field's type; ints are accepted for floats."""
+    if not _type_ok(value, hint):
+        if get_origin(hint) is Literal:
+            allowed = ", ".join(map(str, get_args(hint)))
+            raise ConfigError(f"{where}: {key} must be one of {allowed}; got {value!r}")
+        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf"):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+        raise ConfigError(
+            f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}"
+        )
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (`eval_strategy: no` stays the string
+    'no') and `1e-3` is a float, as a user means them; a key given twice in one mapping is an
+    error (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """The mapping of `node`, refusing a key that appears twice."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first given on line {seen[key] + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with the YAML 1.2 reading of booleans and floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: `line L, column C: problem` (PyYAML's own spans lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in a user's YAML file (`what`: "config file", "study file"); ConfigError,
+    naming the file and line, when it is missing, unreadable, empty, invalid or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(err)}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: a {what} is a mapping of field: value")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a {what} is a mapping of field: value, not {type(data).__name__}"
+        )
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `key=value`; the value is parsed as a YAML literal (`3`, `1e-3`, `true`, `[a, b]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = load_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {text!r}: the value does not parse ({describe_yaml_error(err)})"
+        ) from None
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has no key before '='")
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), *, allow_unused: bool = False
+) -> StableMDMConfig:
+    """Build the config from a flat YAML recipe and `key=value` overrides (later wins).
+    A field set to a non-default value that the chosen method ignores is warned about on
+    stderr unless `allow_unused` (a base config shared by several methods, as in `stablemdm
+    variance`)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        for key, value in read_yaml_file(path, "config file").items():
+            values[key], sources[key] = value, str(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key], sources[key] = value, "command line"
+    config = config_from_values(values, sources)
+    if not allow_unused and os.environ.get("RANK", "0") == "0":
+        for message in unused_options(config, values, sources):
+            print(f"stablemdm: warning: {message}", file=sys.stderr)
+    return config
+
+
+def unused_options(
+    config: StableMDMConfig, values: dict[str, Any], sources: dict[str, str] | None = None
+) -> list[str]:
+    """One message per field given a non-default value that the configured method never
+    reads (`clip_low` without sampler=clipped): such a run silently trains something else."""
+    fields = {f.name: f for f in dataclasses.fields(StableMDMConfig)}
+    messages = []
+    for name, (used, needs) in METHOD_OPTIONS.items():
+        if name not in values or used(config):
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(config, name) != default:
+            where = (sources or {}).get(name, "config")
+            messages.append(
+                f"{where}: {name}={getattr(config, name)!r} is ignored: it is used only with "
+                f"{needs}"
+            )
+    return messages
+
+
+def config_from_values(
+    values: dict[str, Any], sources: dict[str, str] | None = None
+) -> StableMDMConfig:
+    """Build the config from field values, each type-checked against its field; `sources`
+    names where each came from (for the error message)."""
+    sources = sources or {}
+    values = dict(values)
+    hints = typing.get_type_hints(StableMDMConfig)
+    known = {f.name for f in dataclasses.fields(StableMDMConfig) if f.init}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{sources.get(key, 'config')}: unknown config key {key!r}{suggest(key, known)}"
+            )
+        values[key] = _coerce(key, value, hints[key], sources.get(key, "config"))
+    try:
+        return StableMDMConfig(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"invalid configuration: {err}") from err
+
+
+def suggest(key: str, known: typing.Iterable[str]) -> str:
+    """ "; did you mean X?" for the known names closest to a mistyped `key` (or "")."""
+    names = sorted(known)
+    close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.75)
+    close += [k for k in names if str(key) in k and k not in close]
+    return f"; did you mean {', '.join(close[:3])}?" if close else ""
+
+
+def save_config(config: StableMDMConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.resolved(), sort_keys=True))
+    tmp.replace(path)
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(name, default, help) for every stablemdm field, for `--help` and the docs."""
+    rows = []
+    for f in dataclasses.fields(StableMDMConfig):
+        if f.name in _OWN_FIELDS or f.name in _OVERRIDDEN:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,142 @@
+"""The `stablemdm variance` command: its options and entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..estimators.registry import DEFAULT_METHODS, METHODS
+from ..training.outputs import check_output_folder, config_inputs
+from ..training.recipe import load_config
+from .measure import DEFAULT_PROJECTION, FULL_GRADIENT_MAX, Design
+from .output import TERMINAL_WIDTH, print_report, write_report
+from .report import VarianceOptions, run_variance
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the `variance` verb on the main parser's subparsers."""
+    parser = subparsers.add_parser(
+        "variance",
+        help="decompose a model's training noise into A/B/C and compare estimators",
+        description="Measure, for the configured model (or --checkpoint) and task: (1) the "
+        "variance of one draw of the per-sequence loss and gradient split into A (mask), "
+        "B (rate) and C (data) for each method and for the ARM, (2) the variance of the "
+        "minibatch estimate at equal compute, against Standard and the data-noise floor, "
+        "(3) per-rate curves g, v, S and the P-POTS fit. Writes variance.json, variance.md "
+        "and PNG plots to --output. See docs/variance.md.",
+    )
+    parser.add_argument(
+        "--config", metavar="RECIPE", help="flat YAML recipe (task, model, eps, mix, ...)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="model folder (Transformer.save_pretrained; its tokenizer too if present); "
+        "default: the config's model (init_from, else a seeded fresh initialisation)",
+    )
+    parser.add_argument(
+        "--methods",
+        metavar="LIST",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma list of methods (default: %(default)s; known: {', '.join(METHODS)}); "
+        "standard is always added",
+    )
+    d = VarianceOptions()
+    integers = (
+        ("--sequences", d.loss_design.sequences, "loss design: sequences I"),
+        ("--rates", d.loss_design.rates, "loss design: rates J per sequence"),
+        ("--masks", d.loss_design.masks, "loss design: masks K per rate"),
+        ("--grad-sequences", d.grad_design.sequences, "gradient design: sequences"),
+        ("--grad-rates", d.grad_design.rates, "gradient design: rates per sequence"),
+        ("--grad-masks", d.grad_design.masks, "gradient design: masks per rate (a backward each)"),
+        ("--draws", d.draws, "comparison: independent minibatches per method"),
+        ("--batch", d.batch, "comparison: sequences per minibatch n"),
+        ("--bootstrap", d.bootstrap, "bootstrap resamples flagging unstable A/B/C, 0 = off"),
+        ("--grid", d.grid, "per-rate curves: midpoints of t"),
+        ("--grid-sequences", d.grid_sequences, "per-rate curves: sequences"),
+        ("--grid-masks", d.grid_masks, "per-rate curves: masks per (sequence, t)"),
+        ("--ema-warmup", d.ema_warmup, "draws the EMA sampler observes before it is frozen"),
+    )
+    for flag, default, help_ in integers:
+        parser.add_argument(
+            flag, type=int, default=default, metavar="N", help=f"{help_} (default {default})"
+        )
+    parser.add_argument(
+        "--params",
+        metavar="REGEX",
+        help="gradient of the parameters whose names match REGEX (re.search), e.g. 'lm_head'; "
+        f"default all, projected to {DEFAULT_PROJECTION} dims above {FULL_GRADIENT_MAX} "
+        "coordinates",
+    )
+    parser.add_argument(
+        "--project",
+        type=int,
+        metavar="P",
+        help="project the gradient onto P seeded Gaussian directions (traces stay unbiased)",
+    )
+    parser.add_argument(
+        "--arm-checkpoint",
+        metavar="DIR",
+        help="a trained ARM of the same size for the reference C (default: the model's own "
+        "weights with causal attention, a like-for-like baseline only at initialisation)",
+    )
+    parser.add_argument(
+        "--output",
+        default="runs/variance",
+        metavar="DIR",
+        help="report folder (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="seed of every draw and of a fresh model (default: the config's)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --output folder that already holds files (replacing an earlier "
+        "report there)",
+    )
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> VarianceOptions:
+    """The `VarianceOptions` the command-line arguments describe."""
+    return VarianceOptions(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        loss_design=Design(args.sequences, args.rates, args.masks),
+        grad_design=Design(args.grad_sequences, args.grad_rates, args.grad_masks),
+        draws=args.draws,
+        batch=args.batch,
+        params=args.params,
+        project=args.project,
+        bootstrap=args.bootstrap,
+        grid=args.grid,
+        grid_sequences=args.grid_sequences,
+        grid_masks=args.grid_masks,
+        ema_warmup=args.ema_warmup,
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`stablemdm variance`: run, print the tables, write the report; returns the exit code."""
+    from rich.console import Console
+
+    options = options_from_args(args)
+    overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
+    config = load_config(args.config, overrides, allow_unused=True)  # shared by every method
+    folders = config_inputs(config, args.config)[1]
+    reads = [args.checkpoint, args.arm_checkpoint, *folders]
+    check_output_folder(args.output, overwrite=args.overwrite, reads=reads)
+    console = Console() if sys.stdout.isatty() else Console(width=TERMINAL_WIDTH)
+    report = run_variance(
+        config,
+        options,
+        args.checkpoint,
+        log=lambda m: console.log(m),
+        arm_checkpoint=args.arm_checkpoint,
+    )
+    print_report(report, console)
+    paths = write_report(report, args.output)
+    console.print(f"report in {paths[0].parent} ({report['timing_s']['total']:.0f} s)")
+    return 0
