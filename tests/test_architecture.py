@@ -118,7 +118,7 @@ def function_lengths(path: Path) -> list[tuple[str, int]]:
 
     def visit(node: ast.AST, prefix: str) -> None:
         for child in ast.iter_child_nodes(node):
-            name = f"{prefix}{getattr(child, 'name', '')}"
+            name = f"{prefix}{getattr(child, 'name', None) or ''}"
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                 found.append((name, child.end_lineno - child.lineno + 1))
             visit(

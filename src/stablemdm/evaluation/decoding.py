@@ -134,6 +134,59 @@ def generate_mdm(
     all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
     """
     where = "generate_mdm"
+    n_blocks = _check_mdm_options(
+        gen_length, block_length, steps, remasking, temperature, generator
+    )
+    rows = _check_prompts(prompts, where)
+    if not rows:
+        return []
+
+    device = _model_device(model)
+    x, prompt_len = _right_padded(rows, gen_length, pad_token_id, device)  # [B, L], [B]
+    total = x.shape[1]
+    positions = torch.arange(total, device=device)  # [L]
+    canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
+    x.scatter_(1, canvas, mask_token_id)
+    attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
+    schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
+
+    with _eval_mode(model):
+        for block in range(n_blocks):
+            block_pos = canvas[:, block * block_length : (block + 1) * block_length]  # [B, Lb]
+            for n_unmask in schedule:
+                _unmask_step(
+                    model,
+                    x,
+                    canvas,
+                    block_pos,
+                    attention_mask,
+                    n_unmask,
+                    mask_token_id=mask_token_id,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    remasking=remasking,
+                    temperature=temperature,
+                    generator=generator,
+                )
+            decoded = x.gather(1, canvas[:, : (block + 1) * block_length])  # [B, G_done]
+            if bool((decoded == eos_token_id).any(dim=1).all()):
+                break
+
+    out = x.gather(1, canvas).tolist()  # [B, G]
+    return [_truncate_at_eos(tokens, eos_token_id) for tokens in out]
+
+
+def _check_mdm_options(
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    remasking: str,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> int:
+    """`generate_mdm`'s options checked, each failure one line naming the fix; the number of
+    blocks."""
+    where = "generate_mdm"
     if gen_length < 1 or block_length < 1 or steps < 1:
         raise ValueError(
             f"{where}: gen_length={gen_length}, block_length={block_length}, steps={steps} "
@@ -155,48 +208,46 @@ def generate_mdm(
     _check_temperature(temperature, generator, where)
     if remasking == "random":
         _require_generator(generator, f"{where} with remasking='random'")
-    rows = _check_prompts(prompts, where)
-    if not rows:
-        return []
+    return n_blocks
 
-    device = _model_device(model)
-    x, prompt_len = _right_padded(rows, gen_length, pad_token_id, device)  # [B, L], [B]
-    total = x.shape[1]
-    positions = torch.arange(total, device=device)  # [L]
-    canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
-    x.scatter_(1, canvas, mask_token_id)
-    attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
-    schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
 
-    with _eval_mode(model):
-        for block in range(n_blocks):
-            block_pos = canvas[:, block * block_length : (block + 1) * block_length]  # [B, Lb]
-            for n_unmask in schedule:
-                t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
-                logits = logits_of(model, x, attention_mask, t)  # [B, L, V]
-                index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
-                block_logits = logits.gather(1, index).float()  # [B, Lb, V]
-                block_logits[..., mask_token_id] = float("-inf")
-                if pad_token_id != eos_token_id:  # Llama-family tokenizers pad with EOS
-                    block_logits[..., pad_token_id] = float("-inf")
-                chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
-                if remasking == "low_confidence":
-                    probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
-                    confidence = probs.gather(2, chosen[:, :, None]).squeeze(2)  # [B, Lb]
-                else:
-                    confidence = _uniform(tuple(chosen.shape), generator, device)  # [B, Lb]
-                current = x.gather(1, block_pos)  # [B, Lb]
-                masked = current == mask_token_id  # [B, Lb]
-                confidence = confidence.masked_fill(~masked, float("-inf"))
-                top = confidence.topk(n_unmask, dim=1).indices  # [B, k]
-                unmask = torch.zeros_like(masked).scatter_(1, top, True) & masked  # [B, Lb]
-                x.scatter_(1, block_pos, torch.where(unmask, chosen, current))
-            decoded = x.gather(1, canvas[:, : (block + 1) * block_length])  # [B, G_done]
-            if bool((decoded == eos_token_id).any(dim=1).all()):
-                break
-
-    out = x.gather(1, canvas).tolist()  # [B, G]
-    return [_truncate_at_eos(tokens, eos_token_id) for tokens in out]
+def _unmask_step(
+    model: Model,
+    x: torch.Tensor,
+    canvas: torch.Tensor,
+    block_pos: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_unmask: int,
+    *,
+    mask_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    remasking: str,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> None:
+    """One model call of `generate_mdm`: pick a token at each of the block's positions and
+    unmask, in `x` `[B, L]` in place, the `n_unmask` most confident still-masked ones."""
+    device = x.device
+    t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
+    logits = logits_of(model, x, attention_mask, t)  # [B, L, V]
+    index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
+    block_logits = logits.gather(1, index).float()  # [B, Lb, V]
+    block_logits[..., mask_token_id] = float("-inf")
+    if pad_token_id != eos_token_id:  # Llama-family tokenizers pad with EOS
+        block_logits[..., pad_token_id] = float("-inf")
+    chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
+    if remasking == "low_confidence":
+        probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
+        confidence = probs.gather(2, chosen[:, :, None]).squeeze(2)  # [B, Lb]
+    else:
+        confidence = _uniform(tuple(chosen.shape), generator, device)  # [B, Lb]
+    current = x.gather(1, block_pos)  # [B, Lb]
+    masked = current == mask_token_id  # [B, Lb]
+    confidence = confidence.masked_fill(~masked, float("-inf"))
+    top = confidence.topk(n_unmask, dim=1).indices  # [B, k]
+    unmask = torch.zeros_like(masked).scatter_(1, top, True) & masked  # [B, Lb]
+    x.scatter_(1, block_pos, torch.where(unmask, chosen, current))
 
 
 def generate_arm(

@@ -82,34 +82,9 @@ def evaluate(
     default_block_length(gen_length)`; for "arm", `max_new_tokens = gen_length` (`steps`,
     `block_length`, `remasking` unused). `device`, when given, moves the model there first.
     """
-    where = f"evaluate(task={task.name!r}, split={split!r})"
-    if objective not in GENERATORS:
-        raise ValueError(
-            f"{where}: unknown objective={objective!r}; choose one of {tuple(GENERATORS)}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"{where}: batch_size={batch_size} must be positive")
-    if limit is not None and limit < 1:
-        raise ValueError(f"{where}: limit={limit} must be positive or None (all examples)")
-    examples = task.examples(split)
-    if limit is not None:
-        examples = examples[:limit]
-    if not examples:
-        raise ValueError(f"{where}: the split has no examples; check the task's data")
-
+    examples = _examples(task, split, objective, limit, batch_size)
     gen_length = task.gen_length if gen_length is None else gen_length
-    if objective == "mdm":
-        steps = gen_length if steps is None else steps
-        block_length = default_block_length(gen_length) if block_length is None else block_length
-        options = dict(
-            mask_token_id=tokenizer.mask_token_id,
-            gen_length=gen_length,
-            steps=steps,
-            block_length=block_length,
-            remasking=remasking,
-        )
-    else:
-        options = dict(max_new_tokens=gen_length)
+    options = _decoding_options(objective, tokenizer, gen_length, steps, block_length, remasking)
     _model_to(model, device)
     generator = torch.Generator().manual_seed(seed)
 
@@ -126,21 +101,78 @@ def evaluate(
             generator=generator,
             **options,
         )
-        for offset, (example, tokens) in enumerate(zip(batch, outputs, strict=True)):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            records.append(
-                {
-                    "index": start + offset,
-                    "source": example.source,
-                    "prompt": example.prompt,
-                    "output": text,
-                    "extracted": task.extract(text),
-                    "gold": example.answer,
-                    "correct": bool(task.score(text, example)),
-                }
-            )
+        records += _records(task, tokenizer, batch, outputs, start)
 
     if output_path is not None:
         write_jsonl(output_path, records)
     n_correct = sum(r["correct"] for r in records)
     return EvalResult(n_correct / len(records), len(records), n_correct, records)
+
+
+def _examples(
+    task: ScoredTask, split: str, objective: str, limit: int | None, batch_size: int
+) -> list[Example]:
+    """The first `limit` examples of the split, after checking `evaluate`'s options (one
+    line each, naming the task and split)."""
+    where = f"evaluate(task={task.name!r}, split={split!r})"
+    if objective not in GENERATORS:
+        raise ValueError(
+            f"{where}: unknown objective={objective!r}; choose one of {tuple(GENERATORS)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"{where}: batch_size={batch_size} must be positive")
+    if limit is not None and limit < 1:
+        raise ValueError(f"{where}: limit={limit} must be positive or None (all examples)")
+    examples = task.examples(split)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"{where}: the split has no examples; check the task's data")
+    return examples
+
+
+def _decoding_options(
+    objective: str,
+    tokenizer: TextTokenizer,
+    gen_length: int,
+    steps: int | None,
+    block_length: int | None,
+    remasking: str,
+) -> dict:
+    """The generator's keyword arguments, with `evaluate`'s defaults filled in."""
+    if objective == "mdm":
+        steps = gen_length if steps is None else steps
+        block_length = default_block_length(gen_length) if block_length is None else block_length
+        return dict(
+            mask_token_id=tokenizer.mask_token_id,
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            remasking=remasking,
+        )
+    return dict(max_new_tokens=gen_length)
+
+
+def _records(
+    task: ScoredTask,
+    tokenizer: TextTokenizer,
+    batch: list[Example],
+    outputs: list[list[int]],
+    start: int,
+) -> list[dict]:
+    """One record per decoded example of a batch starting at index `start`."""
+    records = []
+    for offset, (example, tokens) in enumerate(zip(batch, outputs, strict=True)):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        records.append(
+            {
+                "index": start + offset,
+                "source": example.source,
+                "prompt": example.prompt,
+                "output": text,
+                "extracted": task.extract(text),
+                "gold": example.answer,
+                "correct": bool(task.score(text, example)),
+            }
+        )
+    return records

@@ -285,6 +285,14 @@ class StableMDMConfig(TrainingArguments):
     def __post_init__(self) -> None:
         self._check_choices()
         self._check_numbers()
+        self._check_ranges()
+        self._check_combinations()
+        self._check_estimator_sizes()
+        self._check_model_options()
+        super().__post_init__()
+
+    def _check_ranges(self) -> None:
+        """The estimator's real-valued parameters lie in their ranges."""
         if not 0.0 <= self.eps < 1.0:
             raise ConfigError(f"eps must lie in [0, 1), got {self.eps}")
         if not 0.0 < self.mix <= 1.0:
@@ -300,6 +308,9 @@ class StableMDMConfig(TrainingArguments):
                 f"isad_q_max must be < 1 (q = 1 never shows the token, so no weight can correct "
                 f"the bias) and > 0, got {self.isad_q_max}"
             )
+
+    def _check_combinations(self) -> None:
+        """Options that only make sense together (isad, mirror, arm, ppots, eval)."""
         if self.masking == "isad" and not self.isad_tokens:
             raise ConfigError("masking=isad needs isad_tokens, e.g. isad_tokens=['#']")
         if self.masking == "isad" and self.rate == "count":
@@ -322,6 +333,9 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError(
                 "eval_accuracy=true decodes at each evaluation: set eval_strategy=steps"
             )
+
+    def _check_estimator_sizes(self) -> None:
+        """Bin, draw and step counts of the samplers and their fits; the P-POTS parameter regex."""
         if self.log_rate_bins < 0:
             raise ConfigError(f"log_rate_bins must be >= 0, got {self.log_rate_bins}")
         for name in (
@@ -351,8 +365,6 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError(
                 f"ppots_params={self.ppots_params!r} is not a valid regex ({err})"
             ) from None
-        self._check_model_options()
-        super().__post_init__()
 
     def _check_model_options(self) -> None:
         """Options of Hugging Face models, lengths and the loss normaliser."""

@@ -1,13 +1,17 @@
 """`StableMDMTrainer`: a `transformers.Trainer` whose loss is a stablemdm `Objective`.
 
-The subclass overrides `compute_loss` (sampler -> masks -> model -> loss) and `log` (to add
-what the sampler did: mean and spread of the rates and importance weights, tokens/s).
-Everything else (DDP, FSDP, DeepSpeed, gradient accumulation, clipping, schedules, bf16,
-checkpoints with optimizer, scheduler and RNG states) is the engine's. It also overrides how
-a checkpoint is written: into a `tmp-` folder with the stablemdm pieces (`checkpoint_extras`:
-model config, tokenizer, sampler state, config, density), renamed when complete, and only
-then are old ones rotated away (`checkpoints`); and it skips a step whose loss or gradient is
-not finite, stopping after `max_nonfinite_steps` in a row (docs/reliability.md).
+The subclass works through the engine's public extension points: `compute_loss` (sampler ->
+masks -> model -> loss), `log` (adds what the sampler did: mean and spread of the rates and
+importance weights, tokens/s) and a callback of its own (`TrainerHooks`: the learning rate of a
+resumed run, no checkpoint during non-finite steps). Everything else (DDP, FSDP, DeepSpeed,
+gradient accumulation, clipping, schedules, bf16, checkpoints with optimizer, scheduler and RNG
+states) is the engine's. Two private methods are overridden because no public hook serves;
+each says why, and tests/test_trainer_contract.py pins what it relies on:
+`_save_checkpoint` writes a checkpoint into a `tmp-` folder with the stablemdm pieces
+(`checkpoint_extras`: model config, tokenizer, sampler state, config, density), renames it
+when complete, and only then rotates old ones away (`checkpoints`); `_get_grad_norm` is where a
+step whose loss or gradient is not finite is skipped, the run stopping after
+`max_nonfinite_steps` in a row (docs/reliability.md).
 
 Randomness: the rates of optimizer step s are drawn at once for every process and
 micro-batch from a generator seeded by (seed, s), shared by all processes, and each
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -73,6 +77,7 @@ class StableMDMTrainer(Trainer):
         self._streak = 0  # non-finite steps in a row, up to now
         self._skipped = 0  # non-finite steps since the last log line
         self._interval = 0  # steps since the last log line
+        self.add_callback(TrainerHooks(self))  # after the engine's flow callback
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One Monte Carlo estimate of the objective on this micro-batch."""
@@ -113,6 +118,10 @@ class StableMDMTrainer(Trainer):
                 )
         return (out.loss, {"per_sequence": out.per_sequence}) if return_outputs else out.loss
 
+    # Private override: the engine's gradient norm exists only here, just before the optimizer
+    # step. The public `on_pre_optimizer_step` runs at the same point but is given no norm, and
+    # computing one there would cost another pass over the gradients and miss DeepSpeed's, which
+    # are not in `param.grad`. Pinned by tests/test_trainer_contract.py.
     def _get_grad_norm(self, model, grad_norm=None):
         """The engine's gradient norm, just before the optimizer step: where a non-finite
         step is skipped (`_skip_if_nonfinite`)."""
@@ -160,14 +169,6 @@ class StableMDMTrainer(Trainer):
             "(docs/reliability.md)"
         )
 
-    def _maybe_log_save_evaluate(self, *args, **kwargs) -> None:
-        """The engine's log/evaluate/save, without a checkpoint in a run of non-finite
-        steps: the latest checkpoint stays the last finite one."""
-        if self._streak:
-            self.control.should_save = False
-        self._interval = self.state.global_step - self._globalstep_last_logged
-        super()._maybe_log_save_evaluate(*args, **kwargs)
-
     def _record(self, out, inputs) -> None:
         """Remember what the sampler drew (on the device: no host sync in the training step;
         `log` moves it once per log line); feed the EMA sampler (pooled over processes)."""
@@ -208,7 +209,7 @@ class StableMDMTrainer(Trainer):
         if "loss" in logs:
             if self._skipped and self._skipped >= self._interval:
                 logs["loss"] = float("nan")
-            logs["nonfinite_steps"], self._skipped = self._skipped, 0
+            logs["nonfinite_steps"], self._skipped, self._interval = self._skipped, 0, 0
         if "loss" in logs and self._seen["rate"]:
             rate, weight, loss = (
                 torch.cat(self._seen[k]).cpu() for k in ("rate", "weight", "loss")
@@ -232,6 +233,10 @@ class StableMDMTrainer(Trainer):
             self._tokens, self._clock = 0, now
         super().log(logs, *args, **kwargs)
 
+    # Private override: no public hook decides where a checkpoint is written or when old ones
+    # are rotated; `save_model` and `on_save` run inside and after the engine's own writes into
+    # checkpoint-N and its rotation. The engine pieces it calls are pinned by
+    # tests/test_trainer_contract.py, which also checks it writes every file the engine's does.
     def _save_checkpoint(self, model, trial) -> None:
         """Write checkpoint-N whole or not at all: every file (the engine's and
         `checkpoint_extras`') goes into tmp-checkpoint-N, which the main process renames once
@@ -291,16 +296,10 @@ class StableMDMTrainer(Trainer):
                     self.state.stateful_callbacks[name] = state
         self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """The engine's, then the configured learning_rate if a resumed run changed it: the
-        loaded optimizer and scheduler states carry the checkpoint's."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            self._apply_learning_rate()
-
     def _apply_learning_rate(self) -> None:
-        """Rescale the loaded schedule so that its peak is `learning_rate` (same shape, same
-        position in it); nothing changes when the learning rate did not."""
+        """Rescale the schedule loaded from a checkpoint so that its peak is the configured
+        `learning_rate` (same shape, same position in it): the loaded optimizer and scheduler
+        states carry the checkpoint's. Nothing changes when the learning rate did not."""
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
         base = getattr(scheduler, "base_lrs", None)
         if not base or base[0] == self.args.learning_rate:
@@ -312,6 +311,31 @@ class StableMDMTrainer(Trainer):
             if "initial_lr" in group:
                 group["initial_lr"] *= ratio
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class TrainerHooks(TrainerCallback):
+    """The trainer's own uses of the engine's public events. Registered right after the
+    engine's flow callback, which sets `should_save`, and before the run's callbacks."""
+
+    def __init__(self, trainer: StableMDMTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run's optimizer and scheduler are loaded by now: apply a changed
+        learning_rate to them."""
+        if state.global_step > 0:
+            self.trainer._apply_learning_rate()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Count the step for `log`; no checkpoint in a run of non-finite steps: the latest
+        checkpoint stays the last finite one."""
+        self.trainer._interval += 1
+        if self.trainer._streak:
+            control.should_save = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer._streak:
+            control.should_save = False
 
 
 def _way_forward(run_dir: Path) -> str:

@@ -9,9 +9,10 @@ from typing import Any
 from ..estimators.registry import DEFAULT_METHODS, METHODS
 from ..training.outputs import check_output_folder, config_inputs
 from ..training.recipe import load_config
+from .inputs import VarianceOptions
 from .measure import DEFAULT_PROJECTION, FULL_GRADIENT_MAX, Design
 from .output import TERMINAL_WIDTH, print_report, write_report
-from .report import VarianceOptions, run_variance
+from .report import run_variance
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,6 +44,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"comma list of methods (default: %(default)s; known: {', '.join(METHODS)}); "
         "standard is always added",
     )
+    _add_sizes(parser)
+    _add_gradient_and_outputs(parser)
+    return parser
+
+
+def _add_sizes(parser: argparse.ArgumentParser) -> None:
+    """The integer sizes of the three measurements, defaulting to `VarianceOptions`'."""
     d = VarianceOptions()
     integers = (
         ("--sequences", d.loss_design.sequences, "loss design: sequences I"),
@@ -63,6 +71,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         parser.add_argument(
             flag, type=int, default=default, metavar="N", help=f"{help_} (default {default})"
         )
+
+
+def _add_gradient_and_outputs(parser: argparse.ArgumentParser) -> None:
+    """Which gradient is measured, the ARM reference, and where the report goes."""
     parser.add_argument(
         "--params",
         metavar="REGEX",
@@ -97,7 +109,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="write into a --output folder that already holds files (replacing an earlier "
         "report there)",
     )
-    return parser
 
 
 def options_from_args(args: argparse.Namespace) -> VarianceOptions:

@@ -126,29 +126,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "## Per-rate curves (Standard, unweighted loss)",
         _markdown_table(
             ["t", "g(t)", "v(t)", "S(t)", "P-POTS fit", "a(t)", "b(t)"],
-            [
-                [
-                    f"{t:.3f}",
-                    _number(g),
-                    _number(v),
-                    _number(S),
-                    _number(p),
-                    _pm(a, sa),
-                    _pm(b, sb),
-                ]
-                for t, g, v, S, p, a, sa, b, sb in zip(
-                    curves["t"],
-                    curves["g"],
-                    curves["v"],
-                    curves["S"],
-                    (curves["ppots_fit"] or {}).get("density", [None] * len(curves["t"])),
-                    curves["a"],
-                    curves["se_a"],
-                    curves["b"],
-                    curves["se_b"],
-                    strict=True,
-                )
-            ],
+            _curve_rows(curves),
         ),
         "Integrals over the grid (midpoint rule): "
         + ", ".join(f"{k} = {_number(v)}" for k, v in curves["integrals"].items()),
@@ -158,6 +136,33 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         parts += ["## Notes", *(f"- **warning**: {w}" for w in warnings)]
         parts += [f"- {note}" for note in report["notes"]]
     return "\n\n".join(parts) + "\n"
+
+
+def _curve_rows(curves: Mapping[str, Any]) -> list[list[str]]:
+    """One row per grid rate: g, v, S, the P-POTS fit and the integrands a, b (± SE)."""
+    return [
+        [
+            f"{t:.3f}",
+            _number(g),
+            _number(v),
+            _number(S),
+            _number(p),
+            _pm(a, sa),
+            _pm(b, sb),
+        ]
+        for t, g, v, S, p, a, sa, b, sb in zip(
+            curves["t"],
+            curves["g"],
+            curves["v"],
+            curves["S"],
+            (curves["ppots_fit"] or {}).get("density", [None] * len(curves["t"])),
+            curves["a"],
+            curves["se_a"],
+            curves["b"],
+            curves["se_b"],
+            strict=True,
+        )
+    ]
 
 
 def _design_label(design: Mapping[str, int]) -> str:
