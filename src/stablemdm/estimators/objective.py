@@ -211,36 +211,25 @@ class Objective:
         p, weight, rate = p.float(), weight.float(), rate.float()  # samplers work in float64
         n = self.denominator(batch)
         t = rate if self.rate == "t" else None  # what a model that conditions on t is given
-        if len(masks) == 2:  # MIRROR: both copies in one forward pass of the 2B batch
+        mirrored = len(masks) == 2  # MIRROR: both copies in one forward pass of the 2B batch
+        if mirrored:
             x0, eligible, p, attention, n, t = (
                 torch.cat([a, a]) if a is not None else None
                 for a in (x0, eligible, p, attention, n, t)
             )
-            out = mdm_loss(
-                model,
-                x0,
-                eligible,
-                torch.cat(masks),
-                p,
-                self.mask_token_id,
-                attention_mask=attention,
-                normalizer=n,
-                t=t,
-            )
-            unweighted = 0.5 * (out.per_sequence[:b] + out.per_sequence[b:])  # [B]
-        else:
-            out = mdm_loss(
-                model,
-                x0,
-                eligible,
-                masks[0],
-                p,
-                self.mask_token_id,
-                attention_mask=attention,
-                normalizer=n,
-                t=t,
-            )
-            unweighted = out.per_sequence
+        out = mdm_loss(
+            model,
+            x0,
+            eligible,
+            torch.cat(masks) if mirrored else masks[0],
+            p,
+            self.mask_token_id,
+            attention_mask=attention,
+            normalizer=n,
+            t=t,
+        )
+        per_copy = out.per_sequence
+        unweighted = 0.5 * (per_copy[:b] + per_copy[b:]) if mirrored else per_copy  # [B]
         per_sequence = unweighted * weight
         return ObjectiveOutput(
             per_sequence.mean(), per_sequence, unweighted.detach(), rate, weight, b * len(masks)

@@ -133,21 +133,17 @@ def generate_mdm(
     After each block a row whose decoded canvas holds `<eos>` is finished; decoding stops once
     all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
     """
-    where = "generate_mdm"
     n_blocks = _check_mdm_options(
         gen_length, block_length, steps, remasking, temperature, generator
     )
-    rows = _check_prompts(prompts, where)
+    rows = _check_prompts(prompts, "generate_mdm")
     if not rows:
         return []
 
     device = _model_device(model)
-    x, prompt_len = _right_padded(rows, gen_length, pad_token_id, device)  # [B, L], [B]
-    total = x.shape[1]
-    positions = torch.arange(total, device=device)  # [L]
-    canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
-    x.scatter_(1, canvas, mask_token_id)
-    attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
+    x, canvas, attention_mask = _masked_canvas(
+        rows, gen_length, mask_token_id, pad_token_id, device
+    )
     schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
 
     with _eval_mode(model):
@@ -174,6 +170,20 @@ def generate_mdm(
 
     out = x.gather(1, canvas).tolist()  # [B, G]
     return [_truncate_at_eos(tokens, eos_token_id) for tokens in out]
+
+
+def _masked_canvas(
+    rows: list[list[int]], gen_length: int, mask_token_id: int, pad_token_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt followed by `gen_length` masks, right-padded: x `[B, L]`, the canvas
+    positions `[B, G]` and the attention mask `[B, L]` (prompt and canvas)."""
+    x, prompt_len = _right_padded(rows, gen_length, pad_token_id, device)  # [B, L], [B]
+    total = x.shape[1]
+    positions = torch.arange(total, device=device)  # [L]
+    canvas = prompt_len[:, None] + torch.arange(gen_length, device=device)  # [B, G]
+    x.scatter_(1, canvas, mask_token_id)
+    attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
+    return x, canvas, attention_mask
 
 
 def _check_mdm_options(

@@ -58,16 +58,7 @@ def train(
         _restart_metrics(config, checkpoint)
     train_data = train_dataset(task, tokenizer, canvas)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
-    density = None
-    if config.sampler == "ppots":
-        if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
-            density = load_density(checkpoint / PPOTS_FILE)
-        elif config.ppots_file:
-            density = load_density(config.ppots_file)
-        else:
-            density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
-            if config.process_index == 0:
-                print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
+    density = _density(config, checkpoint, model, task, tokenizer, canvas, encoded)
     objective = build_objective(config, tokenizer, build_sampler(config, density))
     if checkpoint is not None:
         objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
@@ -110,6 +101,29 @@ def train(
     if trainer.is_world_process_zero():
         save_extras(Path(config.output_dir), with_model=builtin)
     return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
+
+
+def _density(
+    config: StableMDMConfig,
+    checkpoint: Path | None,
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: TextTokenizer,
+    canvas: Canvas,
+    encoded: TensorDataset | None,
+) -> PPOTS | None:
+    """The run's P-POTS density (None for other samplers): the checkpoint's when resuming,
+    else `ppots_file`'s, else one fitted on the model now."""
+    if config.sampler != "ppots":
+        return None
+    if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
+        return load_density(checkpoint / PPOTS_FILE)
+    if config.ppots_file:
+        return load_density(config.ppots_file)
+    density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
+    if config.process_index == 0:
+        print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
+    return density
 
 
 def _trainer(
