@@ -3,7 +3,7 @@ fit, on the demo task (chain_sum, tiny preset) at initialisation and after train
 
 For each model, S(t) = E[l^2 | t] of Standard is computed as the truth from every mask
 pattern of a pool of training sequences (exact per sequence: |E| = 5, so 31 patterns), and
-checked against a direct Monte Carlo estimate at a few rates. Then `run.fit_density` fits
+checked against a direct Monte Carlo estimate at a few rates. Then `training.build.fit_density` fits
 the density again and again with different seeds (other sequences and masks, the real code
 path), and each fit's delivered second moment int S/p is compared with the optimum
 (int sqrt S)^2. The paper's family at the former default design (10 sequences x 24 rates x

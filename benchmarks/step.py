@@ -8,7 +8,7 @@ length per second), optimizer-step time, the activations saved for backward (the
 method adds on top of weights and optimizer state), and the share of the step spent drawing
 t or k, building masks and computing weights (timed in isolation, interleaved the same way).
 
-Part 2, the Trainer: the demo's training (`stablemdm.run.train`: tiny preset, batch 64,
+Part 2, the Trainer: the demo's training (`stablemdm.training.run.train`: tiny preset, batch 64,
 chain_sum, logging and the checkpoint callbacks as in `make demo`) against the raw step loop
 on the same model, optimizer, schedule and data, alternated over rounds.
 
@@ -425,8 +425,9 @@ def trainer_table(result: dict) -> str:
     pct = {k: 100 * v for k, v in result["overhead"].items()}
     return "\n".join(
         [
-            "| raw step s (median) | `run.train` step s (median) | Trainer overhead (median "
-            "paired difference) | ratio of means - 1 | final checkpoint s (share of 1000 steps) |",
+            "| raw step s (median) | `training.run.train` step s (median) "
+            "| Trainer overhead (median paired difference) | ratio of means - 1 "
+            "| final checkpoint s (share of 1000 steps) |",
             "| --- | --- | --- | --- | --- |",
             f"| {result['raw_step_s']:.4f} | {result['trainer_step_s']:.4f} | {_fmt(pct, '.1f')}% "
             f"| {100 * result['overhead_of_means']:.1f}% | {result['final_checkpoint_s']:.2f} "

@@ -1,4 +1,4 @@
-"""Tests for stablemdm.decoding with stand-in models (no dependency on model.py)."""
+"""Tests for stablemdm.evaluation.decoding with stand-in models (no dependency on models/)."""
 
 from __future__ import annotations
 

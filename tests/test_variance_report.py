@@ -1,4 +1,4 @@
-"""Tests for the `stablemdm variance` experiment (variance_report.py).
+"""Tests for the `stablemdm variance` experiment (variance/report.py).
 
 Toy model used below: `PositionTable` outputs logits that depend on the position only, never
 on the (masked) input, so the cross-entropy of eligible position i is a constant c_i whatever

@@ -17,8 +17,9 @@ FUNCTION_POINTS_PER_BIN = 8  # PPOTS.from_function averages the function over th
 
 class PPOTS(PiecewiseDensity):
     """P-POTS: t ~ p proportional to sqrt(S(t)), S(t) = E[l^2 | t], mixed with the uniform
-    (paper.md section 3). Built from a fitted density (see `ppots.py`); `source` records how,
-    `check` the fit's held-out self-check (predicted second moments, see `ppots.self_check`).
+    (paper.md section 3). Built from a fitted density (see `ppots_fit`); `source` records how,
+    `check` the fit's held-out self-check (predicted second moments, see
+    `ppots_fit.checked_density`).
     """
 
     name = "ppots"

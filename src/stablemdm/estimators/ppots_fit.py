@@ -8,7 +8,7 @@ KL or smooth it with a kernel. Every fit is checked on held-out sequences: the s
 it predicts relative to Standard and to the optimum (`predicted_ratios`); a fit no better
 than Standard falls back to the uniform (`checked_density`).
 
-Densities here are unnormalised numpy functions of t; `samplers.PPOTS.from_function`
+Densities here are unnormalised numpy functions of t; `ppots.PPOTS.from_function`
 tabulates them into a sampler.
 """
 
@@ -236,7 +236,7 @@ def rate_grid(n: int) -> np.ndarray:
 def sqrt_cells(n: int = QUADRATURE_CELLS) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature on (0, 1): the midpoints t `[n]` of n cells equal in u = sqrt(t) and their
     weights dt = 2u du `[n]` (summing to 1). Resolves S ~ 1/t at t -> 0; exact for densities
-    piecewise constant on bins equal in sqrt(t) whose count divides n (`samplers.sqrt_edges`)."""
+    piecewise constant on bins equal in sqrt(t) whose count divides n (`rates.sqrt_edges`)."""
     u = (np.arange(n, dtype=np.float64) + 0.5) / n
     return u**2, 2.0 * u / n
 

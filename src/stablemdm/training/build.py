@@ -120,7 +120,7 @@ def check_fits(model: torch.nn.Module, tokenizer: Any, max_length: int, where: s
 def build_model(
     config: StableMDMConfig, task: Task
 ) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
-    """The model, tokenizer and canvas a config names (see `models.loading`)."""
+    """The model, tokenizer and canvas a config names (`build_builtin` or `build_hf`)."""
     if config.model is not None:
         model, tokenizer = build_hf(config)
         return model, tokenizer, resolve_canvas(config, task, tokenizer)
@@ -189,7 +189,7 @@ def fit_density(
     data: TensorDataset | None = None,
 ) -> PPOTS:
     """Estimate S(t) for this model and data, fit the P-POTS density and check it on held-out
-    sequences (`ppots.fit_ppots`). Each process estimates on its own `ppots_sequences`
+    sequences (`ppots_fit.fit_ppots`). Each process estimates on its own `ppots_sequences`
     sequences and checks on as many others, and the estimates are pooled, so all processes
     fit the same density. A refit at optimizer step `step` draws other sequences and masks.
     `data` is the encoded train split when the caller has it (else it is encoded here)."""

@@ -135,8 +135,8 @@ def build_methods(
     notes: list[str],
     canvas: Canvas,
 ) -> dict[str, Method]:
-    """Each method's Objective via `run.build_objective`/`build_sampler`, with P-POTS densities
-    fitted by `run.fit_density` (or read from `ppots_file`) and EMA warmed up."""
+    """Each method's Objective via `training.build.build_objective`/`build_sampler`, with
+    P-POTS densities fitted by `fit_density` (or read from `ppots_file`) and EMA warmed up."""
     isad_tokens = config.isad_tokens or ISAD_DEFAULT_TOKENS.get(config.task, [])
     if not config.isad_tokens and isad_tokens and "isad" in names:
         notes.append(f"isad: raises {isad_tokens}, task {config.task}'s default delimiter")
@@ -180,7 +180,8 @@ def load_model(
     config: StableMDMConfig, checkpoint: str | Path | None, task: Any
 ) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
     """The checkpoint's model, tokenizer and canvas (as an MDM; the canvas lengths saved with
-    its run), or the config's (`run.build_model`: `model`, `init_from` or a seeded init)."""
+    its run), or the config's (`training.build.build_model`: `model`, `init_from` or a seeded
+    init)."""
     if checkpoint is None:
         return build_model(config, task)
     model, tokenizer = load_checkpoint(checkpoint)

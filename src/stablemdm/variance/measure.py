@@ -2,7 +2,7 @@
 gradient observation is (`GradientFeature`), the nested design and its observations
 (`nested_observations`, `decompose`), the equal-compute comparison (`compare_methods`), the
 per-rate curves (`rate_curves`) and the semi-analytic cross-check. Pure PyTorch over a model,
-an `Objective` and encoded data; `variance_report` builds the methods and runs them.
+an `Objective` and encoded data; `inputs` builds the methods and `report` runs them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Outputs of the `stablemdm variance` experiment: the terminal tables, `variance.json`,
 `variance.md` and the PNG plots (stacked A/B/C bars per method, the per-rate curves, the
-efficiency ratios), all rendered from the report dict that `variance_report.run_variance`
+efficiency ratios), all rendered from the report dict that `report.run_variance`
 returns, so the numbers everywhere are the same ones.
 """
 
