@@ -59,6 +59,9 @@ FILES = {
     "study_nomethod.yaml": STUDY.replace("[standard]", "[standrd]"),
     "study_points.yaml": STUDY + "eval_points: [1.5]\n",
     "study_elsewhere.yaml": STUDY.replace("{tmp}/study", "{tmp}/elsewhere"),
+    "study_negative_seed.yaml": STUDY.replace("seeds: [1]", "seeds: [1, -1]"),
+    "study_method_list.yaml": STUDY.replace("[standard]", "[standard, [ppots]]"),
+    "study_renamed.yaml": STUDY.replace("[standard]", "{standard: {sampler: ppots}}"),
 }
 STUDY_FILE = Path(__file__).resolve().parents[1] / "src/stablemdm/studies/demo.yaml"
 JSONL = "task=jsonl"
@@ -107,6 +110,7 @@ CASES = [
     ("config-no-key", ["train", "=3"], "no key before '='"),
     ("config-override-yaml", ["train", "task_options={a: 1"], "task_options={a: 1"),
     ("config-isad-q", ["train", "masking=isad", "isad_tokens=[x]", "isad_q_max=1"], "isad_q"),
+    ("config-seed-negative", ["train", "seed=-1"], "seed must be an integer in [0, 2**32)"),
     ("config-density-missing", ["train", "sampler=ppots", "ppots_file=/nope.json"], "/nope"),
     # config files
     ("yaml-missing", ["train", "--config", "{tmp}/none.yaml"], "none.yaml does not exist"),
@@ -181,6 +185,21 @@ CASES = [
     ("study-points", ["study", "--config", "{tmp}/study_points.yaml"], "eval_points"),
     ("study-folder", ["study", "--config", "{tmp}/study_elsewhere.yaml"], "not this study's"),
     ("study-override", ["study", "--config", "demo", "seeds=[1,1]"], "duplicate seeds"),
+    (
+        "study-negative-seed",
+        ["study", "--config", "{tmp}/study_negative_seed.yaml"],
+        "seeds must be integers in [0, 2**32), got [-1]",
+    ),
+    (
+        "study-method-list",
+        ["study", "--config", "{tmp}/study_method_list.yaml"],
+        "methods entry ['ppots'] is neither a method name nor one {name: {overrides}} mapping",
+    ),
+    (
+        "study-renamed-standard",
+        ["study", "--config", "{tmp}/study_renamed.yaml"],
+        "method 'standard' sets sampler=ppots, which changes what 'standard' means",
+    ),
 ]
 
 

@@ -419,6 +419,10 @@ class StableMDMConfig(TrainingArguments):
                 value = getattr(self, name)
                 if value is not None and bad(value):
                     raise ConfigError(f"{name} must be {what}, got {value}")
+        for name in ("seed", "data_seed"):  # numpy's range: set_seed refuses any other
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise ConfigError(f"{name} must be an integer in [0, 2**32), got {value}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(
                 f"max_steps must be >= 1 (or -1: train num_train_epochs), got {self.max_steps}"
