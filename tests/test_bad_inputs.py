@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -140,6 +141,34 @@ CASES = [
     ("tokenizer-isad-char", ["train", "masking=isad", "isad_tokens=['\u00e9']"], "alphabet"),
     ("tokenizer-no-mask", ["train", "model={llama}", SMALL], "has no mask token"),
     ("tokenizer-mask-unknown", ["train", "model={llama}", SMALL, "mask_token=<x>"], "<x>"),
+    (
+        "tokenizer-mask-added-and-named",
+        ["train", "model={llama}", SMALL, "add_mask_token=true", "mask_token_id=50"],
+        "add_mask_token=true adds a new mask token, while mask_token_id / mask_token name",
+    ),
+    # Hugging Face model folders and names
+    (
+        "hf-weights-truncated",
+        ["train", "model={llama_weights}", SMALL, "add_mask_token=true"],
+        "llama_weights/model.safetensors is not a readable safetensors file",
+    ),
+    (
+        "hf-config-broken",
+        ["train", "model={llama_config}", SMALL, "add_mask_token=true"],
+        "llama_config/config.json is not valid JSON",
+    ),
+    (
+        "hf-no-tokenizer",
+        ["train", "model={llama_tokenizer}", SMALL, "add_mask_token=true"],
+        "llama_tokenizer holds no tokenizer (none of tokenizer.json",
+    ),
+    ("hf-folder-missing", ["train", "model={tmp}/no/model", SMALL], "no/model does not exist"),
+    (
+        "hf-hub-name",
+        ["train", "model=nobody/no-such-model", SMALL],
+        "model nobody/no-such-model is neither a local folder nor in the local Hugging Face "
+        "cache, and stablemdm downloads nothing unless asked: set allow_downloads=true",
+    ),
     # checkpoints and outputs
     ("ckpt-missing", ["eval", "{tmp}/nothing", "--task", "chain_sum"], "nothing does not exist"),
     ("ckpt-no-model", ["eval", "{tmp}/report", "--task", "chain_sum"], "holds no saved model"),
@@ -250,6 +279,23 @@ def llama(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def damaged_llamas(llama, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny Llama with truncated weights, a truncated config.json, and no
+    tokenizer files."""
+    out = {}
+    for name, pattern in (("weights", "model.safetensors"), ("config", "config.json")):
+        out[f"llama_{name}"] = folder = tmp_path_factory.mktemp("damaged") / f"llama_{name}"
+        shutil.copytree(llama, folder)
+        for path in folder.glob(pattern):
+            path.write_bytes(path.read_bytes()[:40])
+    out["llama_tokenizer"] = folder = tmp_path_factory.mktemp("damaged") / "llama_tokenizer"
+    shutil.copytree(llama, folder)
+    for path in folder.glob("tokenizer*"):
+        path.unlink()
+    return out
+
+
 @pytest.fixture
 def workspace(tmp_path) -> Path:
     """The files the catalogue refers to: data, recipes, study files, checkpoints."""
@@ -283,6 +329,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     places = {"tmp": workspace, "ckpt": workspace / "ckpt"}
     if any("{llama}" in a for a in argv):
         places["llama"] = request.getfixturevalue("llama")
+    if any("{llama_" in a for a in argv):
+        places.update(request.getfixturevalue("damaged_llamas"))
     argv = [_fill(a, **places) for a in argv]
     if argv[0] in ("train", "fit-t", "variance"):
         argv.append(f"output_dir={workspace / 'run'}")
@@ -300,7 +348,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 def test_the_catalogue_is_at_least_forty_cases_over_every_area():
     areas = {case.split("-")[0] for case, _, _ in CASES}
     assert len(CASES) >= 40 and {"cli", "config", "yaml", "data", "tokenizer", "ckpt"} <= areas
-    assert {"out", "study"} <= areas and len({c[0] for c in CASES}) == len(CASES)
+    assert {"out", "study", "hf"} <= areas and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -59,16 +59,18 @@ def build_builtin(
 def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
     """A Hugging Face model adapted to the objective (optionally with LoRA adapters) and its
     tokenizer as an `HFTokenizer`."""
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     from ..data.hf_tokenizer import HFTokenizer
-    from ..models.hf import apply_lora, load_hf_model
+    from ..models.hf import apply_lora, load_hf_model, load_tokenizer
 
     set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
     tokenizer = None
     if config.tokenizer_name:
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer_name, trust_remote_code=config.trust_remote_code
+        tokenizer = load_tokenizer(
+            config.tokenizer_name,
+            config.trust_remote_code,
+            allow_downloads=config.allow_downloads,
         )
     model, hf_tokenizer, spec = load_hf_model(
         config.model,
@@ -82,6 +84,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         trust_remote_code=config.trust_remote_code,
         gguf_file=config.gguf_file,
         dtype=getattr(torch, config.model_dtype),
+        allow_downloads=config.allow_downloads,
     )
     wrapped = HFTokenizer(
         hf_tokenizer,
