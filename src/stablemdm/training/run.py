@@ -63,7 +63,7 @@ def train(
         if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
             density = load_density(checkpoint / PPOTS_FILE)
         elif config.ppots_file:
-            density = load_density(config.ppots_file)
+            density = load_density(config.ppots_file, config)
         else:
             density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
             if config.process_index == 0:
