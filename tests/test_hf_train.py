@@ -271,7 +271,7 @@ def test_streamed_chat_dataset_trains_with_a_template(llama, tmp_path, capsys):
         "loss_normalizer=response",
     )
     saved = load_config(out / "config.yaml")
-    assert saved.chat_template and saved.gen_length == 4  # "11" <|end|> <eos>, measured on test
+    assert saved.chat_template and saved.gen_length == 4  # "40" <|end|> <eos>, measured
     capsys.readouterr()
     args = ["eval", str(out), "--task", "dataset", "--limit", "2"]
     args += ["--task-option", f"train={tmp_path / 'train.jsonl'}"]

@@ -52,11 +52,11 @@ def train(
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
+    train_data = train_dataset(task, tokenizer, canvas, config.max_steps)
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
     if checkpoint is not None and config.process_index == 0:
         _restart_metrics(config, checkpoint)
-    train_data = train_dataset(task, tokenizer, canvas)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     density = None
     if config.sampler == "ppots":
