@@ -30,7 +30,7 @@ from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
 from .recipe import save_config
-from .resume import _restart_metrics, find_checkpoint, prepare_output
+from .resume import _restart_metrics, find_checkpoint, load_sampler_state, prepare_output
 from .trainer import StableMDMTrainer
 
 
@@ -55,8 +55,6 @@ def train(
     train_data = train_dataset(task, tokenizer, canvas, config.max_steps)
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
-    if checkpoint is not None and config.process_index == 0:
-        _restart_metrics(config, checkpoint)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     density = None
     if config.sampler == "ppots":
@@ -70,7 +68,7 @@ def train(
                 print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
     objective = build_objective(config, tokenizer, build_sampler(config, density))
     if checkpoint is not None:
-        objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
+        load_sampler_state(objective.sampler, checkpoint)
 
     def save_extras(folder: Path, with_model: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -97,8 +95,11 @@ def train(
 
         refits.append(RefitCallback(trainer, density, refit, config.ppots_refit_steps))
     trainer.checkpoint_extras = lambda folder: save_extras(folder, with_model=builtin)
+    # a resumed run drops what it logs again once training begins: a resume refused before
+    # (here or by the engine's loading) leaves metrics.jsonl as it was
+    restart = (lambda: _restart_metrics(config, checkpoint)) if checkpoint is not None else None
     for callback in (
-        MetricsCallback(),
+        MetricsCallback(restart),
         EMACallback(objective),
         *refits,
         *(callbacks or []),

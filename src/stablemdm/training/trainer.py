@@ -1,7 +1,9 @@
 """`StableMDMTrainer`: a `transformers.Trainer` whose loss is a stablemdm `Objective`.
 
-The subclass overrides `compute_loss` (sampler -> masks -> model -> loss) and `log` (to add
-what the sampler did: mean and spread of the rates and importance weights, tokens/s).
+The subclass overrides `compute_loss` (sampler -> masks -> model -> loss), `log` (to add
+what the sampler did: mean and spread of the rates and importance weights, tokens/s) and
+`training_step` (its loss also goes into the `LossWindow`, which carries the logged loss
+across a resume).
 Everything else (DDP, FSDP, DeepSpeed, gradient accumulation, clipping, schedules, bf16,
 checkpoints with optimizer, scheduler and RNG states) is the engine's. It also overrides how
 a checkpoint is written: into a `tmp-` folder with the stablemdm pieces (`checkpoint_extras`:
@@ -35,6 +37,7 @@ from ..estimators.ema import EMA
 from ..estimators.objective import Objective
 from ..rng import seeded_generator
 from .checkpoints import STAGING, checkpoints, clear_staging, publish, rotate
+from .logwindow import LossWindow
 
 
 def rate_slice(micro: int, rank: int, world_size: int, accumulation: int) -> tuple[int, int]:
@@ -71,8 +74,15 @@ class StableMDMTrainer(Trainer):
         self.checkpoint_extras: Callable[[Path], None] | None = None
         self._bad_loss: torch.Tensor | None = None  # a non-finite micro-batch loss this step
         self._streak = 0  # non-finite steps in a row, up to now
-        self._skipped = 0  # non-finite steps since the last log line
-        self._interval = 0  # steps since the last log line
+        # the loss and skipped steps since the last log line, carried across a resume
+        self.loss_window = LossWindow()
+        self.add_callback(self.loss_window)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The engine's training step; its loss goes into the log window too."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.loss_window.add(loss, self.state.global_step, self.args.logging_nan_inf_filter)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One Monte Carlo estimate of the objective on this micro-batch."""
@@ -139,7 +149,7 @@ class StableMDMTrainer(Trainer):
         if getattr(self.accelerator, "scaler", None) is None:
             self.optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer skips
         self._streak += 1
-        self._skipped += 1
+        self.loss_window.skipped += 1
         if self._streak >= self.args.max_nonfinite_steps:
             raise FloatingPointError(self._nonfinite_message())
 
@@ -165,7 +175,6 @@ class StableMDMTrainer(Trainer):
         steps: the latest checkpoint stays the last finite one."""
         if self._streak:
             self.control.should_save = False
-        self._interval = self.state.global_step - self._globalstep_last_logged
         super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _record(self, out, inputs) -> None:
@@ -203,12 +212,16 @@ class StableMDMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the sampler's diagnostics, throughput and the count of skipped non-finite
-        steps since the last line to each training log line (whose loss is NaN, null in
-        metrics.jsonl, when every step since the last line was skipped)."""
+        steps since the last line to each training log line. Its loss is the log window's
+        (the engine's, carried across a resume), NaN (null in metrics.jsonl) when every step
+        since the last line was skipped."""
         if "loss" in logs:
-            if self._skipped and self._skipped >= self._interval:
+            window = self.loss_window
+            skipped, steps = window.skipped, self.state.global_step - window.start
+            logs["loss"] = window.take(self.state.global_step)
+            if skipped and skipped >= steps:
                 logs["loss"] = float("nan")
-            logs["nonfinite_steps"], self._skipped = self._skipped, 0
+            logs["nonfinite_steps"] = skipped
         if "loss" in logs and self._seen["rate"]:
             rate, weight, loss = (
                 torch.cat(self._seen[k]).cpu() for k in ("rate", "weight", "loss")
