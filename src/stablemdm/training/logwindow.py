@@ -65,7 +65,8 @@ class LossWindow(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         """Before a checkpoint of this step is written, record the window it carries (empty
-        when this step also logs: the log line closes the window first)."""
+        when this step also logs: the log line closes the window first). A record of another
+        step is ignored on loading."""
         if not control.should_save or self.total is None:
             return
         logs = control.should_log
@@ -75,3 +76,5 @@ class LossWindow(TrainerCallback):
             "skipped": 0 if logs else self.skipped,
             "total": 0.0 if logs else _mean_over_processes(self.total).item(),
         }
+
+    on_epoch_end = on_step_end  # save_strategy=epoch decides there

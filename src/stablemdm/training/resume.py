@@ -67,7 +67,7 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror}") from err
     if resume or not (checkpoints(out) or leftovers(out) or (out / METRICS).exists()):
         return
-    if latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES):
+    if _holds_a_run(out):
         raise ConfigError(
             f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
             "another output_dir (nothing there was changed)"
@@ -79,6 +79,12 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
             file=sys.stderr,
         )
         (out / METRICS).unlink(missing_ok=True)
+
+
+def _holds_a_run(out: Path) -> bool:
+    """Whether `out` holds a complete checkpoint or a finished run's model (a plain re-run
+    there is refused)."""
+    return latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES)
 
 
 def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
@@ -154,10 +160,12 @@ def _latest_checkpoint(config: StableMDMConfig) -> Path:
                 )
             return path
         skipped.append(f"{path.name} ({problem})")
-    raise ConfigError(
-        f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)}); run the same "
-        "command without --resume to start again there"
+    way = (
+        "restore the damaged file, or start again in another output_dir"
+        if _holds_a_run(out)
+        else "run the same command without --resume to start again there"
     )
+    raise ConfigError(f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)}); {way}")
 
 
 def _named_checkpoint(path: Path) -> Path:
