@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -59,6 +60,9 @@ FILES = {
     "study_nomethod.yaml": STUDY.replace("[standard]", "[standrd]"),
     "study_points.yaml": STUDY + "eval_points: [1.5]\n",
     "study_elsewhere.yaml": STUDY.replace("{tmp}/study", "{tmp}/elsewhere"),
+    "study_negative_seed.yaml": STUDY.replace("seeds: [1]", "seeds: [1, -1]"),
+    "study_method_list.yaml": STUDY.replace("[standard]", "[standard, [ppots]]"),
+    "study_renamed.yaml": STUDY.replace("[standard]", "{standard: {sampler: ppots}}"),
 }
 STUDY_FILE = Path(__file__).resolve().parents[1] / "src/stablemdm/studies/demo.yaml"
 JSONL = "task=jsonl"
@@ -107,6 +111,7 @@ CASES = [
     ("config-no-key", ["train", "=3"], "no key before '='"),
     ("config-override-yaml", ["train", "task_options={a: 1"], "task_options={a: 1"),
     ("config-isad-q", ["train", "masking=isad", "isad_tokens=[x]", "isad_q_max=1"], "isad_q"),
+    ("config-seed-negative", ["train", "seed=-1"], "seed must be an integer in [0, 2**32)"),
     ("config-density-missing", ["train", "sampler=ppots", "ppots_file=/nope.json"], "/nope"),
     # config files
     ("yaml-missing", ["train", "--config", "{tmp}/none.yaml"], "none.yaml does not exist"),
@@ -136,6 +141,34 @@ CASES = [
     ("tokenizer-isad-char", ["train", "masking=isad", "isad_tokens=['\u00e9']"], "alphabet"),
     ("tokenizer-no-mask", ["train", "model={llama}", SMALL], "has no mask token"),
     ("tokenizer-mask-unknown", ["train", "model={llama}", SMALL, "mask_token=<x>"], "<x>"),
+    (
+        "tokenizer-mask-added-and-named",
+        ["train", "model={llama}", SMALL, "add_mask_token=true", "mask_token_id=50"],
+        "add_mask_token=true adds a new mask token, while mask_token_id / mask_token name",
+    ),
+    # Hugging Face model folders and names
+    (
+        "hf-weights-truncated",
+        ["train", "model={llama_weights}", SMALL, "add_mask_token=true"],
+        "llama_weights/model.safetensors is not a readable safetensors file",
+    ),
+    (
+        "hf-config-broken",
+        ["train", "model={llama_config}", SMALL, "add_mask_token=true"],
+        "llama_config/config.json is not valid JSON",
+    ),
+    (
+        "hf-no-tokenizer",
+        ["train", "model={llama_tokenizer}", SMALL, "add_mask_token=true"],
+        "llama_tokenizer holds no tokenizer (none of tokenizer.json",
+    ),
+    ("hf-folder-missing", ["train", "model={tmp}/no/model", SMALL], "no/model does not exist"),
+    (
+        "hf-hub-name",
+        ["train", "model=nobody/no-such-model", SMALL],
+        "model nobody/no-such-model is neither a local folder nor in the local Hugging Face "
+        "cache, and stablemdm downloads nothing unless asked: set allow_downloads=true",
+    ),
     # checkpoints and outputs
     ("ckpt-missing", ["eval", "{tmp}/nothing", "--task", "chain_sum"], "nothing does not exist"),
     ("ckpt-no-model", ["eval", "{tmp}/report", "--task", "chain_sum"], "holds no saved model"),
@@ -181,6 +214,21 @@ CASES = [
     ("study-points", ["study", "--config", "{tmp}/study_points.yaml"], "eval_points"),
     ("study-folder", ["study", "--config", "{tmp}/study_elsewhere.yaml"], "not this study's"),
     ("study-override", ["study", "--config", "demo", "seeds=[1,1]"], "duplicate seeds"),
+    (
+        "study-negative-seed",
+        ["study", "--config", "{tmp}/study_negative_seed.yaml"],
+        "seeds must be integers in [0, 2**32), got [-1]",
+    ),
+    (
+        "study-method-list",
+        ["study", "--config", "{tmp}/study_method_list.yaml"],
+        "methods entry ['ppots'] is neither a method name nor one {name: {overrides}} mapping",
+    ),
+    (
+        "study-renamed-standard",
+        ["study", "--config", "{tmp}/study_renamed.yaml"],
+        "method 'standard' sets sampler=ppots, which changes what 'standard' means",
+    ),
 ]
 
 
@@ -231,6 +279,23 @@ def llama(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def damaged_llamas(llama, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny Llama with truncated weights, a truncated config.json, and no
+    tokenizer files."""
+    out = {}
+    for name, pattern in (("weights", "model.safetensors"), ("config", "config.json")):
+        out[f"llama_{name}"] = folder = tmp_path_factory.mktemp("damaged") / f"llama_{name}"
+        shutil.copytree(llama, folder)
+        for path in folder.glob(pattern):
+            path.write_bytes(path.read_bytes()[:40])
+    out["llama_tokenizer"] = folder = tmp_path_factory.mktemp("damaged") / "llama_tokenizer"
+    shutil.copytree(llama, folder)
+    for path in folder.glob("tokenizer*"):
+        path.unlink()
+    return out
+
+
 @pytest.fixture
 def workspace(tmp_path) -> Path:
     """The files the catalogue refers to: data, recipes, study files, checkpoints."""
@@ -264,6 +329,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     places = {"tmp": workspace, "ckpt": workspace / "ckpt"}
     if any("{llama}" in a for a in argv):
         places["llama"] = request.getfixturevalue("llama")
+    if any("{llama_" in a for a in argv):
+        places.update(request.getfixturevalue("damaged_llamas"))
     argv = [_fill(a, **places) for a in argv]
     if argv[0] in ("train", "fit-t", "variance"):
         argv.append(f"output_dir={workspace / 'run'}")
@@ -281,7 +348,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 def test_the_catalogue_is_at_least_forty_cases_over_every_area():
     areas = {case.split("-")[0] for case, _, _ in CASES}
     assert len(CASES) >= 40 and {"cli", "config", "yaml", "data", "tokenizer", "ckpt"} <= areas
-    assert {"out", "study"} <= areas and len({c[0] for c in CASES}) == len(CASES)
+    assert {"out", "study", "hf"} <= areas and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_debug_shows_the_traceback(capsys):

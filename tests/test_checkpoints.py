@@ -309,3 +309,68 @@ def test_a_full_disk_during_a_save_names_the_intact_checkpoint(tmp_path, monkeyp
     assert f"the previous checkpoint, {run / 'checkpoint-1'}, is intact" in str(err.value)
     assert [p.name for p in checkpoints(run)] == ["checkpoint-1"] and not leftovers(run)
     assert missing_files(run / "checkpoint-1") == []
+
+
+def test_a_damaged_checkpoint_file_is_skipped_and_a_refused_resume_changes_no_metric(
+    tmp_path, capsys
+):
+    """A run killed at step 5: checkpoint-4's optimizer.pt is truncated (a real partial
+    file) and checkpoint-2's sampler_state.pt is another sampler's. A named resume of either
+    is one line naming the file (exit 2), bare --resume names what it skips, and every
+    refusal leaves metrics.jsonl byte for byte as it was; with checkpoint-2 restored, bare
+    --resume skips checkpoint-4 and ends with the uninterrupted run's weights and losses."""
+    from stablemdm.cli import main
+    from stablemdm.estimators.ema import EMA
+
+    steps = ["max_steps=6", "save_steps=2"]
+    train(_config(tmp_path / "full", *steps))
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(run, *steps), callbacks=[_Stop(5)])
+    optimizer = run / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    sampler = run / "checkpoint-2" / "sampler_state.pt"
+    own = sampler.read_bytes()
+    torch.save(EMA().state_dict(), sampler)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    cli = ["train", *SMALL, "eval_strategy=no", *steps, f"output_dir={run}"]
+    refusals = {
+        str(run / "checkpoint-4"): f"checkpoint {run / 'checkpoint-4'} is corrupted: "
+        "optimizer.pt cannot be read (BadZipFile",
+        str(run / "checkpoint-2"): f"{sampler} holds the state of another sampler, not this "
+        "run's Uniform",
+        "sampler=ema": "the config differs from the checkpoint's",
+    }
+    for resume, message in refusals.items():
+        capsys.readouterr()
+        args = [*cli, "--resume", resume] if "=" not in resume else [*cli, resume, "--resume"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "".join(err), err
+        assert (run / "metrics.jsonl").read_bytes() == metrics
+    sampler.write_bytes(own)
+    capsys.readouterr()
+    train(_config(run, *steps), resume=True)
+    err = capsys.readouterr().err
+    assert "skips checkpoint-4 (optimizer.pt cannot be read (BadZipFile" in err
+    assert f"resuming from {run / 'checkpoint-2'}" in err
+    assert _same(_weights(run), _weights(tmp_path / "full"))
+    assert _loss_records(run) == _loss_records(tmp_path / "full")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_resume_between_two_log_lines_logs_the_uninterrupted_losses(tmp_path, accumulation):
+    """logging_steps=3, checkpoints every 2 steps, a kill after step 5: the run resumes from
+    checkpoint-4, in the middle of the window of steps 4-6, and its log line at step 6 (and
+    every later one) equals the uninterrupted run's bit for bit, with or without gradient
+    accumulation (before, it averaged steps 5-6 only)."""
+    steps = ["max_steps=9", "save_steps=2", "logging_steps=3"]
+    steps.append(f"gradient_accumulation_steps={accumulation}")
+    train(_config(tmp_path / "full", *steps))
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(run, *steps), callbacks=[_Stop(5)])
+    train(_config(run, *steps), resume=True)
+    assert [s for s, _ in _loss_records(run)] == [3, 6, 9]
+    assert _loss_records(run) == _loss_records(tmp_path / "full")
+    assert _same(_weights(run), _weights(tmp_path / "full"))

@@ -137,6 +137,11 @@ def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
     )
     density = PPOTS.from_dict(json.loads(out.read_text()))
     assert density.source["method"] == "counts" and "written to" in capsys.readouterr().out
+    assert density.source["fitted_for"] == {
+        "model": "built-in model_preset=tiny d_model=32 n_layers=1",
+        "rate": "t",
+        "task": "chain_sum",
+    }
     run = tmp_path / "reuse"
     assert (
         main(
@@ -152,6 +157,36 @@ def test_fit_t_writes_a_reusable_density(tmp_path, capsys):
         == 0
     )
     assert json.loads((run / "ppots.json").read_text())["heights"] == density.to_dict()["heights"]
+    assert "ppots_file" not in capsys.readouterr().err  # fitted for this very run
+
+
+def test_a_density_fitted_for_another_run_is_named_on_loading(tmp_path, capsys):
+    """A density records the model, rate mode and task it was fitted for (fit-t and in-run
+    fits); loading it for another one, or loading one that records none, is one warning."""
+    from stablemdm.tasks.registry import get_task
+    from stablemdm.training.build import build_model, fit_density, load_density
+
+    config = load_config(None, ["sampler=ppots", *TINY, f"output_dir={tmp_path / 'r'}"])
+    task = get_task(config.task, **config.task_options)
+    model, tokenizer, canvas = build_model(config, task)
+    path = tmp_path / "density.json"
+    path.write_text(json.dumps(fit_density(config, model, task, tokenizer, canvas).to_dict()))
+    capsys.readouterr()
+    load_density(path, config)
+    assert capsys.readouterr().err == ""
+    other = ["rate=count", "d_model=16", "task=mini_sudoku", "task_options={}"]
+    elsewhere = load_config(None, ["sampler=ppots", *TINY, *other])
+    capsys.readouterr()
+    load_density(path, elsewhere)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stablemdm: warning: ppots_file {path} was fitted")
+    assert "model 'built-in model_preset=tiny d_model=32 n_layers=1' (this run: " in err[0]
+    assert "rate 't' (this run: 'count'); task 'chain_sum' (this run: 'mini_sudoku')" in err[0]
+    bare = json.loads(path.read_text())
+    del bare["source"]["fitted_for"]
+    path.write_text(json.dumps(bare))
+    load_density(path, config)
+    assert "does not record the model, rate mode and task" in capsys.readouterr().err
 
 
 def test_fit_t_on_the_gradient_norm(tmp_path):

@@ -214,11 +214,77 @@ def test_loading_refuses_a_missing_or_misplaced_mask_token(folders):
     assert spec.mask_token_id == tok.convert_tokens_to_ids("<|end|>") and not spec.mask_token_added
 
 
-def test_a_missing_model_fails_at_once_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in (str(tmp_path / "absent"), "nobody/no-such-model"):
-        with pytest.raises(ConfigError, match=f"model {name} not found locally \\(offline\\)"):
-            load_hf_model(name, objective="mdm")
+def test_a_missing_model_fails_at_once_with_the_download_policy(tmp_path, monkeypatch):
+    """Local files only unless allow_downloads: a missing folder or an uncached Hub name is
+    one line saying so; with allow_downloads, HF_HUB_OFFLINE=1 still forbids a download."""
+    with pytest.raises(ConfigError, match=f"model folder {tmp_path / 'absent'} does not exist"):
+        load_hf_model(str(tmp_path / "absent"), objective="mdm")
+    with pytest.raises(ConfigError, match="stablemdm downloads nothing unless asked"):
+        load_hf_model("nobody/no-such-model", objective="mdm")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set, so it was not downloaded"):
+        load_hf_model("nobody/no-such-model", objective="mdm", allow_downloads=True)
+
+
+NO_NETWORK = """
+import time
+from stablemdm.cli import main
+from stablemdm.models.hf import load_hf_model
+start = time.perf_counter()
+try:
+    load_hf_model("nobody/no-such-model", objective="mdm")
+except Exception as err:
+    print(type(err).__name__, err)
+print("seconds", time.perf_counter() - start)
+start = time.perf_counter()
+print("exit", main(["train", "model=nobody/no-such-model", "output_dir={out}"]))
+print("seconds", time.perf_counter() - start)
+"""
+
+
+def test_a_hub_name_never_reaches_the_network_unless_asked(tmp_path):
+    """Without HF_HUB_OFFLINE in the environment (as a user runs it), a Hub name the machine
+    lacks fails within seconds with the policy's line, from the library and the CLI; before
+    the policy the library call waited ~25 s on the network here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DAT"))}
+    code = NO_NETWORK.format(out=tmp_path / "run")
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ConfigError model nobody/no-such-model is neither a local folder")
+    assert "downloads nothing unless asked: set allow_downloads=true" in lines[0]
+    assert lines[2] == "exit 2" and "downloads nothing unless asked" in done.stderr
+    assert all(float(x.split()[1]) < 5 for x in (lines[1], lines[3])), done.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path):
+    """Truncated weights, a broken config.json, no tokenizer files: each names the file or
+    folder; add_mask_token with a mask id is refused rather than masking with that token."""
+    good = _llama(tmp_path / "llama")
+    cases = {
+        "weights": ("model.safetensors", "model.safetensors is not a readable safetensors file"),
+        "config": ("config.json", "config.json is not valid JSON"),
+        "tokenizer": ("tokenizer*", "holds no tokenizer .none of tokenizer.json"),
+    }
+    for name, (damaged, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        for path in folder.glob(damaged):
+            if name == "tokenizer":
+                path.unlink()
+            else:
+                path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+        with pytest.raises(ConfigError, match=message) as err:
+            load_hf_model(str(folder), objective="mdm", add_mask_token=True)
+        assert str(folder) in str(err.value)
+    with pytest.raises(ConfigError, match="add_mask_token=true adds a new mask token"):
+        load_hf_model(str(good), objective="mdm", add_mask_token=True, mask_token_id=50)
 
 
 def test_added_mask_token_is_new_with_mean_embeddings(folders):

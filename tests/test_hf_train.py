@@ -186,7 +186,7 @@ def test_resume_reproduces_the_uninterrupted_hf_run(llama, tmp_path):
     [
         ([], "mask"),  # a causal LM has no mask token and none was added
         (["add_mask_token=true", "max_length=8"], "max_length"),  # no room for the response
-        (["add_mask_token=true", "mask_token=<eos>"], "eos"),  # an existing token as the mask
+        (["mask_token=<eos>"], "eos"),  # an existing token with another job as the mask
     ],
 )
 def test_bad_llama_input_fails_before_training(llama, tmp_path, capsys, extra, message):
@@ -271,7 +271,7 @@ def test_streamed_chat_dataset_trains_with_a_template(llama, tmp_path, capsys):
         "loss_normalizer=response",
     )
     saved = load_config(out / "config.yaml")
-    assert saved.chat_template and saved.gen_length == 4  # "11" <|end|> <eos>, measured on test
+    assert saved.chat_template and saved.gen_length == 4  # "40" <|end|> <eos>, measured
     capsys.readouterr()
     args = ["eval", str(out), "--task", "dataset", "--limit", "2"]
     args += ["--task-option", f"train={tmp_path / 'train.jsonl'}"]

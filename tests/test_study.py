@@ -95,7 +95,14 @@ def test_the_t_interval_covers_the_true_difference_at_its_level():
         ("train.max_steps=abc", "max_steps must be a positive"),
         ("train.learning_rate=fast", "wrong type"),
         ("train.masking=bogus", "which each method sets"),
-        ("methods={standard: {masking: bogus}}", "masking must be one of"),
+        ("methods={mine: {masking: bogus}}", "masking must be one of"),
+        ("seeds=[1,-1]", "seeds must be integers in \\[0, 2\\*\\*32\\), got \\[-1\\]"),
+        ("methods={standard: {sampler: ppots}}", "changes what 'standard' means"),
+        ("methods={ppots_mirror: {masking: iid}}", "changes what 'ppots_mirror' means"),
+        ("methods={arm: {objective: mdm}}", "changes what 'arm' means"),
+        ("methods=[standard, [x]]", "neither a method name nor one"),
+        ("methods=[standard, {a: {}, b: {}}]", "neither a method name nor one"),
+        ("methods=[standard, {standard: {}}]", "'standard' is given twice"),
         ("base={max_steps: 2, output_dir: x}", "base sets"),
         ("colour=red", "unknown study field"),
     ],
@@ -104,6 +111,20 @@ def test_bad_study_files_fail_before_training(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_study(study_path("demo"), [f"output_dir={tmp_path}", override])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_method_list_may_define_methods_and_table_names_keep_their_meaning(tmp_path):
+    """`[name, {name: overrides}]` defines methods inline; a table method may be tuned (mix)
+    or restated, never turned into another estimator."""
+    spec = load_study(
+        study_path("demo"),
+        [f"output_dir={tmp_path}", "methods=[standard, {ppots_wide: {sampler: ppots, mix: 0.3}}]"],
+    )
+    assert spec.methods == {"standard": {}, "ppots_wide": {"sampler": "ppots", "mix": 0.3}}
+    tuned = ["methods={ppots: {mix: 0.3}, standard: {sampler: uniform, scheme: iid}}"]
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *tuned])
+    assert spec.run_config("chain_sum", "ppots", 1).mix == 0.3
+    assert spec.run_config("chain_sum", "standard", 1).sampler == "uniform"
 
 
 def test_the_demo_verb_runs_the_demo_study_and_reports_errors_in_one_line(tmp_path, capsys):

@@ -276,8 +276,10 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(tmp_path):
         train(_config(tmp_path, "done", "max_steps=2", "seed=3"), resume=True)
     weights = tmp_path / "done" / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="corrupted"):
+    with pytest.raises(ConfigError, match="no complete checkpoint.*model.safetensors cannot be"):
         train(_config(tmp_path, "done", "max_steps=4"), resume=True)
+    with pytest.raises(ConfigError, match="checkpoint-2 is corrupted: model.safetensors cannot"):
+        train(_config(tmp_path, "done", "max_steps=4"), resume=str(weights.parent))
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "done").rglob("*")}
     assert after.keys() == before.keys()
     assert all(after[p] == before[p] for p in after if p != weights)

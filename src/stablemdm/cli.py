@@ -448,7 +448,6 @@ def describe_error(err: BaseException, verb: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `stablemdm` console command."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not sys.stderr.isatty():  # weight-loading and dataset bars only clutter a log
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +17,59 @@ from .examples import DataError, Example, TextTokenizer, encode_examples, fits
 
 
 class EncodedStream(torch.utils.data.IterableDataset):
-    """Examples encoded one at a time into rows of `encode_examples` (for a streamed train
-    split too large to hold); examples that do not fit the canvas are skipped and counted."""
+    """A streamed train split too large to hold, encoded one example at a time into rows of
+    `encode_examples`, pass after pass without end: `examples()` opens a new pass, the run's
+    max_steps ends training, and a resumed run is brought to its place by skipping batches,
+    as the Trainer does. Examples that do not fit the canvas are left out; their count over
+    the first full pass is printed (unless `counted`: the whole split was counted already),
+    and a pass in which nothing fits is a DataError. Each of several DataLoader workers
+    takes every n-th example."""
 
     def __init__(
         self,
-        examples: Iterable[Example],
+        examples: Callable[[], Iterable[Example]],
         tokenizer: TextTokenizer,
         max_length: int,
         gen_length: int,
         eos_fill: bool = True,
+        counted: bool = False,
     ) -> None:
         self.examples = examples
         self.tokenizer = tokenizer
         self.max_length, self.gen_length, self.eos_fill = max_length, gen_length, eos_fill
-        self.skipped = 0
+        self.counted = counted
+        self.skipped: int | None = None  # left out in the latest full pass
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        seen, self.skipped = 0, 0
-        for example in self.examples:
-            seen += 1
-            if not fits(example, self.tokenizer, self.max_length, self.gen_length):
-                self.skipped += 1
-                continue
-            row = encode_examples(
-                [example], self.tokenizer, self.max_length, self.gen_length, self.eos_fill
-            )
-            yield {k: v[0] for k, v in row.items()}
-        if self.skipped:  # the count of one full pass (a run may stop before the end)
-            print(
-                f"stablemdm: {self.skipped} of {seen} streamed train examples do not fit "
-                f"max_length={self.max_length}, gen_length={self.gen_length} and were left out",
-                file=sys.stderr,
-            )
+        worker = torch.utils.data.get_worker_info()
+        shard, shards = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        canvas = f"max_length={self.max_length}, gen_length={self.gen_length}"
+        for n_pass in itertools.count():
+            seen, skipped = 0, 0
+            for i, example in enumerate(self.examples()):
+                if i % shards != shard:
+                    continue
+                seen += 1
+                if not fits(example, self.tokenizer, self.max_length, self.gen_length):
+                    skipped += 1
+                    continue
+                row = encode_examples(
+                    [example], self.tokenizer, self.max_length, self.gen_length, self.eos_fill
+                )
+                yield {k: v[0] for k, v in row.items()}
+            if skipped == seen:
+                raise DataError(
+                    f"none of the {seen} streamed train examples fits {canvas}; raise them "
+                    "(or leave them unset to measure them on the data)"
+                )
+            self.skipped = skipped
+            if n_pass == 0 and skipped and not self.counted:
+                share = f" (worker {shard} of {shards})" if shards > 1 else ""
+                print(
+                    f"stablemdm: {skipped} of {seen} streamed train examples{share} do not fit "
+                    f"{canvas} and are left out (counted over the first full pass)",
+                    file=sys.stderr,
+                )
 
 
 def _builder(path: Path) -> str:

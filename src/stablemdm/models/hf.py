@@ -11,7 +11,6 @@ is the ARM baseline. How stablemdm drives a model is an `AdapterSpec` stored in 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,6 +27,10 @@ KINDS = ("masked_lm", "diffusion", "causal")
 # mask tokens of known families, looked up in the vocabulary when nothing names one
 KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
 ADDED_MASK_TOKEN = "<|mask|>"
+ADD_MASK_CONFLICT = (
+    "add_mask_token=true adds a new mask token, while mask_token_id / mask_token name an "
+    "existing one: set one or the other"
+)
 SPEC_KEY = "stablemdm"
 PEFT_HINT = "pip install -e .[lora]"
 
@@ -185,29 +188,130 @@ def as_arm(model: Any) -> Iterator[Any]:
         _set_causal(inner, not saved["bidirectional"])
 
 
-def _local_only() -> dict[str, bool]:
-    """`local_files_only` when the Hub is off (HF_HUB_OFFLINE), so a missing model fails at
-    once instead of after the Hub's connection timeouts."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return {"local_files_only": True} if offline else {}
+# files of a tokenizer in a model folder (any one of them is a tokenizer to try)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES += ("vocab.txt", "spiece.model", "merges.txt")
 
 
-def _load_config(name: str, trust_remote_code: bool, gguf_file: str | None) -> Any:
-    """The model's config, with one clear line for a missing model or needed custom code."""
+def hub_options(allow_downloads: bool) -> dict[str, bool]:
+    """What every `from_pretrained` gets: local files only (a folder, or the local Hugging
+    Face cache) unless downloads are allowed, so that a name the machine lacks fails at once
+    with the policy's message instead of reaching the network (docs/hf.md)."""
+    return {"local_files_only": not allow_downloads}
+
+
+def _is_local(name: str) -> bool:
+    """Whether `name` is meant as a folder: it exists, or it is written as a path."""
+    return Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def _not_found(name: str, allow_downloads: bool, err: Exception) -> ConfigError:
+    """The one line for a model that could not be found, saying what the policy allowed."""
+    from huggingface_hub import constants
+
+    if _is_local(name):
+        return ConfigError(f"model folder {name} does not exist")
+    if not allow_downloads:
+        return ConfigError(
+            f"model {name} is neither a local folder nor in the local Hugging Face cache, and "
+            "stablemdm downloads nothing unless asked: set allow_downloads=true to fetch it "
+            "from the Hub, or give model=FOLDER"
+        )
+    if constants.HF_HUB_OFFLINE:
+        return ConfigError(
+            f"model {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so "
+            "it was not downloaded despite allow_downloads=true; unset HF_HUB_OFFLINE"
+        )
+    return ConfigError(f"model {name} could not be fetched from the Hub: {_first_line(err)}")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _load_config(
+    name: str, trust_remote_code: bool, gguf_file: str | None, allow_downloads: bool = False
+) -> Any:
+    """The model's config, with one clear line for a missing model or folder, a damaged
+    config.json, or needed custom code."""
     from transformers import AutoConfig
 
+    path = Path(name) / "config.json"
+    if Path(name).is_dir() and gguf_file is None:
+        if not path.is_file():
+            raise ConfigError(f"model folder {name} holds no config.json (not a model folder?)")
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"{path} is not valid JSON ({err}); restore it from where the model came from"
+            ) from None
     try:
         return AutoConfig.from_pretrained(
-            name, trust_remote_code=trust_remote_code, gguf_file=gguf_file, **_local_only()
+            name,
+            trust_remote_code=trust_remote_code,
+            gguf_file=gguf_file,
+            **hub_options(allow_downloads),
         )
     except (OSError, ValueError) as err:
-        text = str(err)
-        if "trust_remote_code" in text:
+        if "trust_remote_code" in str(err):
             raise ConfigError(
                 f"model {name} ships its own code: set trust_remote_code=true to run it"
             ) from None
-        where = " locally (offline)" if _local_only() else ""
-        raise ConfigError(f"model {name} not found{where}: {text.splitlines()[0]}") from None
+        if Path(name).is_dir():
+            raise ConfigError(f"cannot read the config of {name}: {_first_line(err)}") from None
+        raise _not_found(name, allow_downloads, err) from None
+
+
+def load_tokenizer(
+    name: str,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+    allow_downloads: bool = False,
+) -> Any:
+    """`AutoTokenizer.from_pretrained` under the download policy, with one line naming the
+    folder and the files it lacks, or the file that failed."""
+    from transformers import AutoTokenizer
+
+    folder = Path(name)
+    if folder.is_dir() and gguf_file is None:
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"model folder {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "copy the tokenizer files of the model it came from into it, or set "
+                "tokenizer_name=..."
+            )
+    try:
+        return AutoTokenizer.from_pretrained(
+            name,
+            trust_remote_code=trust_remote_code,
+            gguf_file=gguf_file,
+            **hub_options(allow_downloads),
+        )
+    except (OSError, ValueError, TypeError) as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"the tokenizer of {name} ships its own code: set trust_remote_code=true"
+            ) from None
+        if folder.is_dir():
+            raise ConfigError(
+                f"cannot load the tokenizer in {name}: {_first_line(err)}; check its tokenizer "
+                "files or set tokenizer_name=..."
+            ) from None
+        raise _not_found(name, allow_downloads, err) from None
+
+
+def _damaged_weights(name: str) -> str:
+    """The first weight file of a model folder that safetensors cannot open, with why."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(name).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                list(f.keys())
+        except (SafetensorError, OSError) as err:
+            return f"{path} is not a readable safetensors file ({_first_line(err)})"
+    return ""
 
 
 def _load_model(
@@ -217,11 +321,14 @@ def _load_model(
     gguf_file: str | None,
     dtype: torch.dtype,
     config: Any = None,
+    allow_downloads: bool = False,
 ) -> Any:
     """The model's weights with the Auto class of its kind (no adaptation yet). GGUF weights
     are dequantized into ordinary `dtype` tensors, which then train like any others. A config
-    already loaded is reused (a GGUF file is not parsed for it twice)."""
+    already loaded is reused (a GGUF file is not parsed for it twice). Damaged or missing
+    weights are one line naming the file."""
     import transformers
+    from safetensors import SafetensorError
 
     auto = {"masked_lm": "AutoModelForMaskedLM", "causal": "AutoModelForCausalLM"}
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -230,9 +337,18 @@ def _load_model(
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
         options["quantization_config"] = transformers.GgufConfig(gguf_file, dequantize=True)
-    model = getattr(transformers, auto.get(kind, "AutoModel")).from_pretrained(
-        name, **options, **_local_only()
-    )
+    try:
+        model = getattr(transformers, auto.get(kind, "AutoModel")).from_pretrained(
+            name, **options, **hub_options(allow_downloads)
+        )
+    except (OSError, SafetensorError) as err:
+        if not Path(name).is_dir():
+            raise _not_found(name, allow_downloads, err) from None
+        damaged = _damaged_weights(name) or _first_line(err)
+        raise ConfigError(
+            f"cannot load the weights of {name}: {damaged}; restore the weights from where "
+            "the model came from"
+        ) from None
     quantizer = getattr(model, "hf_quantizer", None)
     if gguf_file is not None and quantizer is not None:  # nothing is quantized any more
         quantizer.remove_quantization_config(model)
@@ -259,20 +375,22 @@ def load_hf_model(
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
+    allow_downloads: bool = False,
 ) -> tuple[Any, Any, AdapterSpec]:
     """Load a Hugging Face model and its tokenizer and adapt them to `objective`; returns
-    (model, tokenizer, spec). See the module docstring and docs/hf.md for every option."""
-    from transformers import AutoTokenizer
-
-    config = _load_config(name_or_path, trust_remote_code, gguf_file)
+    (model, tokenizer, spec). Local files only unless `allow_downloads`. See the module
+    docstring and docs/hf.md for every option."""
+    if add_mask_token and (mask_token_id is not None or mask_token is not None):
+        raise ConfigError(ADD_MASK_CONFLICT)
+    config = _load_config(name_or_path, trust_remote_code, gguf_file, allow_downloads)
     saved = getattr(config, SPEC_KEY, None)
     spec = AdapterSpec.from_dict(saved) if isinstance(saved, dict) else None
     kind = _resolve_kind(config, kind, spec, objective, name_or_path)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file, **_local_only()
-        )
-    model = _load_model(name_or_path, kind, trust_remote_code, gguf_file, dtype, config)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code, gguf_file, allow_downloads)
+    model = _load_model(
+        name_or_path, kind, trust_remote_code, gguf_file, dtype, config, allow_downloads
+    )
     if spec is not None:
         if mask_token is not None:
             mask_token_id = _single_token(tokenizer, mask_token, "mask_token")
@@ -390,16 +508,15 @@ def load_trained(
 ) -> tuple[Any, Any, AdapterSpec]:
     """A model saved after stablemdm training, with its tokenizer and spec: full weights, or a
     LoRA adapter over the base model its adapter_config.json names (the folder's config.json
-    then holds the spec). `trust_remote_code`/`gguf_file` are the run's, for the base."""
-    from transformers import AutoTokenizer
-
+    then holds the spec). `trust_remote_code`/`gguf_file` are the run's, for the base, which
+    must be a local folder or in the local cache (nothing is downloaded)."""
     folder = Path(folder)
     config = _load_config(str(folder), trust_remote_code, None)
     values = getattr(config, SPEC_KEY, None)
     if not isinstance(values, dict):
         raise ConfigError(f"{folder} was not saved by stablemdm (no '{SPEC_KEY}' in config.json)")
     spec = AdapterSpec.from_dict(values)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code)
     adapter = folder / "adapter_config.json"
     if not adapter.is_file():
         model = _load_model(str(folder), spec.kind, trust_remote_code, None, torch.float32, config)

@@ -187,9 +187,11 @@ def _default(name: str) -> Any:
 
 
 def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
-    """Method names (from METHODS) or a mapping of names to overrides (None: the registry's)."""
+    """Method names (from METHODS), a mapping of names to overrides (None: the registry's;
+    a table name's overrides add to its fields), or a list mixing names and one-entry
+    mappings `{name: {overrides}}`."""
     if isinstance(raw, list):
-        raw = {name: None for name in raw}
+        raw = _method_list(raw, where)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{where}: methods must be a non-empty list of names or a mapping")
     out = {}
@@ -207,8 +209,49 @@ def _methods(raw: Any, where: str) -> dict[str, dict[str, Any]]:
             overrides = METHODS[name]
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where}: method {name!r} needs a mapping of config overrides")
-        out[name] = dict(overrides)
+        _check_keeps_meaning(name, overrides, where)
+        out[name] = {**METHODS.get(name, {}), **overrides}
     return out
+
+
+def _method_list(raw: list, where: str) -> dict[str, Any]:
+    """`[standard, {mine: {sampler: ppots}}]` as a mapping of names to overrides (None for a
+    bare name); duplicate names and other entries are refused."""
+    out: dict[str, Any] = {}
+    for entry in raw:
+        if isinstance(entry, dict) and len(entry) == 1:
+            name, overrides = next(iter(entry.items()))
+        elif isinstance(entry, str):
+            name, overrides = entry, None
+        else:
+            raise ConfigError(
+                f"{where}: methods entry {entry!r} is neither a method name nor one "
+                "{name: {overrides}} mapping"
+            )
+        if not isinstance(name, str) or name in out:
+            raise ConfigError(f"{where}: method {name!r} is given twice")
+        out[name] = overrides
+    return out
+
+
+def _check_keeps_meaning(name: str, overrides: dict[str, Any], where: str) -> None:
+    """A table method's name means its estimator: overrides (added to the table's fields)
+    may tune it (mix, ema_decay, ...) but not change it, or every paired difference would be
+    against the wrong method."""
+    if name not in METHODS:
+        return
+    meant = {"objective": "mdm", **ESTIMATOR_DEFAULTS, **METHODS[name]}
+    given = {**meant, **overrides}
+    changed = [k for k in METHOD_FIELDS if given.get(k) != meant.get(k)]
+    if changed:
+        sets = ", ".join(f"{k}={given[k]}" for k in changed)
+        table = ", ".join(f"{k}={v}" for k, v in METHODS[name].items()) or "every field default"
+        example = ", ".join(f"{k}: {given[k]}" for k in changed)
+        raise ConfigError(
+            f"{where}: method {name!r} sets {sets}, which changes what {name!r} means "
+            f"({table}); give the changed method another name, e.g. "
+            f"{{{name}_{given[changed[0]]}: {{{example}}}}}"
+        )
 
 
 def _apply_override(values: dict[str, Any], text: str) -> None:
@@ -254,6 +297,9 @@ def validate(spec: StudySpec, where: str) -> None:
     seeds = spec.seeds
     if not seeds:
         raise ConfigError(f"{where}: seeds is empty; give at least one (the paper: 42, 731, 20231)")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ConfigError(f"{where}: seeds must be integers in [0, 2**32), got {bad}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(
             f"{where}: duplicate seeds {sorted({s for s in seeds if seeds.count(s) > 1})}"

@@ -4,6 +4,7 @@ density (fitted or loaded) and the objective."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +60,18 @@ def build_builtin(
 def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
     """A Hugging Face model adapted to the objective (optionally with LoRA adapters) and its
     tokenizer as an `HFTokenizer`."""
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     from ..data.hf_tokenizer import HFTokenizer
-    from ..models.hf import apply_lora, load_hf_model
+    from ..models.hf import apply_lora, load_hf_model, load_tokenizer
 
     set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
     tokenizer = None
     if config.tokenizer_name:
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer_name, trust_remote_code=config.trust_remote_code
+        tokenizer = load_tokenizer(
+            config.tokenizer_name,
+            config.trust_remote_code,
+            allow_downloads=config.allow_downloads,
         )
     model, hf_tokenizer, spec = load_hf_model(
         config.model,
@@ -82,6 +85,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         trust_remote_code=config.trust_remote_code,
         gguf_file=config.gguf_file,
         dtype=getattr(torch, config.model_dtype),
+        allow_downloads=config.allow_downloads,
     )
     wrapped = HFTokenizer(
         hf_tokenizer,
@@ -168,15 +172,62 @@ def build_sampler(config: StableMDMConfig, density: PPOTS | None = None):
     return with_scheme(base, config.scheme)
 
 
-def load_density(path: str | Path) -> PPOTS:
-    """A P-POTS density saved by `stablemdm fit-t` or a run (JSON)."""
+def load_density(path: str | Path, config: StableMDMConfig | None = None) -> PPOTS:
+    """A P-POTS density saved by `stablemdm fit-t` or a run (JSON). Given the `config` that
+    will sample from it, a density fitted for another model, rate mode or task (or one that
+    records none) gets a one-line warning on stderr."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ppots_file {path} does not exist")
     try:
-        return PPOTS.from_dict(json.loads(path.read_text()))
+        density = PPOTS.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"ppots_file {path}: {err}") from err
+    if config is not None and config.process_index == 0:
+        note = provenance_mismatch(density, config, path)
+        if note:
+            print(f"stablemdm: warning: {note}", file=sys.stderr)
+    return density
+
+
+def density_provenance(config: StableMDMConfig) -> dict[str, str]:
+    """What a fitted density is for: the model, the rate mode and the task (a density is
+    S(t) of one model on one task: another one's rates are not the optimal ones)."""
+    if config.model is not None:
+        model = _name_or_path(config.model)
+    elif config.init_from is not None:
+        model = f"init_from={_name_or_path(config.init_from)}"
+    else:
+        sizes = [f"{k}={getattr(config, k)}" for k in ("d_model", "n_layers", "n_heads")]
+        given = [s for s in sizes if not s.endswith("=None")]
+        model = " ".join([f"built-in model_preset={config.model_preset}", *given])
+    return {"model": model, "rate": config.rate, "task": config.task}
+
+
+def _name_or_path(name: str) -> str:
+    """An existing path made absolute (two spellings of one folder are one model)."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def provenance_mismatch(density: PPOTS, config: StableMDMConfig, path: Path) -> str | None:
+    """The warning for a density fitted for another model, rate mode or task than `config`
+    trains (or recording none), else None."""
+    recorded = (density.source or {}).get("fitted_for")
+    if not isinstance(recorded, dict):
+        return (
+            f"ppots_file {path} does not record the model, rate mode and task it was fitted "
+            "for (written by an older stablemdm), so it cannot be checked against this run"
+        )
+    now = density_provenance(config)
+    differ = [
+        f"{k} {recorded.get(k)!r} (this run: {v!r})" for k, v in now.items() if recorded.get(k) != v
+    ]
+    if not differ:
+        return None
+    return (
+        f"ppots_file {path} was fitted for {'; '.join(differ)}; its rates are not fitted to "
+        "this run (fit one with stablemdm fit-t and the same config)"
+    )
 
 
 def fit_density(
@@ -211,7 +262,7 @@ def fit_density(
         masks=config.ppots_masks,
         mix=config.mix,
     )
-    return fit_ppots(
+    density = fit_ppots(
         plain,
         model,
         default_data_collator(mine[:n]),
@@ -221,3 +272,5 @@ def fit_density(
         target=config.ppots_target,
         params=config.ppots_params,
     )
+    density.source = {**(density.source or {}), "fitted_for": density_provenance(config)}
+    return density

@@ -65,7 +65,16 @@ class RefitCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only)."""
+    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only). A resumed
+    run first drops what it will log again (`restart`), once training has begun, when the
+    checkpoint has been loaded: a refused resume leaves metrics.jsonl untouched."""
+
+    def __init__(self, restart: Callable[[], None] | None = None) -> None:
+        self.restart = restart
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.restart is not None:
+            self.restart()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -99,15 +99,6 @@ def latest_complete(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def previous_complete(path: Path) -> Path | None:
-    """The latest complete checkpoint beside `path` from an earlier step than its own."""
-    step = step_of(path)
-    for other in checkpoints(path.parent):
-        if (step is None or step_of(other) < step) and not missing_files(other):
-            return other
-    return None
-
-
 def clear_staging(run_dir: Path) -> None:
     """Remove what interrupted saves left (before a new save starts)."""
     for path in leftovers(run_dir):

@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from ..errors import ConfigError
+from ..models.hf import ADD_MASK_CONFLICT
 
 SAMPLER_NAMES = ("uniform", "clipped", "ppots", "ema")
 
@@ -60,8 +61,17 @@ class StableMDMConfig(TrainingArguments):
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Hugging Face model: a local folder or a Hub name (cached; runs offline). "
+            "help": "Hugging Face model: a local folder, or a Hub name in the local cache "
+            "(or downloaded, with allow_downloads=true). "
             "None trains stablemdm's own transformer (model_preset)."
+        },
+    )
+    allow_downloads: bool = field(
+        default=False,
+        metadata={
+            "help": "Let model= and tokenizer_name= be downloaded from the Hugging Face Hub. "
+            "Default: local folders and the local Hugging Face cache only, nothing goes to the "
+            "network (HF_HUB_OFFLINE=1 forbids downloads even when true)."
         },
     )
     model_kind: Literal["auto", "masked_lm", "diffusion", "causal"] = field(
@@ -380,6 +390,7 @@ class StableMDMConfig(TrainingArguments):
             "add_mask_token": False,
             "chat_template": False,
             "lora_r": 0,
+            "allow_downloads": False,
         }
         if self.model is None:
             stray = [k for k, default in hf_only.items() if getattr(self, k) != default]
@@ -397,6 +408,8 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError("set model (a Hugging Face model) or init_from, not both")
         if self.system_prompt is not None and not self.chat_template:
             raise ConfigError("system_prompt is used only with chat_template=true")
+        if self.add_mask_token and (self.mask_token_id is not None or self.mask_token):
+            raise ConfigError(ADD_MASK_CONFLICT)
         if self.objective == "arm" and (self.mask_token_id is not None or self.mask_token):
             raise ConfigError("objective=arm never masks: remove mask_token_id / mask_token")
         if (self.loss_normalizer == "fixed") != (self.normalizer_length is not None):
@@ -431,6 +444,10 @@ class StableMDMConfig(TrainingArguments):
                 value = getattr(self, name)
                 if value is not None and bad(value):
                     raise ConfigError(f"{name} must be {what}, got {value}")
+        for name in ("seed", "data_seed"):  # numpy's range: set_seed refuses any other
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise ConfigError(f"{name} must be an integer in [0, 2**32), got {value}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(
                 f"max_steps must be >= 1 (or -1: train num_train_epochs), got {self.max_steps}"

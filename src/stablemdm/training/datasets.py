@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import default_data_collator
 
-from ..data import TextTokenizer, canvas_lengths, encode_examples, fits
+from ..data import Example, TextTokenizer, canvas_lengths, encode_examples, fits
 from ..data.sources import EncodedStream
 from ..data.tokenizer import CharTokenizer
 from ..errors import ConfigError
@@ -55,19 +55,31 @@ class Canvas:
     eos_fill: bool = True
 
 
+# streamed train examples the canvas is measured on, and whose fit is counted before training
+STREAM_SAMPLE = 1000
+
+
+def stream_sample(task: Task) -> tuple[list[Example], bool]:
+    """The first STREAM_SAMPLE examples of a streamed train split, and whether they are all
+    of it (one more is read to know)."""
+    first = list(itertools.islice(task.stream("train"), STREAM_SAMPLE + 1))
+    return first[:STREAM_SAMPLE], len(first) <= STREAM_SAMPLE
+
+
 def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer) -> Canvas:
     """Lengths from the config, else the task's (character tasks), else measured on the data
-    with this tokenizer (a streamed train split is not read: its test split is measured),
-    where one overlong example does not inflate every sequence (`data.length_cap`: it is
-    left out, with a warning on stderr)."""
+    with this tokenizer (a streamed train split on its first STREAM_SAMPLE examples), where
+    one overlong example does not inflate every sequence (`data.length_cap`: it is left out,
+    with a warning on stderr)."""
     max_length, gen_length = config.max_length, config.gen_length
     if isinstance(tokenizer, CharTokenizer):
         max_length = max_length or getattr(task, "max_length", None)
         gen_length = gen_length or getattr(task, "gen_length", None)
     notes = list(getattr(task, "notes", []))
     if max_length is None or gen_length is None:
-        splits = ("test",) if getattr(task, "streaming", False) else ("train", "test")
-        examples = [e for split in splits for e in task.examples(split)]
+        streamed = getattr(task, "streaming", False)
+        train = stream_sample(task)[0] if streamed else task.examples("train")
+        examples = [*train, *task.examples("test")]
         max_length, gen_length = canvas_lengths(
             examples, tokenizer, max_length, gen_length, notes=notes
         )
@@ -109,17 +121,34 @@ def encode_split(
     return TensorDataset(tensors)
 
 
-def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas):
-    """The training split: encoded in memory, or encoded lazily from a streamed task."""
-    if getattr(task, "streaming", False):
-        return EncodedStream(
-            task.stream("train"),
-            tokenizer,
-            canvas.max_length,
-            canvas.gen_length,
-            eos_fill=canvas.eos_fill,
+def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas, max_steps: int):
+    """The training split: encoded in memory, or encoded lazily from a streamed task, whose
+    first STREAM_SAMPLE examples are counted now (the whole split's count follows at the end
+    of the first pass when it is longer)."""
+    if not getattr(task, "streaming", False):
+        return encode_split(task, tokenizer, "train", canvas)
+    if max_steps < 1:
+        raise ConfigError("a streamed train split has no length to count epochs in: set max_steps")
+    sample, whole = stream_sample(task)
+    size = canvas.max_length, canvas.gen_length
+    left_out = sum(not fits(e, tokenizer, *size) for e in sample)
+    where = f"max_length={size[0]}, gen_length={size[1]}"
+    if left_out == len(sample):
+        raise ConfigError(
+            f"none of the first {len(sample)} streamed train examples of task {task.name} "
+            f"fits {where}; raise them (or leave them unset to measure them on the data)"
         )
-    return encode_split(task, tokenizer, "train", canvas)
+    if left_out:
+        which = f"{len(sample)}" if whole else f"the first {len(sample)} streamed"
+        later = "" if whole else "; the count over the whole split follows after the first pass"
+        print(
+            f"stablemdm: {left_out} of {which} train examples of task {task.name} do not fit "
+            f"{where} and are left out{later}",
+            file=sys.stderr,
+        )
+    return EncodedStream(
+        lambda: task.stream("train"), tokenizer, *size, eos_fill=canvas.eos_fill, counted=whole
+    )
 
 
 def fitting_data(task: Task, tokenizer: TextTokenizer, canvas: Canvas, n: int) -> TensorDataset:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -15,14 +16,15 @@ from ..errors import ConfigError
 from .checkpoints import (
     METRICS,
     MODEL_FILES,
+    PPOTS_FILE,
     RUN_CONFIG,
     SAMPLER_STATE,
     checkpoints,
     latest_complete,
     leftovers,
     missing_files,
-    previous_complete,
     restart_metrics,
+    step_of,
 )
 from .config import StableMDMConfig
 from .recipe import load_yaml
@@ -65,7 +67,7 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror}") from err
     if resume or not (checkpoints(out) or leftovers(out) or (out / METRICS).exists()):
         return
-    if latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES):
+    if _holds_a_run(out):
         raise ConfigError(
             f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
             "another output_dir (nothing there was changed)"
@@ -79,50 +81,96 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
         (out / METRICS).unlink(missing_ok=True)
 
 
+def _holds_a_run(out: Path) -> bool:
+    """Whether `out` holds a complete checkpoint or a finished run's model (a plain re-run
+    there is refused)."""
+    return latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES)
+
+
 def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
     """The checkpoint to resume from: complete, readable, and of the same config."""
     path = _latest_checkpoint(config) if resume is True else _named_checkpoint(Path(resume))
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-        if (path / MODEL_FILES[0]).is_file():
-            with safe_open(str(path / MODEL_FILES[0]), "pt") as f:
-                list(f.keys())
-        torch.load(path / SAMPLER_STATE, weights_only=True)
-        saved = load_yaml((path / RUN_CONFIG).read_text())
-        if not isinstance(saved, dict):
-            raise ValueError(f"{RUN_CONFIG} holds no mapping")
-    except Exception as err:  # any parse failure means the same thing to the user
-        raise ConfigError(
-            f"--resume: checkpoint {path} is corrupted ({type(err).__name__}: {err}); "
-            f"{_way_back(path)}"
-        ) from err
-    _check_unchanged(config, saved, path)
+    _check_unchanged(config, load_yaml((path / RUN_CONFIG).read_text()), path)
     return path
+
+
+def damaged_file(folder: Path) -> str | None:
+    """`NAME (why)` for the first file of a checkpoint that cannot be read (None when all
+    can): the trainer state, run config, weights, optimizer, scheduler, RNG and sampler
+    states and the density. Torch files are checked as archives, so a truncated optimizer.pt
+    of gigabytes costs a read of its directory only."""
+    checks = [
+        ("trainer_state.json", lambda p: json.loads(p.read_text())),
+        (RUN_CONFIG, _mapping),
+        (MODEL_FILES[0], _safetensors),
+        ("optimizer.pt", _archive),
+        ("scheduler.pt", _archive),
+        *((p.name, _archive) for p in sorted(folder.glob("rng_state*.pth"))),
+        (SAMPLER_STATE, lambda p: torch.load(p, weights_only=True)),
+        (PPOTS_FILE, lambda p: json.loads(p.read_text())),
+    ]
+    for name, check in checks:
+        if (folder / name).is_file():
+            try:
+                check(folder / name)
+            except Exception as err:  # any parse failure means the same thing to the user
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                return f"{name} cannot be read ({type(err).__name__}{': ' * bool(reason)}{reason})"
+    return None
+
+
+def _mapping(path: Path) -> None:
+    if not isinstance(load_yaml(path.read_text()), dict):
+        raise ValueError("it holds no mapping")
+
+
+def _safetensors(path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        list(f.keys())
+
+
+def _archive(path: Path) -> None:
+    """A file torch.save wrote: a zip archive whose directory (at its end) is intact."""
+    with zipfile.ZipFile(path) as archive:
+        size = path.stat().st_size
+        if any(i.header_offset + i.compress_size > size for i in archive.infolist()):
+            raise ValueError("it is shorter than its directory says")
+
+
+def _problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (a missing or damaged file), or None."""
+    missing = missing_files(folder)
+    return f"missing {', '.join(missing)}" if missing else damaged_file(folder)
 
 
 def _latest_checkpoint(config: StableMDMConfig) -> Path:
-    """The latest complete checkpoint in output_dir; the folders skipped (incomplete ones,
-    leftovers of an interrupted save) are named on stderr."""
+    """The latest complete, readable checkpoint in output_dir; the folders skipped (incomplete
+    or damaged ones, leftovers of an interrupted save) are named on stderr."""
     out = Path(config.output_dir)
     if not out.is_dir() or not (checkpoints(out) or leftovers(out)):
         raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
-    path, skipped = latest_complete(out)
-    if path is None:
-        raise ConfigError(
-            f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)}); run the same "
-            "command without --resume to start again there"
-        )
-    if skipped and config.process_index == 0:
-        print(
-            f"stablemdm: --resume skips {'; '.join(skipped)}; resuming from {path}",
-            file=sys.stderr,
-        )
-    return path
+    skipped = [f"{p.name} (left by an interrupted save)" for p in leftovers(out)]
+    for path in checkpoints(out):
+        problem = _problem(path)
+        if problem is None:
+            if skipped and config.process_index == 0:
+                print(
+                    f"stablemdm: --resume skips {'; '.join(skipped)}; resuming from {path}",
+                    file=sys.stderr,
+                )
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    way = (
+        "restore the damaged file, or start again in another output_dir"
+        if _holds_a_run(out)
+        else "run the same command without --resume to start again there"
+    )
+    raise ConfigError(f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)}); {way}")
 
 
 def _named_checkpoint(path: Path) -> Path:
     """The folder given as `--resume PATH`, refused unless it is a complete checkpoint (a
-    missing optimizer or scheduler would silently restart them)."""
+    missing optimizer or scheduler would silently restart them) whose files all read."""
     if not path.is_dir():
         raise ConfigError(f"--resume: {path} is not a folder")
     missing = missing_files(path)
@@ -131,15 +179,33 @@ def _named_checkpoint(path: Path) -> Path:
             f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)}); "
             f"{_way_back(path)}"
         )
+    damaged = damaged_file(path)
+    if damaged:
+        raise ConfigError(f"--resume: checkpoint {path} is corrupted: {damaged}; {_way_back(path)}")
     return path
 
 
 def _way_back(path: Path) -> str:
-    """Where to resume instead of a broken checkpoint: the complete one before it."""
-    previous = previous_complete(path)
-    if previous is None:
-        return "there is no complete checkpoint before it to resume from"
-    return f"the previous complete checkpoint is {previous} (--resume {previous})"
+    """Where to resume instead of a broken checkpoint: the usable one before it."""
+    step = step_of(path)
+    for other in checkpoints(path.parent):
+        if (step is None or step_of(other) < step) and _problem(other) is None:
+            return f"the previous complete checkpoint is {other} (--resume {other})"
+    return "there is no complete checkpoint before it to resume from"
+
+
+def load_sampler_state(sampler, checkpoint: Path) -> None:
+    """Restore the sampler's state from a checkpoint, naming the file if it holds another
+    sampler's state (a file copied from another run or method)."""
+    path = checkpoint / SAMPLER_STATE
+    try:
+        sampler.load_state_dict(torch.load(path, weights_only=True))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ConfigError(
+            f"--resume: {path} holds the state of another sampler, not this run's "
+            f"{type(sampler).__name__} ({err}); restore the checkpoint's own file, or "
+            f"{_way_back(checkpoint)}"
+        ) from None
 
 
 def _check_unchanged(config: StableMDMConfig, saved: dict, path: Path) -> None:

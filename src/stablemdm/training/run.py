@@ -30,7 +30,7 @@ from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
 from .recipe import save_config
-from .resume import _restart_metrics, find_checkpoint, prepare_output
+from .resume import _restart_metrics, find_checkpoint, load_sampler_state, prepare_output
 from .trainer import StableMDMTrainer
 
 
@@ -52,16 +52,14 @@ def train(
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
+    train_data = train_dataset(task, tokenizer, canvas, config.max_steps)
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
-    if checkpoint is not None and config.process_index == 0:
-        _restart_metrics(config, checkpoint)
-    train_data = train_dataset(task, tokenizer, canvas)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     density = _density(config, checkpoint, model, task, tokenizer, canvas, encoded)
     objective = build_objective(config, tokenizer, build_sampler(config, density))
     if checkpoint is not None:
-        objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
+        load_sampler_state(objective.sampler, checkpoint)
 
     def save_extras(folder: Path, with_model: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -88,8 +86,11 @@ def train(
 
         refits.append(RefitCallback(trainer, density, refit, config.ppots_refit_steps))
     trainer.checkpoint_extras = lambda folder: save_extras(folder, with_model=builtin)
+    # a resumed run drops what it logs again once training begins: a resume refused before
+    # (here or by the engine's loading) leaves metrics.jsonl as it was
+    restart = (lambda: _restart_metrics(config, checkpoint)) if checkpoint is not None else None
     for callback in (
-        MetricsCallback(),
+        MetricsCallback(restart),
         EMACallback(objective),
         *refits,
         *(callbacks or []),
@@ -119,7 +120,7 @@ def _density(
     if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
         return load_density(checkpoint / PPOTS_FILE)
     if config.ppots_file:
-        return load_density(config.ppots_file)
+        return load_density(config.ppots_file, config)
     density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
     if config.process_index == 0:
         print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)

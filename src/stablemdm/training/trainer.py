@@ -2,11 +2,12 @@
 
 The subclass works through the engine's public extension points: `compute_loss` (sampler ->
 masks -> model -> loss), `log` (adds what the sampler did: mean and spread of the rates and
-importance weights, tokens/s) and a callback of its own (`TrainerHooks`: the learning rate of a
-resumed run, no checkpoint during non-finite steps). Everything else (DDP, FSDP, DeepSpeed,
-gradient accumulation, clipping, schedules, bf16, checkpoints with optimizer, scheduler and RNG
-states) is the engine's. Two private methods are overridden because no public hook serves;
-each says why, and tests/test_trainer_contract.py pins what it relies on:
+importance weights, tokens/s), `training_step` (its loss also goes into the `LossWindow`,
+which carries the logged loss across a resume) and a callback of its own (`TrainerHooks`: the
+learning rate of a resumed run, no checkpoint during non-finite steps). Everything else (DDP,
+FSDP, DeepSpeed, gradient accumulation, clipping, schedules, bf16, checkpoints with optimizer,
+scheduler and RNG states) is the engine's. Two private methods are overridden because no
+public hook serves; each says why, and tests/test_trainer_contract.py pins what it relies on:
 `_save_checkpoint` writes a checkpoint into a `tmp-` folder with the stablemdm pieces
 (`checkpoint_extras`: model config, tokenizer, sampler state, config, density), renames it
 when complete, and only then rotates old ones away (`checkpoints`); `_get_grad_norm` is where a
@@ -39,6 +40,7 @@ from ..estimators.ema import EMA
 from ..estimators.objective import Objective
 from ..rng import seeded_generator
 from .checkpoints import STAGING, checkpoints, clear_staging, publish, rotate
+from .logwindow import LossWindow
 
 
 def rate_slice(micro: int, rank: int, world_size: int, accumulation: int) -> tuple[int, int]:
@@ -75,9 +77,16 @@ class StableMDMTrainer(Trainer):
         self.checkpoint_extras: Callable[[Path], None] | None = None
         self._bad_loss: torch.Tensor | None = None  # a non-finite micro-batch loss this step
         self._streak = 0  # non-finite steps in a row, up to now
-        self._skipped = 0  # non-finite steps since the last log line
-        self._interval = 0  # steps since the last log line
+        # the loss and skipped steps since the last log line, carried across a resume
+        self.loss_window = LossWindow()
         self.add_callback(TrainerHooks(self))  # after the engine's flow callback
+        self.add_callback(self.loss_window)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The engine's training step; its loss goes into the log window too."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.loss_window.add(loss, self.state.global_step, self.args.logging_nan_inf_filter)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One Monte Carlo estimate of the objective on this micro-batch."""
@@ -148,7 +157,7 @@ class StableMDMTrainer(Trainer):
         if getattr(self.accelerator, "scaler", None) is None:
             self.optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer skips
         self._streak += 1
-        self._skipped += 1
+        self.loss_window.skipped += 1
         if self._streak >= self.args.max_nonfinite_steps:
             raise FloatingPointError(self._nonfinite_message())
 
@@ -204,12 +213,16 @@ class StableMDMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the sampler's diagnostics, throughput and the count of skipped non-finite
-        steps since the last line to each training log line (whose loss is NaN, null in
-        metrics.jsonl, when every step since the last line was skipped)."""
+        steps since the last line to each training log line. Its loss is the log window's
+        (the engine's, carried across a resume), NaN (null in metrics.jsonl) when every step
+        since the last line was skipped."""
         if "loss" in logs:
-            if self._skipped and self._skipped >= self._interval:
+            window = self.loss_window
+            skipped, steps = window.skipped, self.state.global_step - window.start
+            logs["loss"] = window.take(self.state.global_step)
+            if skipped and skipped >= steps:
                 logs["loss"] = float("nan")
-            logs["nonfinite_steps"], self._skipped, self._interval = self._skipped, 0, 0
+            logs["nonfinite_steps"] = skipped
         if "loss" in logs and self._seen["rate"]:
             rate, weight, loss = (
                 torch.cat(self._seen[k]).cpu() for k in ("rate", "weight", "loss")
@@ -327,9 +340,8 @@ class TrainerHooks(TrainerCallback):
             self.trainer._apply_learning_rate()
 
     def on_step_end(self, args, state, control, **kwargs):
-        """Count the step for `log`; no checkpoint in a run of non-finite steps: the latest
-        checkpoint stays the last finite one."""
-        self.trainer._interval += 1
+        """No checkpoint in a run of non-finite steps: the latest checkpoint stays the last
+        finite one."""
         if self.trainer._streak:
             control.should_save = False
 

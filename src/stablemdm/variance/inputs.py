@@ -155,7 +155,7 @@ def build_methods(
             key = (cfg.rate, cfg.masking)
             if key not in densities:
                 if cfg.ppots_file:
-                    densities[key] = load_density(cfg.ppots_file)
+                    densities[key] = load_density(cfg.ppots_file, cfg)
                 else:
                     densities[key] = fit_density(cfg, model, task, tokenizer, canvas)
             density = densities[key]
