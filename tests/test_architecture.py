@@ -54,12 +54,13 @@ def test_contracts_hold_on_the_package():
 
 # One seeded violation per contract: (file under src/stablemdm, line appended, contracts broken).
 # An upward import also closes a cycle (training imports the layers below it), and models.hf
-# reaches estimators.masking through estimators.losses, hence the larger sets.
+# reaches estimators.masking through estimators.losses, hence the larger sets; training.config
+# reaches file I/O through models.hf.
 VIOLATIONS = {
     "math imports training": (
         "estimators/masking.py",
         "from ..training import config",
-        {"layers", "math-pure", "acyclic", "models-data-no-training"},
+        {"layers", "math-pure", "math-no-io", "acyclic", "models-data-no-training"},
     ),
     "study imports its independent sibling": (
         "study/stats.py",

@@ -135,7 +135,7 @@ def _trainer(folder: Path, cls: type[StableMDMTrainer]) -> StableMDMTrainer:
     return cls(
         model=model,
         args=config,
-        train_dataset=train_dataset(task, tokenizer, canvas),
+        train_dataset=train_dataset(task, tokenizer, canvas, config.max_steps),
         data_collator=collate,
         objective=objective,
         eval_objective=objective,
