@@ -482,7 +482,10 @@ def test_llada_style_model_fine_tunes_through_the_cli(folders, tmp_path, capsys)
     assert main(args) == 0
     assert adapter_spec(load_trained(out, trust_remote_code=True)[0]).kind == "diffusion"
     capsys.readouterr()
-    assert main(["eval", str(out), "--task", "chain_sum", "--task-option", "n_test=4"]) == 0
+    argv = ["eval", str(out), "--task", "chain_sum", "--task-option", "n_test=4"]
+    assert main(argv) == 2  # the folder's code runs only when the command line allows it
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert main([*argv, "--trust-remote-code"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 4
     bad = [a for a in args if a != "trust_remote_code=true"]
     assert main([*bad[:-1], f"output_dir={tmp_path / 'bad'}"]) == 2

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_trainer import SMALL
 from transformers import TrainerCallback
 
+from stablemdm.cli import main
 from stablemdm.errors import ConfigError
 from stablemdm.estimators.objective import Objective
 from stablemdm.training.checkpoints import checkpoints, missing_files
@@ -116,3 +118,60 @@ def test_a_run_of_nonfinite_steps_stops_and_a_lower_learning_rate_continues_it(
 def test_max_nonfinite_steps_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="max_nonfinite_steps must be >= 1, got 0"):
         _config(tmp_path, "max_nonfinite_steps=0")
+
+
+def _poison(checkpoint: Path) -> str:
+    """Write NaN into the first weight tensor of `checkpoint` (as a bad earlier run or a
+    damaged copy would leave it); returns its name."""
+    path = checkpoint / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return name
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("streak", [10, 1])
+def test_a_checkpoint_with_nonfinite_weights_is_refused_when_resuming(tmp_path, capsys, streak):
+    """A 4-step run whose checkpoint-4 holds NaN weights, continued to max_steps=6 from it
+    (fewer steps left than max_nonfinite_steps=10, or more than 1): exits 2 with one line
+    naming it, the tensor and checkpoint-2 to resume instead; nothing changes; bare --resume
+    refuses it too."""
+    run = tmp_path / "run"
+    args = [*SMALL, "eval_strategy=no", "save_steps=2", f"max_nonfinite_steps={streak}"]
+    train(load_config(None, [*args, "max_steps=4", f"output_dir={run}"]))
+    name = _poison(run / "checkpoint-4")
+    before = _snapshot(run)
+    capsys.readouterr()
+    cli = ["train", *args, "max_steps=6", f"output_dir={run}", "--resume"]
+    assert main([*cli, str(run / "checkpoint-4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "finite checkpoint" not in err
+    assert (
+        f"checkpoint {run / 'checkpoint-4'} holds non-finite weights (model.safetensors: {name} "
+        f"has NaN or infinite values); the previous complete checkpoint is {run / 'checkpoint-2'}"
+    ) in err
+    assert _snapshot(run) == before
+    assert main(cli) == 2
+    assert f"{run / 'checkpoint-4'} holds non-finite weights" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_weights_that_become_infinite_are_never_published(tmp_path, capsys):
+    """learning_rate=1e39 (finite, so accepted) makes the weights infinite at step 2, a step
+    whose loss and gradient were finite; the later steps are skipped as non-finite. No
+    checkpoint holds the infinite weights, the run exits 2 with one line naming
+    checkpoint-1, the last finite one, and writes no final model."""
+    run = tmp_path / "run"
+    args = [*SMALL, "eval_strategy=no", "learning_rate=1e39", "max_steps=3", "save_steps=1"]
+    assert main(["train", *args, f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the weights after step 3 are not finite" in err and "no final model was written" in err
+    assert f"the last finite checkpoint, {run / 'checkpoint-1'}, is intact" in err
+    assert f"--resume {run / 'checkpoint-1'}" in err
+    assert [c.name for c in checkpoints(run)] == ["checkpoint-1"]
+    assert not (run / "model.safetensors").exists()

@@ -14,6 +14,7 @@ from scipy import stats as scipy_stats
 
 from stablemdm.cli import main
 from stablemdm.errors import ConfigError
+from stablemdm.study import runner
 from stablemdm.study.command import study_path
 from stablemdm.study.progress import StudyProgress
 from stablemdm.study.spec import load_study
@@ -230,3 +231,40 @@ def test_a_miniature_study_reports_and_resumes(tmp_path, capsys):
     for change, field in (("train.learning_rate=0.01", "learning_rate"), ("eval_points=[1]", "")):
         with pytest.raises(ConfigError, match=f"was run with other settings .{field or 'eval'}"):
             load_study(study_path("demo"), [*args[3:], change])
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_study_killed_during_its_final_evaluation_only_evaluates_again(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while the last checkpoint is decoded: the re-run trains nothing (no step past
+    max_steps; weights, checkpoints and metrics.jsonl unchanged), finishes the evaluation and
+    reports the training time recorded when the run was trained."""
+    out = tmp_path / "study"
+    args = ["study", "--config", "demo", f"output_dir={out}", *MINI]
+    args += ["seeds=[3]", "methods=[standard]", "variance_draws=2"]
+    real = runner.evaluate
+
+    def interrupted_at_the_end(*a, output_path=None, **kw):
+        if str(output_path).endswith("eval-4.jsonl"):
+            raise KeyboardInterrupt
+        return real(*a, output_path=output_path, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", interrupted_at_the_end)
+    assert main(args) == 130
+    monkeypatch.undo()
+    run = out / "chain_sum" / "standard" / "seed-3"
+    trained = {k: v for k, v in _files(run).items() if k != "train.log"}
+    assert not (run / "result.json").exists() and not (run / "stablemdm.lock").exists()
+    assert main(args) == 0
+    after = _files(run)
+    assert all(after[name] == data for name, data in trained.items())  # nothing retrained
+    result = json.loads((run / "result.json").read_text())
+    assert [e["step"] for e in result["evaluations"]] == [2, 4]
+    assert max(step for step, _ in result["losses"]) == 4
+    recorded = json.loads((run / "train_seconds.json").read_text())["train_seconds"]
+    assert result["train_seconds"] == round(recorded, 1) > 0
+    assert "holds a run that finished at step 4" in capsys.readouterr().err

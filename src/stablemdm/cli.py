@@ -9,7 +9,6 @@ Commands that write refuse to replace an existing output unless `--overwrite` is
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -24,7 +23,13 @@ import yaml
 
 from .errors import ConfigError
 from .training.config import StableMDMConfig
-from .training.outputs import check_output_file, config_inputs, write_text
+from .training.outputs import (
+    check_output_file,
+    config_inputs,
+    make_room,
+    write_failure,
+    write_text,
+)
 from .training.recipe import field_help, load_config, parse_override
 
 DESCRIPTION = "stablemdm: train masked diffusion language models with low gradient variance."
@@ -72,6 +77,16 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
         "--overwrite",
         action="store_true",
         help=f"replace {what} if it exists (never a file the command reads)",
+    )
+
+
+def add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    """`--trust-remote-code`: the only way a command that reads a saved model runs its code."""
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the code a Hugging Face model folder ships (its auto_map); only for a "
+        "folder you trust: a trust_remote_code in the folder's own files is never used",
     )
 
 
@@ -123,6 +138,7 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together")
+    add_trust_remote_code(p)
 
 
 def _add_eval(verbs: Any) -> None:
@@ -235,9 +251,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _preflight(config, bool(resume))
     result = train(config, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
+        done = "trained to" if result.trained else "already trained to"
         print(
-            f"trained to step {result.global_step}; model, tokenizer and config in "
-            f"{result.output_dir}"
+            f"{done} step {result.global_step}; model, tokenizer and config in {result.output_dir}"
         )
     return 0
 
@@ -258,7 +274,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         reads=[args.checkpoint, *(d for d in data if Path(d).is_dir())],
         allowed_in_reads="eval-*.jsonl",
     )
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.trust_remote_code)
     task = get_task(args.task, **options)
     objective = objective_of(model)
     if args.gen_length is None:
@@ -327,7 +343,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .evaluation.decoding import generate
     from .training.saved import load_checkpoint, objective_of, saved_run_config
 
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.trust_remote_code)
     prompts = _read_prompts(args)
     ids = [
         tokenizer.encode_prompt(Example(p, "", "", source=f"prompt {i + 1}"))
@@ -427,14 +443,16 @@ def one_line(message: str, limit: int = 1000) -> str:
 def describe_error(err: BaseException, verb: str) -> str | None:
     """The one-line message of a user error (bad input, a missing or corrupted file, a
     full disk), or None for anything else (a bug: it keeps its traceback)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+    cause = None if isinstance(err, ConfigError) else write_failure(err)  # ours names more
+    if cause is not None:
         again = (
             "re-run with --resume (the last complete checkpoint is kept)"
             if verb == "train"
             else "run the command again"
         )
-        where = f" while writing {err.filename}" if err.filename else ""
-        return f"no space left on the device{where}; free space, then {again}"
+        name = getattr(err, "filename", None)
+        where = f" while writing {name}" if name else ""
+        return f"{cause}{where}; {make_room(cause)}, then {again}"
     if isinstance(err, yaml.YAMLError):
         from .training.recipe import describe_yaml_error
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..training.lock import LOCK, output_lock
 from .report import build_report, markdown, write_report
 from .runner import run_study
 from .spec import StudySpec, load_study
@@ -62,7 +63,7 @@ def check_study_folder(spec: StudySpec, overwrite: bool) -> None:
     folder = Path(spec.output_dir)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output_dir {folder} is a file, not a folder (nothing was written)")
-    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+    if overwrite or not folder.is_dir() or not any(p.name != LOCK for p in folder.iterdir()):
         return
     report = folder / "report.json"
     if report.is_file():
@@ -87,9 +88,10 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run the study named by the arguments and report it."""
     spec = load_study(study_path(getattr(args, "config", None) or "demo"), args.overrides)
     check_study_folder(spec, args.overwrite)
-    results = run_study(spec)
-    report = build_report(spec.name, results, spec.eval_steps())
-    written = write_report(report, results, spec.output_dir)
+    with output_lock(spec.output_dir, what="study output_dir"):
+        results = run_study(spec)
+        report = build_report(spec.name, results, spec.eval_steps())
+        written = write_report(report, results, spec.output_dir)
     print(markdown(report))
     print(f"report: {written[0]} (+ report.json and figures)", file=sys.stderr)
     return 0

@@ -2,7 +2,8 @@
 
 A run is trained with checkpoints at each evaluation point, then each of those checkpoints is
 decoded on the test split; `result.json` marks it finished. Re-running skips finished runs,
-resumes a killed one from its latest checkpoint, and restarts one that died before its first.
+resumes a killed one from its latest checkpoint, restarts one that died before its first, and
+only evaluates one killed after its training ended (its training time as recorded then).
 The trainer's own log lines go to the run's `train.log` (they are in metrics.jsonl too).
 """
 
@@ -32,6 +33,7 @@ from .progress import StudyProgress
 from .spec import RESULT, StudySpec
 
 TRAIN_LOG = "train.log"
+TRAIN_TIME = "train_seconds.json"  # the seconds the run's training took, once it ended
 
 
 class SaveAt(TrainerCallback):
@@ -46,7 +48,8 @@ class SaveAt(TrainerCallback):
 
 
 def _train(config: StableMDMConfig, callbacks: list) -> float:
-    """Train (resuming from a checkpoint if there is one); returns the seconds it took."""
+    """Train (resuming from a checkpoint if there is one; a run whose training ended is left
+    as it is); returns the seconds its training took."""
     folder = Path(config.output_dir)
     resume = any(folder.glob("checkpoint-*"))
     if not resume and folder.exists():
@@ -54,8 +57,22 @@ def _train(config: StableMDMConfig, callbacks: list) -> float:
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(folder / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log):
-        train(config, resume=resume, callbacks=callbacks)
-    return time.perf_counter() - start
+        result = train(config, resume=resume, callbacks=callbacks)
+    if not result.trained:
+        return _recorded_seconds(folder)
+    seconds = time.perf_counter() - start
+    write_text(folder / TRAIN_TIME, json.dumps({"train_seconds": seconds}))
+    return seconds
+
+
+def _recorded_seconds(folder: Path) -> float:
+    """The training time of a run trained earlier: as recorded, else the trainer's runtime
+    in metrics.jsonl."""
+    try:
+        return float(json.loads((folder / TRAIN_TIME).read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return float(sum(r.get("train_runtime", 0.0) for r in records))
 
 
 def train_base(spec: StudySpec, task: str, progress: StudyProgress) -> None:
@@ -137,7 +154,7 @@ def run_one(
     evaluations = []
     for step in steps:
         progress.phase(f"decoding step {step}")
-        model, tokenizer = load_checkpoint(folder / f"checkpoint-{step}")
+        model, tokenizer = load_checkpoint(folder / f"checkpoint-{step}", config.trust_remote_code)
         ev = evaluate(
             model,
             tokenizer,

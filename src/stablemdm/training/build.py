@@ -25,7 +25,7 @@ from ..rng import seeded_generator
 from ..tasks.registry import Task
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, fitting_data, resolve_canvas
-from .saved import load_checkpoint
+from .saved import is_hf_folder, load_checkpoint
 
 
 def build_builtin(
@@ -35,11 +35,12 @@ def build_builtin(
     objective needs, same parameters) or a fresh seeded one for `max_length` tokens."""
     causal = config.objective == "arm"
     if config.init_from:
-        model, _ = load_checkpoint(config.init_from)
-        if not isinstance(model, Transformer):
+        folder = Path(config.init_from)
+        if folder.is_dir() and is_hf_folder(folder):  # refused before anything of it is loaded
             raise ConfigError(
                 f"init_from={config.init_from} holds a Hugging Face model: use model=PATH"
             )
+        model, _ = load_checkpoint(folder)
         check_fits(model, tokenizer, max_length, f"init_from={config.init_from}")
         model.config.causal = causal
         return model

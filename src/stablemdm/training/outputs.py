@@ -3,9 +3,11 @@
 A command that writes (`eval --output`, `fit-t --output`, the `variance` report folder, a
 study's report) refuses an existing file or a non-empty report folder unless `--overwrite`
 is given, and refuses, even with `--overwrite`, to write over a file it reads (its config,
-data or density) or into a checkpoint folder it reads. Files are written to a temporary
-name in the same folder and renamed into place (`atomic_path`), so a crash or a full disk
-leaves the earlier file, not half of a new one. See docs/reliability.md.
+data or density), into a checkpoint folder it reads, or over any model, tokenizer or
+checkpoint file. Files are written to a temporary name in the same folder and renamed into
+place (`atomic_path`), so a crash or a full disk leaves the earlier file, not half of a new
+one; `write_failure` recognises a write that failed for want of room, also when torch or
+safetensors report it. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import contextlib
 import errno
 import fnmatch
 import os
+import re
+import resource
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +27,40 @@ from ..errors import ConfigError
 from .config import StableMDMConfig
 
 UNCHANGED = "nothing was written"
+
+# files of a saved model, its tokenizer or a checkpoint: no command's output, so never
+# replaced, even with --overwrite (an output path naming one is a slip)
+PROTECTED = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
+    "*.ckpt",
+    "*.model",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "trainer_state.json",
+    "config.yaml",
+    "metrics.jsonl",
+)
+
+
+def _protected(path: Path) -> bool:
+    """Whether `path` is a model, tokenizer or checkpoint file, or a run's own record (any
+    file in a checkpoint folder but evaluation records, a run's density)."""
+    if any(fnmatch.fnmatch(path.name, pattern) for pattern in PROTECTED):
+        return True
+    if re.search(r"checkpoint-\d+$", path.parent.name):
+        return not fnmatch.fnmatch(path.name, "eval-*.jsonl")
+    return path.name == "ppots.json" and (path.parent / "config.yaml").is_file()
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -45,7 +84,8 @@ def check_output_file(
 ) -> Path:
     """`path` checked as an output file: not one of `inputs`, not inside a checkpoint folder
     of `reads` (except a name matching `allowed_in_reads` directly in it: eval's records),
-    not a folder, and not an existing file unless `overwrite`. Returns it as a Path."""
+    not a folder, never an existing model, tokenizer or checkpoint file (`_protected`), and
+    not an existing file unless `overwrite`. Returns it as a Path."""
     path = Path(path)
     for file in _present(inputs):
         if file.exists() and path.resolve() == file.resolve():
@@ -62,6 +102,11 @@ def check_output_file(
             )
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file path ({UNCHANGED})")
+    if path.is_file() and _protected(path):
+        raise ConfigError(
+            f"{flag} {path} is a model, tokenizer or checkpoint file, which no command's output "
+            f"replaces; choose another path (refused even with --overwrite; {UNCHANGED})"
+        )
     if path.exists() and not overwrite:
         raise ConfigError(
             f"{flag} {path} already exists; pass --overwrite to replace it, or choose another "
@@ -108,18 +153,76 @@ def config_inputs(
     return [p for p in existing if p.is_file()], [p for p in existing if p.is_dir()]
 
 
-def disk_full(path: Path) -> ConfigError:
-    """The one-line error of a full disk while writing `path`, with the way out."""
+# what a failed write ran into, by errno
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file-size limit (ulimit -f) exceeded",
+}
+# how torch's and safetensors' writers report an I/O failure (without an errno, for torch)
+_SERIALIZER_IO = re.compile(
+    r"PytorchStreamWriter|file write failed|inline_container|iostream error|I/O error"
+)
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or during."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _diagnose(folder: Path | None) -> str:
+    """The likely cause of a write failure that names none (torch's writer): a file-size
+    limit, else a disk with little space left, else an I/O error."""
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return _CAUSES[errno.EFBIG]
+    try:
+        if folder is not None and shutil.disk_usage(folder).free < 64 * 2**20:
+            return _CAUSES[errno.ENOSPC]
+    except OSError:
+        pass
+    return "I/O error (is the disk full?)"
+
+
+def make_room(cause: str) -> str:
+    """The remedy for a failed write's `cause`."""
+    return "raise the file-size limit" if cause == _CAUSES[errno.EFBIG] else "free space"
+
+
+def write_failure(err: BaseException, folder: str | Path | None = None) -> str | None:
+    """What a write that raised `err` ran into (a full disk, a quota, a file-size limit, an
+    I/O error), or None when `err` is no write failure. torch and safetensors raise their own
+    errors (RuntimeError, SafetensorError) for these, not OSError; `folder` is where the
+    write went, to check for free space when the error names no cause."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in _CAUSES:
+            return _CAUSES[e.errno]
+        if isinstance(e, OSError) or not _SERIALIZER_IO.search(str(e)):
+            continue
+        code = _OS_ERROR.search(str(e))
+        if code and int(code.group(1)) in _CAUSES:
+            return _CAUSES[int(code.group(1))]
+        return _diagnose(Path(folder) if folder else None)
+    return None
+
+
+def disk_full(path: Path, cause: str = _CAUSES[errno.ENOSPC]) -> ConfigError:
+    """The one-line error of a failed write of `path` (a full disk...), with the way out."""
     return ConfigError(
-        f"no space left on the device while writing {path}; free space and run the command "
-        f"again (the earlier {path.name}, if any, is unchanged)"
+        f"{cause} while writing {path}; {make_room(cause)} and run the command again (the "
+        f"earlier {path.name}, if any, is unchanged)"
     )
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix) to write to; renamed onto `path` when the
-    block ends without error, removed otherwise. A full disk becomes a `ConfigError`."""
+    block ends without error, removed otherwise. A full disk (or a file-size limit) becomes a
+    `ConfigError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
@@ -129,13 +232,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise disk_full(path) from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        cause = write_failure(err, path.parent) if isinstance(err, Exception) else None
+        if cause is not None:
+            raise disk_full(path, cause) from err
         raise
 
 

@@ -27,6 +27,8 @@ from .checkpoints import (
     step_of,
 )
 from .config import StableMDMConfig
+from .finished import finished_step
+from .finite import nonfinite_tensor
 from .recipe import load_yaml
 
 # fields that may differ between a run and its resumption: cadence, length, how processes
@@ -67,11 +69,9 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror}") from err
     if resume or not (checkpoints(out) or leftovers(out) or (out / METRICS).exists()):
         return
-    if _holds_a_run(out):
-        raise ConfigError(
-            f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
-            "another output_dir (nothing there was changed)"
-        )
+    latest = latest_complete(out)[0]
+    if latest is not None or any((out / n).is_file() for n in MODEL_FILES):
+        raise ConfigError(f"output_dir {out} {_what_is_there(out, latest)}")
     if config.process_index == 0:
         print(
             f"stablemdm: {out} holds a run that stopped before its first complete checkpoint; "
@@ -87,10 +87,39 @@ def _holds_a_run(out: Path) -> bool:
     return latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES)
 
 
+def _what_is_there(out: Path, latest: Path | None) -> str:
+    """The refusal of a plain re-run in a folder holding a run: what the run is (finished or
+    stopped) and the way on."""
+    step = finished_step(out)
+    if latest is None:
+        what = f"a run that finished at step {step}" if step is not None else "a saved model"
+        return (
+            f"holds {what}, with no checkpoint to continue from; choose another output_dir "
+            "(nothing there was changed)"
+        )
+    if step is not None:
+        return (
+            f"holds a run that finished at step {step}; choose another output_dir for a new run, "
+            f"or raise max_steps above {step} and pass --resume to train this one further from "
+            f"{latest.name} (nothing there was changed)"
+        )
+    return (
+        f"holds a stopped run (latest complete checkpoint {latest.name}); pass --resume to "
+        "continue it, or choose another output_dir (nothing there was changed)"
+    )
+
+
 def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
-    """The checkpoint to resume from: complete, readable, and of the same config."""
+    """The checkpoint to resume from: complete, readable, of the same config, and with finite
+    weights."""
     path = _latest_checkpoint(config) if resume is True else _named_checkpoint(Path(resume))
     _check_unchanged(config, load_yaml((path / RUN_CONFIG).read_text()), path)
+    bad = nonfinite_tensor(path)
+    if bad is not None:
+        raise ConfigError(
+            f"--resume: checkpoint {path} holds non-finite weights ({bad} has NaN or infinite "
+            f"values); {_way_back(path)}"
+        )
     return path
 
 

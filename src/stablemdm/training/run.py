@@ -29,6 +29,9 @@ from .callbacks import AccuracyCallback, EMACallback, MetricsCallback, ProgressB
 from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
+from .finished import FINISHED, finished_at, mark_finished, publish_final, reached
+from .finite import check_final_weights
+from .lock import output_lock
 from .recipe import save_config
 from .resume import _restart_metrics, find_checkpoint, load_sampler_state, prepare_output
 from .trainer import StableMDMTrainer
@@ -36,11 +39,13 @@ from .trainer import StableMDMTrainer
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished run left: its folder, the final step and the log history."""
+    """What a run left: its folder, the final step and the log history; `trained` is False
+    when the run was finished already (nothing was trained)."""
 
     output_dir: Path
     global_step: int
     log_history: list[dict]
+    trained: bool = True
 
 
 def train(
@@ -48,13 +53,64 @@ def train(
 ) -> RunResult:
     """Train the configured model; `resume` is True (latest checkpoint) or a folder.
     Extra `transformers.TrainerCallback`s may watch the run. The canvas lengths measured on
-    the data are written into `config` (and so into config.yaml) before anything else."""
+    the data are written into `config` (and so into config.yaml) before anything else. The
+    output folder is locked for the run (`lock.output_lock`); a finished run is left as it
+    is (`finished`)."""
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
     train_data = train_dataset(task, tokenizer, canvas, config.max_steps)
-    checkpoint = find_checkpoint(config, resume) if resume else None
-    prepare_output(config, bool(resume))
+    with output_lock(config.output_dir, held=config.process_index == 0):
+        out = Path(config.output_dir)
+        step = finished_at(out, config) if resume else None
+        if step is not None:
+            if config.process_index == 0:
+                print(
+                    f"stablemdm: {out} holds a run that finished at step {step}: nothing to train, "
+                    "nothing was changed (raise max_steps to train it further)",
+                    file=sys.stderr,
+                )
+            return _result(out, out, trained=False)
+        checkpoint = find_checkpoint(config, resume) if resume else None
+        prepare_output(config, bool(resume))
+        if checkpoint is not None and reached(checkpoint, config) is not None:
+            return _finish(config, checkpoint)
+        return _run(config, task, model, tokenizer, canvas, train_data, checkpoint, callbacks)
+
+
+def _result(out: Path, folder: Path, trained: bool) -> RunResult:
+    """The result of a run as the trainer state saved in `folder` records it."""
+    state = json.loads((folder / FINISHED).read_text())
+    return RunResult(out, state["global_step"], state.get("log_history", []), trained)
+
+
+def _finish(config: StableMDMConfig, checkpoint: Path) -> RunResult:
+    """A run stopped after its checkpoint at the end was written but before its final model:
+    that checkpoint's model becomes the final one, without training a step past the end."""
+    out = Path(config.output_dir)
+    if config.process_index == 0:
+        publish_final(checkpoint, out, config)
+        save_config(config, out / RUN_CONFIG)
+        print(
+            f"stablemdm: {checkpoint} is at the end of the run: its model is now the final one "
+            f"in {out} (nothing was trained)",
+            file=sys.stderr,
+        )
+    return _result(out, checkpoint, trained=False)
+
+
+def _run(
+    config: StableMDMConfig,
+    task: Task,
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    canvas: Canvas,
+    train_data: torch.utils.data.Dataset,
+    checkpoint: Path | None,
+    callbacks: list | None,
+) -> RunResult:
+    """The training itself, from `checkpoint` if given, and the final model (only finite
+    weights; `trainer_state.json` beside it, written last, marks the run finished)."""
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     density = _density(config, checkpoint, model, task, tokenizer, canvas, encoded)
     objective = build_objective(config, tokenizer, build_sampler(config, density))
@@ -97,10 +153,12 @@ def train(
     ):
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    check_final_weights(trainer)
     if not builtin:
         trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         save_extras(Path(config.output_dir), with_model=builtin)
+        mark_finished(trainer, Path(config.output_dir))
     return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
 
 

@@ -3,6 +3,7 @@ it, with everything a later command needs to drive them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,17 +64,52 @@ def other_checkpoints(folder: Path) -> str:
     return f"; try another checkpoint, e.g. {max(ok, key=_step)}"
 
 
-def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+def custom_code(folder: Path) -> list[str]:
+    """The code modules a Hugging Face model folder names (`auto_map` of its config.json,
+    tokenizer_config.json, or of the local base model a LoRA adapter names): what loading it
+    with trust_remote_code would run."""
+    folders = [folder]
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if Path(base).is_dir():
+            folders.append(Path(base))
+    modules = []
+    for path in (f / name for f in folders for name in (MODEL_CONFIG, "tokenizer_config.json")):
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") or {}
+            values = [v for value in auto_map.values() for v in _as_list(value)]
+        except (OSError, ValueError, AttributeError):
+            continue
+        modules += [f"{path}: {v}" for v in values if isinstance(v, str)]
+    return modules
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def load_checkpoint(
+    folder: str | Path, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any]:
     """A saved model and its tokenizer: a built-in run (the default character tokenizer if
     none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA). A
-    missing or corrupted file is a `ConfigError` naming it and another checkpoint to use."""
+    missing or corrupted file is a `ConfigError` naming it and another checkpoint to use.
+    A model's own code runs only with `trust_remote_code`, which comes from the person
+    running the command, never from the folder (its config.yaml may say anything)."""
     from safetensors import SafetensorError
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"checkpoint folder {folder} does not exist")
+    modules = custom_code(folder) if not trust_remote_code else []
+    if modules and is_hf_folder(folder):
+        raise ConfigError(
+            f"{folder} ships its own code ({modules[0]}), which runs only with "
+            f"--trust-remote-code: pass it if you trust where {folder} came from (nothing was "
+            "run; a trust_remote_code in the folder's config.yaml is not used)"
+        )
     try:
-        return _load_checkpoint(folder)
+        return _load_checkpoint(folder, trust_remote_code)
     except ConfigError as err:
         raise ConfigError(f"{err}{other_checkpoints(folder)}") from err
     except (ValueError, OSError, SafetensorError) as err:
@@ -83,16 +119,14 @@ def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
         ) from err
 
 
-def _load_checkpoint(folder: Path) -> tuple[torch.nn.Module, Any]:
+def _load_checkpoint(folder: Path, trust_remote_code: bool) -> tuple[torch.nn.Module, Any]:
     """`load_checkpoint` of an existing folder."""
     if is_hf_folder(folder):
         from ..data.hf_tokenizer import HFTokenizer
         from ..models.hf import load_trained
 
         run = saved_run_config(folder)
-        model, hf_tokenizer, spec = load_trained(
-            folder, bool(run.get("trust_remote_code", False)), run.get("gguf_file")
-        )
+        model, hf_tokenizer, spec = load_trained(folder, trust_remote_code, run.get("gguf_file"))
         tokenizer = HFTokenizer(
             hf_tokenizer,
             spec.mask_token_id,

@@ -23,7 +23,6 @@ exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
-import errno
 import shutil
 import time
 from collections.abc import Callable
@@ -40,7 +39,9 @@ from ..estimators.ema import EMA
 from ..estimators.objective import Objective
 from ..rng import seeded_generator
 from .checkpoints import STAGING, checkpoints, clear_staging, publish, rotate
+from .finite import way_on, weights_finite
 from .logwindow import LossWindow
+from .outputs import make_room, write_failure
 
 
 def rate_slice(micro: int, rank: int, world_size: int, accumulation: int) -> tuple[int, int]:
@@ -164,17 +165,9 @@ class StableMDMTrainer(Trainer):
     def _nonfinite_message(self) -> str:
         """The one line a run stopped for non-finite steps ends with."""
         step, run_dir = self.state.global_step + 1, Path(self.args.output_dir)
-        found = checkpoints(run_dir)
-        what = (
-            f"the last finite checkpoint, {found[0]}, is intact; continue it with a lower "
-            f"learning_rate: stablemdm train --config {run_dir / 'config.yaml'} "
-            "learning_rate=<lower> --resume"
-            if found
-            else f"no checkpoint was written; start again in {run_dir} with a lower learning_rate"
-        )
         return (
             f"{self._streak} steps in a row up to step {step} had a non-finite loss or gradient "
-            f"(max_nonfinite_steps={self.args.max_nonfinite_steps}); {what} "
+            f"(max_nonfinite_steps={self.args.max_nonfinite_steps}); {way_on(run_dir)} "
             "(docs/reliability.md)"
         )
 
@@ -262,13 +255,14 @@ class StableMDMTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         try:
             self._write_checkpoint(model, trial, staged, final)
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
+        except Exception as err:
             shutil.rmtree(staged, ignore_errors=True)  # give the space back
+            cause = write_failure(err, run_dir)
+            if cause is None:
+                raise
             raise ConfigError(
-                f"no space left on the device while writing {final} ({err.filename or staged}); "
-                f"{_way_forward(run_dir)}"
+                f"{cause} while writing {final} (the unfinished {staged.name} was removed); "
+                f"{_way_forward(run_dir, make_room(cause))}"
             ) from err
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
@@ -340,19 +334,18 @@ class TrainerHooks(TrainerCallback):
             self.trainer._apply_learning_rate()
 
     def on_step_end(self, args, state, control, **kwargs):
-        """No checkpoint in a run of non-finite steps: the latest checkpoint stays the last
-        finite one."""
-        if self.trainer._streak:
+        """No checkpoint in a run of non-finite steps or of non-finite weights: the latest
+        checkpoint stays the last finite one."""
+        trainer = self.trainer
+        if trainer._streak or (control.should_save and not weights_finite(trainer)):
             control.should_save = False
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.trainer._streak:
-            control.should_save = False
+    on_epoch_end = on_step_end
 
 
-def _way_forward(run_dir: Path) -> str:
+def _way_forward(run_dir: Path, remedy: str) -> str:
     """The end of a failed save's message: what is intact and how to go on."""
     found = checkpoints(run_dir)
     if found:
-        return f"the previous checkpoint, {found[0]}, is intact: free space, then run with --resume"
-    return "no checkpoint was written yet: free space, then run the same command again"
+        return f"the previous checkpoint, {found[0]}, is intact: {remedy}, then run with --resume"
+    return f"no checkpoint was written yet: {remedy}, then run the same command again"

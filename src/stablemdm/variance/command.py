@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..errors import ConfigError
 from ..estimators.registry import DEFAULT_METHODS, METHODS
 from ..training.outputs import check_output_folder, config_inputs
 from ..training.recipe import load_config
@@ -109,6 +110,12 @@ def _add_gradient_and_outputs(parser: argparse.ArgumentParser) -> None:
         help="write into a --output folder that already holds files (replacing an earlier "
         "report there)",
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the code a Hugging Face model ships (its auto_map); only for a model you "
+        "trust: a trust_remote_code in a config file is never used",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> VarianceOptions:
@@ -136,6 +143,13 @@ def run_cli(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
     config = load_config(args.config, overrides, allow_unused=True)  # shared by every method
+    if config.trust_remote_code and not args.trust_remote_code:
+        raise ConfigError(
+            "stablemdm variance runs a model's own code only with --trust-remote-code on its "
+            "command line, never because a config says trust_remote_code=true: pass the flag if "
+            "you trust the model, or remove trust_remote_code from the config (nothing was run)"
+        )
+    config.trust_remote_code = args.trust_remote_code
     folders = config_inputs(config, args.config)[1]
     reads = [args.checkpoint, args.arm_checkpoint, *folders]
     check_output_folder(args.output, overwrite=args.overwrite, reads=reads)

@@ -184,7 +184,7 @@ def load_model(
     init)."""
     if checkpoint is None:
         return build_model(config, task)
-    model, tokenizer = load_checkpoint(checkpoint)
+    model, tokenizer = load_checkpoint(checkpoint, config.trust_remote_code)
     saved = saved_run_config(checkpoint)
     config.max_length = config.max_length or saved.get("max_length")
     config.gen_length = config.gen_length or saved.get("gen_length")
@@ -226,7 +226,7 @@ def load_inputs(
     model.eval()
     arm_model = None
     if arm_checkpoint is not None:  # checked before any measurement starts
-        arm_model, _ = load_checkpoint(arm_checkpoint)
+        arm_model, _ = load_checkpoint(arm_checkpoint, config.trust_remote_code)
         check_fits(arm_model, tokenizer, canvas.max_length, f"--arm-checkpoint {arm_checkpoint}")
         if isinstance(arm_model, Transformer):
             arm_model.config.causal = True
