@@ -2,6 +2,7 @@
 evaluate and generate; bad model or data input fails with one line before training starts."""
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -299,3 +300,20 @@ def test_every_method_trains_an_adapted_causal_lm(llama, tmp_path, method):
     result = train(config)
     losses = [r["loss"] for r in result.log_history if "loss" in r]
     assert result.global_step == 2 and all(map(math.isfinite, losses))
+
+
+def test_lora_run_loads_from_another_directory_and_names_a_missing_base(
+    llama, tmp_path, monkeypatch, capsys
+):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(llama, work / "base")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)  # the base model typed as a relative path, as users do
+    _train_cli(Path("run"), "model=base", "add_mask_token=true", "lora_r=4")
+    monkeypatch.chdir(elsewhere)
+    assert _eval_cli(work / "run", capsys)["n"] == 3
+    (work / "base").rename(work / "moved")
+    capsys.readouterr()
+    assert main(["generate", str(work / "run"), "--prompt", "1+2", "--gen-length", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(work / "base") in err[0] and "huggingface.co" not in err[0]

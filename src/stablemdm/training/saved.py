@@ -72,8 +72,12 @@ def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"checkpoint folder {folder} does not exist")
+    from ..models.hf import MissingBaseModel
+
     try:
         return _load_checkpoint(folder)
+    except MissingBaseModel:  # every checkpoint of the run needs the same base
+        raise
     except ConfigError as err:
         raise ConfigError(f"{err}{other_checkpoints(folder)}") from err
     except (ValueError, OSError, SafetensorError) as err:
