@@ -2,8 +2,8 @@
 evaluate and generate; bad model or data input fails with one line before training starts."""
 
 import json
-import shutil
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,6 +130,7 @@ def test_mdm_fine_tune_with_ppots_mirror_saves_reloads_and_decodes(
     spec = adapter_spec(model)
     assert objective_of(model) == "mdm" and spec.mask_token_id == tokenizer.mask_token_id
     assert spec.bidirectional == (name == "llama") and spec.shift_logits == (name == "llama")
+    assert load_config(out / "config.yaml").shift_logits is spec.shift_logits  # not null
     result = _eval_cli(out, capsys)
     assert result["objective"] == "mdm" and result["n"] == 3
     assert (out / "eval-chain_sum-test.jsonl").is_file()
@@ -147,6 +148,7 @@ def test_count_mode_and_arm_fine_tunes_through_the_python_api(llama, tmp_path):
     assert train(arm).global_step == 2
     model, tokenizer = load_checkpoint(tmp_path / "arm")
     assert objective_of(model) == "arm" and tokenizer.mask_token_id is None
+    assert load_config(tmp_path / "arm" / "config.yaml").shift_logits is False
 
 
 def test_lora_trains_adapters_only_and_reloads(llama, tmp_path, capsys):

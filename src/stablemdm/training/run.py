@@ -22,10 +22,17 @@ from ..estimators.rates import Uniform
 from ..estimators.stratified import Stratified
 from ..evaluation.scoring import evaluate
 from ..models import Transformer
-from ..models.hf import unwrap
+from ..models.hf import adapter_spec, unwrap
 from ..tasks.registry import Task, get_task
 from .build import build_model, build_objective, build_sampler, fit_density, load_density
-from .callbacks import AccuracyCallback, EMACallback, MetricsCallback, ProgressBar, RefitCallback
+from .callbacks import (
+    AccuracyCallback,
+    EMACallback,
+    LogLines,
+    MetricsCallback,
+    ProgressBar,
+    RefitCallback,
+)
 from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
@@ -48,10 +55,13 @@ def train(
 ) -> RunResult:
     """Train the configured model; `resume` is True (latest checkpoint) or a folder.
     Extra `transformers.TrainerCallback`s may watch the run. The canvas lengths measured on
-    the data are written into `config` (and so into config.yaml) before anything else."""
+    the data and a Hugging Face model's resolved `shift_logits` are written into `config`
+    (and so into config.yaml) before anything else."""
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
+    if config.model is not None:  # config.yaml records the resolved convention, not null
+        config.shift_logits = adapter_spec(model).shift_logits
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
     if checkpoint is not None and config.process_index == 0:
@@ -144,8 +154,8 @@ def _trainer(
         objective=objective,
         eval_objective=eval_objective,
     )
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(ProgressBar)
+    if trainer.pop_callback(ProgressCallback) is not None:  # a bar on a terminal only
+        trainer.add_callback(ProgressBar if sys.stderr.isatty() else LogLines)
     if config.eval_accuracy:
 
         def accuracy(m: torch.nn.Module) -> float:
