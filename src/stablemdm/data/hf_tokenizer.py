@@ -84,7 +84,7 @@ class HFTokenizer:
 
     def encode_response(self, example: Example) -> list[int]:
         """The response ids ending in EOS (under a template: everything the full conversation
-        adds after the prompt, end-of-turn tokens included)."""
+        adds after the prompt, end-of-turn tokens included, up to the EOS that ends the turn)."""
         if not example.response and "messages" not in example.meta:
             raise DataError(f"{example.source}: empty response; every example needs a response")
         if not self.chat_template:
@@ -99,10 +99,18 @@ class HFTokenizer:
                 "response is added (it is not prefix-stable), so the response boundary is "
                 "unknown; use another template or chat_template=false"
             )
-        ids = full[len(prompt) :]
+        ids = self._through_end_of_turn(full[len(prompt) :])
         if not ids:
             raise DataError(f"{example.source}: the response encodes to no tokens")
         return ids if ids[-1] == self.eos_token_id else [*ids, self.eos_token_id]
+
+    def _through_end_of_turn(self, ids: list[int]) -> list[int]:
+        """The response up to its last EOS when the template adds only whitespace after it
+        (ChatML's `<|im_end|>` newline): otherwise a second EOS would follow and be trained."""
+        if self.eos_token_id not in ids:
+            return ids
+        end = len(ids) - ids[::-1].index(self.eos_token_id)
+        return ids[:end] if not self.tokenizer.decode(ids[end:]).strip() else ids
 
     def token_id(self, text: str, where: str) -> int:
         """The id of `text`, which must be exactly one token (ISAD tokens, for example)."""
