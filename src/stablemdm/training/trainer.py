@@ -12,7 +12,9 @@ not finite, stopping after `max_nonfinite_steps` in a row (docs/reliability.md).
 Randomness: the rates of optimizer step s are drawn at once for every process and
 micro-batch from a generator seeded by (seed, s), shared by all processes, and each
 micro-batch j of each rank takes its slice (`rate_slice`), so StraTS stratifies the whole
-global batch of the step; masks come from (seed, s, j, rank). A resumed run therefore draws
+global batch of the step (slices of the nominal micro-batch size: a short last micro-batch
+of an epoch takes part of its slice, and no stratum twice); masks come from (seed, s, j,
+rank). A resumed run therefore draws
 exactly what the uninterrupted run drew.
 """
 
@@ -92,6 +94,7 @@ class StableMDMTrainer(Trainer):
                 mask_generator=seeded_generator(seed, "mask", step, micro, rank),
                 rank=part,
                 world_size=parts,
+                micro_batch_size=self.args.per_device_train_batch_size,
             )
             self._record(out, inputs)
             bad = ~torch.isfinite(out.loss.detach())  # judged with the gradient (no sync here)
