@@ -319,3 +319,35 @@ def test_lora_run_loads_from_another_directory_and_names_a_missing_base(
     assert main(["generate", str(work / "run"), "--prompt", "1+2", "--gen-length", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(work / "base") in err[0] and "huggingface.co" not in err[0]
+
+
+def test_an_empty_prompt_without_bos_under_shift_logits_is_refused(tmp_path, capsys):
+    """A causal LM whose tokenizer adds no BOS (ChatML family), adapted with shifted logits:
+    an example with an empty prompt has no position before its first response token."""
+    from hf_fixtures import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = _save(LlamaForCausalLM(config), tok, tmp_path / "nobos")
+    rows = [{"prompt": f"{i}+1", "response": f"{i + 1}"} for i in range(8)]
+    rows[3]["prompt"] = ""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = f"task_options={{train: {data}, test: {data}}}"
+    out = tmp_path / "run"
+    args = ["train", *TINY, f"model={model}", "add_mask_token=true", "task=dataset", options]
+    assert main([*args, f"output_dir={out}"]) == 2
+    errors = [e for e in capsys.readouterr().err.splitlines() if "error:" in e]
+    assert len(errors) == 1 and "prompt is empty" in errors[0] and "d.jsonl:row 3" in errors[0]
+    assert not out.exists()
+    assert main([*args, "shift_logits=false", "max_steps=1", f"output_dir={out}"]) == 0

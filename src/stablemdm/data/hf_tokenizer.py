@@ -25,7 +25,9 @@ class HFTokenizer:
 
     `mask_token_id` is resolved by the model side (`models.hf`; None for an ARM). EOS is
     `eos_token_id`, else the tokenizer's EOS, else its SEP (BERT); PAD is the tokenizer's,
-    else EOS (Llama family: attention comes from row lengths, so that is safe)."""
+    else EOS (Llama family: attention comes from row lengths, so that is safe). Under
+    `shift_logits` (position i-1 predicts token i) a prompt must encode to at least one token,
+    the position that predicts the first response token."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class HFTokenizer:
         chat_template: bool = False,
         system_prompt: str | None = None,
         eos_token_id: int | None = None,
+        shift_logits: bool = False,
     ) -> None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if chat_template and not getattr(tokenizer, "chat_template", None):
@@ -54,6 +57,7 @@ class HFTokenizer:
         self.vocab_size = len(tokenizer)
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        self.shift_logits = shift_logits
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.tokenizer.name_or_path!r}, chat_template={self.chat_template})"
@@ -80,7 +84,15 @@ class HFTokenizer:
         up to and including the assistant's generation prompt."""
         if self.chat_template:
             return self._render(self._messages(example)[:-1], generation_prompt=True)
-        return list(self.tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        if not ids and self.shift_logits:
+            raise DataError(
+                f"{example.source}: the prompt is empty and the tokenizer adds no BOS, so under "
+                "shift_logits (position i-1 predicts token i) the first response token would be "
+                "scored against its own position; give it a prompt, or set chat_template=true "
+                "or shift_logits=false"
+            )
+        return ids
 
     def encode_response(self, example: Example) -> list[int]:
         """The response ids ending in EOS (under a template: everything the full conversation

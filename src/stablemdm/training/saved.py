@@ -102,6 +102,7 @@ def _load_checkpoint(folder: Path) -> tuple[torch.nn.Module, Any]:
             spec.mask_token_id,
             chat_template=bool(run.get("chat_template", False)),
             system_prompt=run.get("system_prompt"),
+            shift_logits=spec.shift_logits,
         )
         return model, tokenizer
     if not (folder / MODEL_CONFIG).is_file():
