@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from transformers.trainer_callback import ProgressCallback
 
 from ..data import TextTokenizer
+from ..errors import ConfigError
 from ..estimators.objective import Objective
 from ..estimators.ppots import PPOTS
 from ..estimators.ppots_fit import describe_fit
@@ -57,6 +59,7 @@ def train(
     Extra `transformers.TrainerCallback`s may watch the run. The canvas lengths measured on
     the data and a Hugging Face model's resolved `shift_logits` are written into `config`
     (and so into config.yaml) before anything else."""
+    _check_launch(config)
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
@@ -97,6 +100,7 @@ def train(
     if config.process_index == 0:
         save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective)
+    _note_launch(trainer)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
     refits = []
@@ -120,6 +124,36 @@ def train(
     if trainer.is_world_process_zero():
         save_extras(Path(config.output_dir), with_model=builtin)
     return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
+
+
+def _launched_with(name: str) -> bool:
+    """Whether `accelerate launch` was told to use FSDP or DEEPSPEED (its config file)."""
+    return os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"
+
+
+def _check_launch(config: StableMDMConfig) -> None:
+    """Refuse FSDP for the built-in transformer before anything is built: FSDP is for
+    Hugging Face models too large for one device (configs/accelerate/fsdp.yaml)."""
+    if _launched_with("FSDP") and config.model is None:
+        raise ConfigError(
+            "FSDP (configs/accelerate/fsdp.yaml) shards Hugging Face models (model=PATH); train "
+            "the built-in transformer with DDP: torchrun, or configs/accelerate/ddp_gpu.yaml"
+        )
+
+
+def _note_launch(trainer: StableMDMTrainer) -> None:
+    """Say so when accelerate was asked for FSDP or DeepSpeed but did not enable it (it does
+    only on GPUs): the processes then train with plain DDP."""
+    for name, enabled in (
+        ("FSDP", trainer.is_fsdp_enabled),
+        ("DEEPSPEED", trainer.is_deepspeed_enabled),
+    ):
+        if _launched_with(name) and not enabled and trainer.is_world_process_zero():
+            print(
+                f"stablemdm: note: accelerate did not enable {name} for these processes (it "
+                "does only on GPUs); they train with DDP",
+                file=sys.stderr,
+            )
 
 
 def _trainer(

@@ -130,6 +130,8 @@ class StableMDMTrainer(Trainer):
         and stop after `max_nonfinite_steps` in a row. The decision is the same on every
         process. With fp16 the gradient scaler skips such a step itself."""
         device = self.args.device
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 clips sharded gradients: a DTensor norm
+            grad_norm = grad_norm.full_tensor()
         bad = ~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))
         if self._bad_loss is not None:
             bad = bad | self._bad_loss.to(device)
