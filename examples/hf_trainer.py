@@ -3,6 +3,8 @@ the Trainer yourself, train, save, reload and decode (what `stablemdm train` doe
 
     python examples/hf_trainer.py --output runs/example                # a tiny Llama built here
     python examples/hf_trainer.py --output runs/example --model PATH --steps 200
+
+`--model` takes any local causal LM (adapted), masked LM (BERT, no chat template) or MDM.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ def main() -> None:
         args.model = str(out / "base")
         save_llama(args.model, "tiny")
 
-    # 1. the model, adapted to an MDM (bidirectional attention, shifted logits, a mask token)
+    # 1. the model, adapted to an MDM: a causal LM gets bidirectional attention and shifted
+    # logits, a model without a mask token a new one; a masked LM (BERT) is used as it is
     model, hf_tokenizer, spec = load_hf_model(args.model, objective="mdm", add_mask_token=True)
-    tokenizer = HFTokenizer(hf_tokenizer, spec.mask_token_id, chat_template=True)
+    chat = bool(getattr(hf_tokenizer, "chat_template", None))  # BERT has no chat template
+    tokenizer = HFTokenizer(hf_tokenizer, spec.mask_token_id, chat_template=chat)
 
-    # 2. the data: prompts by the chat template (never masked), responses + EOS fill (scored)
+    # 2. the data: prompts (by the chat template if there is one; never masked), responses +
+    # EOS fill (scored)
     task = get_task("chain_sum", n_train=256, n_test=8)
     examples = task.examples("train")
     max_length, gen_length = canvas_lengths(examples, tokenizer)
@@ -67,8 +72,8 @@ def main() -> None:
     config = StableMDMConfig(
         output_dir=str(out / "run"),
         model=args.model,
-        add_mask_token=True,
-        chat_template=True,
+        add_mask_token=spec.mask_token_added,
+        chat_template=chat,
         sampler="ppots",
         masking="mirror",
         max_steps=args.steps,
@@ -96,7 +101,7 @@ def main() -> None:
 
     # 5. reload and decode the test prompts (LLaDA-style low-confidence remasking)
     model, hf_tokenizer, spec = load_trained(config.output_dir)
-    tokenizer = HFTokenizer(hf_tokenizer, spec.mask_token_id, chat_template=True)
+    tokenizer = HFTokenizer(hf_tokenizer, spec.mask_token_id, chat_template=chat)
     test = task.examples("test")
     outputs = generate(
         model,

@@ -52,3 +52,18 @@ def bert_tokenizer() -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """SmolLM2/Qwen-like: a ChatML template whose turns end in `<|im_end|>` then a newline,
+    `<|im_end|>` being the EOS token; no BOS."""
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = _fast(specials, None, eos_token="<|im_end|>", unk_token="<unk>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok

@@ -263,3 +263,39 @@ def test_help_explains_every_option(verb, capsys):
     assert "usage: stablemdm" in text
     if verb == "train":
         assert "ppots_method" in text and "isad_q_max" in text
+
+
+def test_eval_defaults_to_the_runs_task_and_options(trained, tmp_path, capsys):
+    """No --task and no --task-option retyped: the run's config.yaml names them (chain_sum,
+    n_test=10); one --task-option replaces one of them."""
+    assert main(["eval", str(trained), "--output", str(tmp_path / "all.jsonl")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["task"], summary["n"]) == ("chain_sum", 10)
+    args = ["eval", str(trained), "--task-option", "n_test=3"]
+    assert main([*args, "--output", str(tmp_path / "three.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
+
+
+def test_eval_without_a_task_or_a_run_config_is_one_line(trained, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        if (trained / name).is_file():
+            (bare / name).write_bytes((trained / name).read_bytes())
+    assert main(["eval", str(bare)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no --task given" in err[0] and "config.yaml" in err[0]
+
+
+def test_an_arm_generates_past_its_training_length(tmp_path, capsys):
+    out = tmp_path / "arm"
+    recipe = str(ROOT / "recipes/chain_sum_arm.yaml")
+    assert main(["train", "--config", recipe, *TINY, f"output_dir={out}"]) == 0
+    limit = load_config(out / "config.yaml").max_length
+    capsys.readouterr()
+    args = ["generate", str(out), "--prompt", "1+2", "--gen-length", str(3 * limit)]
+    assert main([*args, "--temperature", "1"]) == 0  # sampling: no early <eos>
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(line) > limit  # character tokenizer: one token per character
+    assert main(["generate", str(out), "--prompt", "1" * (limit + 1)]) == 2
+    assert "longer than the" in capsys.readouterr().err

@@ -368,3 +368,49 @@ def test_rejects_unknown_objective_and_empty_prompt():
         generate_arm(
             RampModel(1.0), [[SEP], []], eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=2
         )
+
+
+class NextLetter(torch.nn.Module):
+    """A causal stand-in that sees at most `context` positions (like a model with a position
+    table of that size) and predicts, at each position, the letter after the one there."""
+
+    def __init__(self, context: int):
+        super().__init__()
+        self.context = context
+        self.inputs: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, input_ids, attention_mask):
+        if input_ids.shape[1] > self.context:
+            raise ValueError(f"{input_ids.shape[1]} positions exceed the context {self.context}")
+        self.inputs.append(input_ids.clone())
+        self.masks.append(attention_mask.clone())
+        following = (input_ids - 4 + 1) % (VOCAB - 4) + 4  # [B, L]
+        return torch.nn.functional.one_hot(following, VOCAB).float() * PEAK
+
+
+def test_arm_generates_past_its_context_on_a_window_of_the_latest_tokens():
+    prompts, context, new = [[4], [6, 7, 8]], 5, 12
+    model = NextLetter(context)
+    out = generate_arm(
+        model,
+        prompts,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        max_new_tokens=new,
+        context_length=context,
+    )
+    letters = VOCAB - 4
+    assert out == [[(p[-1] - 4 + i) % letters + 4 for i in range(1, new + 1)] for p in prompts]
+    assert max(x.shape[1] for x in model.inputs) == context
+    whole = [p + o for p, o in zip(prompts, out, strict=True)]
+    last, mask = model.inputs[-1], model.masks[-1]  # the window of the last new token
+    for b, row in enumerate(whole):
+        seen = last[b][mask[b]].tolist()
+        assert seen == row[-context - 1 : -1]  # the latest tokens before the last one
+
+
+def test_arm_without_a_context_length_gives_the_model_the_whole_prefix():
+    model = NextLetter(context=3)
+    with pytest.raises(ValueError, match="exceed the context 3"):
+        generate_arm(model, [[4]], eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=4)

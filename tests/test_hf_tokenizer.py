@@ -3,7 +3,7 @@ that equals EOS, the response-length normaliser key, and the errors."""
 
 import pytest
 import torch
-from hf_fixtures import bert_tokenizer, llama_tokenizer
+from hf_fixtures import bert_tokenizer, chatml_tokenizer, llama_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +35,17 @@ def test_chat_prompts_are_rendered_by_the_template():
     assert text == "<|system|>Be brief.<|end|><|user|>2+2<|end|><|assistant|>"
     response = tok.decode(tok.encode_response(EXAMPLES[0]), skip_special_tokens=False)
     assert response == "4<|end|><eos>"
+
+
+def test_a_chatml_response_ends_on_one_end_of_turn_token():
+    """ChatML ends a turn with `<|im_end|>` and a newline; `<|im_end|>` is also EOS, so the
+    response must not be `3<|im_end|>\n<|im_end|>` (two ends of turn)."""
+    tok = HFTokenizer(chatml_tokenizer(), mask_token_id=0, chat_template=True)
+    ids = tok.encode_response(EXAMPLES[0])
+    assert tok.decode(ids, skip_special_tokens=False) == "4<|im_end|>"
+    assert tok.decode(tok.encode_prompt(EXAMPLES[0]), skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_messages_in_meta_are_used_whole():

@@ -3,6 +3,7 @@ evaluate and generate; bad model or data input fails with one line before traini
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def test_mdm_fine_tune_with_ppots_mirror_saves_reloads_and_decodes(
     spec = adapter_spec(model)
     assert objective_of(model) == "mdm" and spec.mask_token_id == tokenizer.mask_token_id
     assert spec.bidirectional == (name == "llama") and spec.shift_logits == (name == "llama")
+    assert load_config(out / "config.yaml").shift_logits is spec.shift_logits  # not null
     result = _eval_cli(out, capsys)
     assert result["objective"] == "mdm" and result["n"] == 3
     assert (out / "eval-chain_sum-test.jsonl").is_file()
@@ -146,6 +148,7 @@ def test_count_mode_and_arm_fine_tunes_through_the_python_api(llama, tmp_path):
     assert train(arm).global_step == 2
     model, tokenizer = load_checkpoint(tmp_path / "arm")
     assert objective_of(model) == "arm" and tokenizer.mask_token_id is None
+    assert load_config(tmp_path / "arm" / "config.yaml").shift_logits is False
 
 
 def test_lora_trains_adapters_only_and_reloads(llama, tmp_path, capsys):
@@ -299,3 +302,52 @@ def test_every_method_trains_an_adapted_causal_lm(llama, tmp_path, method):
     result = train(config)
     losses = [r["loss"] for r in result.log_history if "loss" in r]
     assert result.global_step == 2 and all(map(math.isfinite, losses))
+
+
+def test_lora_run_loads_from_another_directory_and_names_a_missing_base(
+    llama, tmp_path, monkeypatch, capsys
+):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(llama, work / "base")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)  # the base model typed as a relative path, as users do
+    _train_cli(Path("run"), "model=base", "add_mask_token=true", "lora_r=4")
+    monkeypatch.chdir(elsewhere)
+    assert _eval_cli(work / "run", capsys)["n"] == 3
+    (work / "base").rename(work / "moved")
+    capsys.readouterr()
+    assert main(["generate", str(work / "run"), "--prompt", "1+2", "--gen-length", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(work / "base") in err[0] and "huggingface.co" not in err[0]
+
+
+def test_an_empty_prompt_without_bos_under_shift_logits_is_refused(tmp_path, capsys):
+    """A causal LM whose tokenizer adds no BOS (ChatML family), adapted with shifted logits:
+    an example with an empty prompt has no position before its first response token."""
+    from hf_fixtures import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = _save(LlamaForCausalLM(config), tok, tmp_path / "nobos")
+    rows = [{"prompt": f"{i}+1", "response": f"{i + 1}"} for i in range(8)]
+    rows[3]["prompt"] = ""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = f"task_options={{train: {data}, test: {data}}}"
+    out = tmp_path / "run"
+    args = ["train", *TINY, f"model={model}", "add_mask_token=true", "task=dataset", options]
+    assert main([*args, f"output_dir={out}"]) == 2
+    errors = [e for e in capsys.readouterr().err.splitlines() if "error:" in e]
+    assert len(errors) == 1 and "prompt is empty" in errors[0] and "d.jsonl:row 3" in errors[0]
+    assert not out.exists()
+    assert main([*args, "shift_logits=false", "max_steps=1", f"output_dir={out}"]) == 0

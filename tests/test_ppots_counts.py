@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from stablemdm.estimators import ppots_fit as ppots
 from stablemdm.estimators.losses import mdm_loss
 from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots import PPOTS
 from stablemdm.estimators.ppots_counts import CountMoments, count_levels, measure_count_moments
 from stablemdm.models import ModelConfig, Transformer
 
@@ -266,3 +268,74 @@ class TestSelfCheck:
         assert checked is good and not good.check["fallback"]
         assert good.check["ratio_to_optimal"] < 1.01 < 1 / good.check["ratio_to_standard"]
         assert math.isfinite(good.check["optimal_ratio"])
+
+
+class TestCountModeCheck:
+    def test_the_check_predicts_what_a_steep_density_delivers_in_count_mode(self, toy):
+        """Count mode draws a count k with q(k), the density's mass over k's cell of t, so
+        the estimator's second moment is (1/|E|^2) sum_k M(k) / q(k), which for a density
+        steep inside a cell lies well below the integral of S/p over t. The self-check
+        (exact moments M) must predict what the count-mode estimator delivers (Monte Carlo,
+        Z standard errors), and the integral over t must not."""
+        model, batch = toy
+        M, _ = exact_moments(pattern_sums(model, batch))
+        moments = moments_from(M, "count")
+        steep = PPOTS.from_function(lambda t: 1.0 / (t + 0.002), mix=0.3)  # as P-POTS near 0
+        t, w = ppots.sqrt_cells()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fallback keeps the check too
+            check = ppots.checked_density(steep, t, w, moments.S_each(t), moments).check
+        objective = Objective(MASK, rate="count", sampler=steep)
+        rows = {k: v.repeat(500, 1) for k, v in batch.items()}  # each sequence 500 times
+        with torch.no_grad():
+            squares = torch.cat(
+                [
+                    objective(
+                        model,
+                        rows,
+                        torch.Generator().manual_seed(d),
+                        torch.Generator().manual_seed(100 + d),
+                    ).per_sequence.double()
+                    ** 2
+                    for d in range(24)
+                ]
+            )
+        standard = (M.sum(axis=1) / L).mean()  # Standard's second moment, exact
+        delivered = squares.mean().item() / standard
+        se = squares.std().item() / math.sqrt(len(squares)) / standard
+        assert abs(check["ratio_to_standard"] - delivered) < Z * se, (check, delivered, se)
+        density = steep.density(torch.from_numpy(t)).numpy()
+        integral = ppots.predicted_ratios(t, w, moments.S(t), density)["ratio_to_standard"]
+        assert integral - delivered > Z * se  # what the check said before: an overestimate
+
+
+def _draws(rng: np.random.Generator, slope: float, t: np.ndarray) -> np.ndarray:
+    """S `[32, n]` of 32 sequences: a scale per sequence times (1 + slope t)^2, times a
+    smooth random wiggle of 5% per sequence (the counts estimate's noise)."""
+    scale = rng.lognormal(0.0, 0.5, size=(32, 1))
+    a = rng.standard_normal((32, 3))
+    wiggle = 1 + 0.05 * sum(a[:, [m]] * np.sin(np.pi * (m + 1) * t)[None] for m in range(3))
+    return scale * ((1 + slope * t) ** 2)[None] * wiggle
+
+
+@pytest.mark.parametrize("slope, kept", [(0.015, 0), (3.0, 20)])
+def test_refits_do_not_flip_on_a_gain_the_check_cannot_see(slope, kept):
+    """20 refits, each fitted on 32 sequences and checked on 32 others. With almost nothing
+    to gain (S nearly flat: the optimum is 0.99995 x Standard) each fit's predicted ratio
+    lands just below or just above 1 by chance, and `ratio < 1` kept or dropped it at random;
+    now every refit falls back. A real gain (about 0.89 x Standard) is kept every time."""
+    t, w = ppots.sqrt_cells(1024)
+    rng = np.random.default_rng(0)
+    decisions, ratios = [], []
+    for _ in range(20):
+        fit, held = _draws(rng, slope, t), _draws(rng, slope, t)
+        S = fit.mean(axis=0)
+        fitted = PPOTS.from_function(lambda x, S=S: np.sqrt(np.interp(x, t, S)), mix=0.1, n_bins=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check = ppots.checked_density(fitted, t, w, held).check
+        decisions.append(not check["fallback"])
+        ratios.append(check["ratio_to_standard"])
+    assert sum(decisions) == kept
+    if not kept:  # the situation of the bug: the old rule would have flipped
+        assert 0 < sum(r < 1.0 for r in ratios) < 20

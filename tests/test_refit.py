@@ -117,6 +117,64 @@ def test_strats_covers_the_optimizer_step_once(toy, compute_matched):  # noqa: F
     assert sorted({rate_slice(j, r, 2, 2)[0] for j in range(2) for r in range(2)}) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("compute_matched", [False, True])
+def test_strats_keeps_a_short_micro_batch_in_its_own_strata(toy, compute_matched):  # noqa: F811
+    """An epoch ending on a short micro-batch: 2 processes x 2 micro-batches of nominally 4
+    sequences, the second only 2. Every rate of the step lies in its own stratum of the
+    nominal 16 (the short one takes the first rates of its slice), for every seed."""
+    model, batch = toy
+    full = {k: v.repeat(2, 1) for k, v in batch.items()}  # 4 sequences
+    short = {k: v[:2] for k, v in full.items()}
+    masking = "mirror" if compute_matched else "iid"
+    base = PPOTS.from_function(lambda t: 1.0 / (t + 0.05), n_bins=64)
+    objective = Objective(
+        MASK, sampler=Stratified(base), masking=masking, compute_matched=compute_matched
+    )
+    nominal = 2 if compute_matched else 4
+    for seed in range(20):
+        rates = []
+        for micro, data in enumerate((full, short)):
+            for rank in range(2):
+                part, parts = rate_slice(micro, rank, 2, 2)
+                out = objective(
+                    model,
+                    data,
+                    seeded_generator(seed, "rate", 7),
+                    seeded_generator(seed, "mask", 7, micro, rank),
+                    rank=part,
+                    world_size=parts,
+                    micro_batch_size=4,
+                )
+                rates.append(out.rate.double())
+        u = base.cdf(torch.cat(rates))  # [12] (or [6]) in the base's CDF space
+        strata = torch.floor(u * 4 * nominal).long().tolist()
+        assert len(strata) == 3 * nominal and len(set(strata)) == len(strata), (seed, strata)
+
+
+def test_a_training_epoch_ending_on_a_short_micro_batch_keeps_the_step_stratified(tmp_path):
+    """28 sequences in micro-batches of 8, 2 per step: the second step's micro-batches hold 8
+    and 4 sequences; its 12 rates lie in 12 different strata of the nominal 16."""
+    from stablemdm.training.trainer import StableMDMTrainer
+
+    draws: dict[int, list[float]] = {}
+    record = StableMDMTrainer._record
+
+    def logged(self, out, inputs):
+        u = self.objective.sampler.cdf(out.rate.double()).tolist()
+        draws.setdefault(self.state.global_step, []).extend(u)
+        record(self, out, inputs)
+
+    extra = ["task_options={n_train: 28, n_test: 4}", "gradient_accumulation_steps=2"]
+    extra += ["max_steps=-1", "num_train_epochs=1", "scheme=stratified", "save_strategy=no"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StableMDMTrainer, "_record", logged)
+        train(_config(tmp_path, "short", *extra))
+    assert [len(draws[s]) for s in sorted(draws)] == [16, 12]
+    for u in draws.values():
+        strata = [math.floor(x * 16) for x in u]
+        assert len(set(strata)) == len(strata), strata
+
+
 def _config(tmp_path: Path, name: str, *extra: str):
     return load_config(None, [*SMALL, f"output_dir={tmp_path / name}", *extra])
 

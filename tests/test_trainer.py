@@ -308,10 +308,25 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     assert (tmp_path / "nan" / "checkpoint-1" / "model.safetensors").is_file()
 
 
-def test_progress_bar_shows_loss_learning_rate_and_throughput(tmp_path, capsys):
+def test_progress_bar_shows_loss_learning_rate_and_throughput(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar
     train(_config(tmp_path, "bar", "max_steps=2", "save_steps=2", "disable_tqdm=false"))
     err = capsys.readouterr().err
-    assert "loss=" in err and "lr=" in err and "tok_s=" in err
+    assert "loss=" in err and "lr=" in err and "tok_s=" in err and "\r" in err
+
+
+def test_a_redirected_log_gets_plain_lines_not_a_bar(tmp_path, capsys):
+    """`stablemdm train ... 2> log`: one line per log step, no carriage returns."""
+    from stablemdm.cli import main
+
+    args = [*SMALL, "max_steps=3", "save_steps=3", "disable_tqdm=false", "eval_strategy=steps"]
+    assert main(["train", *args, "eval_steps=3", f"output_dir={tmp_path / 'log'}"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    steps = [line for line in err.splitlines() if line.startswith("stablemdm: step ")]
+    assert [line.split(":")[1] for line in steps[:3]] == [" step 1/3", " step 2/3", " step 3/3"]
+    assert all("loss=" in line and "lr=" in line and "tok_s=" in line for line in steps[:3])
+    assert any("eval_loss=" in line for line in steps)
 
 
 def test_a_dataloader_takes_whole_batches_that_equal_the_stacked_rows():

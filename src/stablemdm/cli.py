@@ -150,13 +150,16 @@ def _add_eval(verbs: Any) -> None:
         "the task's checker; prints the accuracy and writes one JSONL record per item.",
     )
     ev.add_argument("checkpoint", help="a run's output folder or checkpoint-N folder")
-    ev.add_argument("--task", required=True, help="task name (see `stablemdm eval --list-tasks`)")
+    ev.add_argument(
+        "--task", help="task name (default: the task the run trained on, from its config.yaml)"
+    )
     ev.add_argument(
         "--task-option",
         action="append",
         default=[],
         metavar="key=value",
-        help="task option, e.g. n_test=100 (repeatable)",
+        help="task option, e.g. n_test=100 (repeatable); each replaces one of the run's "
+        "task_options (used when the task is the run's)",
     )
     ev.add_argument("--split", default="test", choices=["train", "test"], help="which split")
     ev.add_argument("--limit", type=positive_int, help="score only the first N items")
@@ -258,14 +261,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The task `eval` scores: `--task`, else the one the run trained on (its config.yaml),
+    with the run's task_options when it is the run's task, each `--task-option` replacing
+    one."""
+    from .training.saved import saved_run_config
+
+    if not Path(args.checkpoint).is_dir():
+        raise ConfigError(f"checkpoint folder {args.checkpoint} does not exist")
+    saved = saved_run_config(args.checkpoint)
+    name = args.task or saved.get("task")
+    if name is None:
+        raise ConfigError(
+            f"no --task given, and {args.checkpoint} has no config.yaml naming the task it was "
+            "trained on; pass --task NAME"
+        )
+    options = dict(saved.get("task_options") or {}) if name == saved.get("task") else {}
+    options.update(parse_override(o) for o in args.task_option)
+    return name, options
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.scoring import evaluate
     from .tasks.registry import get_task
     from .training.datasets import decode_length
     from .training.saved import load_checkpoint, objective_of
 
-    options = dict(parse_override(o) for o in args.task_option)
-    output = args.output or str(Path(args.checkpoint) / f"eval-{args.task}-{args.split}.jsonl")
+    name, options = _task_of(args)
+    output = args.output or str(Path(args.checkpoint) / f"eval-{name}-{args.split}.jsonl")
     data = [v for v in options.values() if isinstance(v, str)]
     check_output_file(
         output,
@@ -275,7 +298,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         allowed_in_reads="eval-*.jsonl",
     )
     model, tokenizer = load_checkpoint(args.checkpoint, args.trust_remote_code)
-    task = get_task(args.task, **options)
+    task = get_task(name, **options)
     objective = objective_of(model)
     if args.gen_length is None:
         args.gen_length = decode_length(task, tokenizer, args.checkpoint)
@@ -295,7 +318,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(
         json.dumps(
             {
-                "task": args.task,
+                "task": name,
                 "split": args.split,
                 "objective": objective,
                 "accuracy": result.accuracy,
@@ -336,6 +359,36 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _room(
+    model: Any, ids: list[list[int]], saved: dict, args: argparse.Namespace, causal: bool
+) -> tuple[int, int | None]:
+    """(gen_length, the ARM's context) for `generate`: --gen-length, else the run's. An MDM's
+    canvas must fit the length it was trained on; an ARM generates past it on a window of
+    its latest tokens (`generate_arm`), so only each prompt must fit its context."""
+    limit = saved.get("max_length") or getattr(model.config, "max_seq_len", None)
+    gen_length = args.gen_length or saved.get("gen_length")
+    if gen_length is None:
+        gen_length = max(8, (limit or 0) - max(map(len, ids)))
+    if causal:
+        context = getattr(model.config, "max_seq_len", None) or getattr(
+            model.config, "max_position_embeddings", None
+        )
+        too_long = [i + 1 for i, x in enumerate(ids) if context and len(x) > context]
+        if too_long:
+            raise ConfigError(
+                f"prompt(s) {too_long} are longer than the {context} positions the model "
+                "attends to; shorten them"
+            )
+        return gen_length, context
+    too_long = [i + 1 for i, x in enumerate(ids) if limit and len(x) + gen_length > limit]
+    if too_long:
+        raise ConfigError(
+            f"prompt(s) {too_long} plus gen-length {gen_length} exceed the {limit} tokens the "
+            "model was trained on; shorten them or lower --gen-length"
+        )
+    return gen_length, None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -349,18 +402,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         tokenizer.encode_prompt(Example(p, "", "", source=f"prompt {i + 1}"))
         for i, p in enumerate(prompts)
     ]
-    saved = saved_run_config(args.checkpoint)
-    limit = saved.get("max_length") or getattr(model.config, "max_seq_len", None)
-    gen_length = args.gen_length or saved.get("gen_length")
-    if gen_length is None:
-        gen_length = max(8, limit - max(map(len, ids)))
-    too_long = [i + 1 for i, x in enumerate(ids) if limit and len(x) + gen_length > limit]
-    if too_long:
-        raise ConfigError(
-            f"prompt(s) {too_long} plus gen-length {gen_length} exceed the {limit} tokens the "
-            "model was trained on; shorten them or lower --gen-length"
-        )
     causal = objective_of(model) == "arm"
+    gen_length, context = _room(model, ids, saved_run_config(args.checkpoint), args, causal)
     generator = torch.Generator().manual_seed(args.seed)
     common = {
         "eos_token_id": tokenizer.eos_token_id,
@@ -371,7 +414,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for start in range(0, len(ids), args.batch_size):
         chunk = ids[start : start + args.batch_size]
         if causal:
-            out = generate(model, chunk, objective="arm", max_new_tokens=gen_length, **common)
+            out = generate(
+                model,
+                chunk,
+                objective="arm",
+                max_new_tokens=gen_length,
+                context_length=context,
+                **common,
+            )
         else:
             steps = args.steps or gen_length
             block = args.block_length or gen_length

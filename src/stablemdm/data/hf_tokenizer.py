@@ -25,7 +25,9 @@ class HFTokenizer:
 
     `mask_token_id` is resolved by the model side (`models.hf`; None for an ARM). EOS is
     `eos_token_id`, else the tokenizer's EOS, else its SEP (BERT); PAD is the tokenizer's,
-    else EOS (Llama family: attention comes from row lengths, so that is safe)."""
+    else EOS (Llama family: attention comes from row lengths, so that is safe). Under
+    `shift_logits` (position i-1 predicts token i) a prompt must encode to at least one token,
+    the position that predicts the first response token."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class HFTokenizer:
         chat_template: bool = False,
         system_prompt: str | None = None,
         eos_token_id: int | None = None,
+        shift_logits: bool = False,
     ) -> None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if chat_template and not getattr(tokenizer, "chat_template", None):
@@ -54,6 +57,7 @@ class HFTokenizer:
         self.vocab_size = len(tokenizer)
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        self.shift_logits = shift_logits
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.tokenizer.name_or_path!r}, chat_template={self.chat_template})"
@@ -80,11 +84,19 @@ class HFTokenizer:
         up to and including the assistant's generation prompt."""
         if self.chat_template:
             return self._render(self._messages(example)[:-1], generation_prompt=True)
-        return list(self.tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        if not ids and self.shift_logits:
+            raise DataError(
+                f"{example.source}: the prompt is empty and the tokenizer adds no BOS, so under "
+                "shift_logits (position i-1 predicts token i) the first response token would be "
+                "scored against its own position; give it a prompt, or set chat_template=true "
+                "or shift_logits=false"
+            )
+        return ids
 
     def encode_response(self, example: Example) -> list[int]:
         """The response ids ending in EOS (under a template: everything the full conversation
-        adds after the prompt, end-of-turn tokens included)."""
+        adds after the prompt, end-of-turn tokens included, up to the EOS that ends the turn)."""
         if not example.response and "messages" not in example.meta:
             raise DataError(f"{example.source}: empty response; every example needs a response")
         if not self.chat_template:
@@ -99,10 +111,18 @@ class HFTokenizer:
                 "response is added (it is not prefix-stable), so the response boundary is "
                 "unknown; use another template or chat_template=false"
             )
-        ids = full[len(prompt) :]
+        ids = self._through_end_of_turn(full[len(prompt) :])
         if not ids:
             raise DataError(f"{example.source}: the response encodes to no tokens")
         return ids if ids[-1] == self.eos_token_id else [*ids, self.eos_token_id]
+
+    def _through_end_of_turn(self, ids: list[int]) -> list[int]:
+        """The response up to its last EOS when the template adds only whitespace after it
+        (ChatML's `<|im_end|>` newline): otherwise a second EOS would follow and be trained."""
+        if self.eos_token_id not in ids:
+            return ids
+        end = len(ids) - ids[::-1].index(self.eos_token_id)
+        return ids[:end] if not self.tokenizer.decode(ids[end:]).strip() else ids
 
     def token_id(self, text: str, where: str) -> int:
         """The id of `text`, which must be exactly one token (ISAD tokens, for example)."""

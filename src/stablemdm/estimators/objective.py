@@ -145,13 +145,21 @@ class Objective:
         return batch["n_response"].float().clamp(min=1)
 
     def draw_rates(
-        self, n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
+        self,
+        n: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+        slice_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw the global batch's rates (or count fractions) `[n * world_size]` with a
-        generator shared by all processes and return this process's slice of (rate, weight).
-        Sharing the draw is what lets StraTS stratify the global batch."""
-        t, w = self.sampler.sample(n * world_size, generator)
-        return t[rank * n : (rank + 1) * n], w[rank * n : (rank + 1) * n]
+        """Draw the global batch's rates (or count fractions) with a generator shared by all
+        processes and return this process's n of (rate, weight). Sharing the draw is what lets
+        StraTS stratify the global batch. The draw is `slice_size` (default n) per slice: a
+        short slice (an epoch's last micro-batch) takes the first n rates of its full slice,
+        so every rate of the step stays in its own stratum."""
+        size = n if slice_size is None else max(n, slice_size)
+        t, w = self.sampler.sample(size * world_size, generator)
+        return t[rank * size : rank * size + n], w[rank * size : rank * size + n]
 
     def __call__(
         self,
@@ -161,8 +169,11 @@ class Objective:
         mask_generator: torch.Generator | None = None,
         rank: int = 0,
         world_size: int = 1,
+        micro_batch_size: int | None = None,
     ) -> ObjectiveOutput:
-        """Evaluate the objective on `batch` (`input_ids`, `attention_mask`, `eligible`)."""
+        """Evaluate the objective on `batch` (`input_ids`, `attention_mask`, `eligible`).
+        `micro_batch_size` is the nominal size of a micro-batch (a last, shorter one still
+        draws its rates from full slices: `draw_rates`)."""
         if self.kind == "arm":  # no rate, no mask: the only randomness is the data
             out = arm_loss(
                 model,
@@ -174,10 +185,13 @@ class Objective:
             ones = torch.ones_like(out.per_sequence)
             unweighted = out.per_sequence.detach()
             return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
+        nominal = micro_batch_size
         if self.compute_matched:
             half = max(1, batch["input_ids"].shape[0] // 2)
             batch = {k: v[:half] for k, v in batch.items()}
-        r, weight = self.draw_rates(batch["input_ids"].shape[0], rate_generator, rank, world_size)
+            nominal = None if nominal is None else max(1, nominal // 2)
+        n = batch["input_ids"].shape[0]
+        r, weight = self.draw_rates(n, rate_generator, rank, world_size, nominal)
         return self.at_rates(model, batch, r, weight, mask_generator)
 
     def at_rates(

@@ -10,7 +10,8 @@ exactly. Measuring M(x0, k) = E[u^2 | x0, k] at a few counts per sequence theref
 S at every t at once, with the exact small-t form S ~ M(x0, 1) / (|E| p) (no empty masks,
 no rare large draws), and smooth in t. In count mode S at rate r is M(x0, ceil(|E| r)).
 Counts between the measured ones are interpolated linearly in 1/k (exact when the masked
-tokens' losses do not depend on each other: M = a + b/k).
+tokens' losses do not depend on each other: M = a + b/k). In count mode the estimator's second
+moment under a density is a sum over counts (`count_mode_moments`), not an integral over t.
 """
 
 from __future__ import annotations
@@ -52,33 +53,47 @@ class CountMoments:
     rate: str
     eps: float
 
-    def _summed(self, n_eligible: int) -> np.ndarray:
-        """sum over sequences with |E| = n_eligible of M(x0, k) for k = 1..|E| `[|E|]`,
-        interpolated linearly in 1/k between measured counts."""
-        k = np.arange(1, n_eligible + 1)
-        total = np.zeros(n_eligible)
-        for i in np.flatnonzero(self.eligible == n_eligible):
-            own = self.sequence == i
-            levels, moments = self.count[own], self.moment[own]
-            order = np.argsort(1.0 / levels)
-            total += np.interp(1.0 / k, 1.0 / levels[order], moments[order])
-        return total
+    def _moments_of(self, i: int) -> np.ndarray:
+        """M(x0_i, k) for k = 1..|E_i| `[|E_i|]`, interpolated linearly in 1/k between the
+        measured counts."""
+        k = np.arange(1, int(self.eligible[i]) + 1)
+        own = self.sequence == i
+        levels, moments = self.count[own], self.moment[own]
+        order = np.argsort(1.0 / levels)
+        return np.interp(1.0 / k, 1.0 / levels[order], moments[order])
 
-    def S(self, t: np.ndarray) -> np.ndarray:
-        """S at rates t `[T]` in (0, 1]: the binomial mixture over counts in rate mode, the
-        measured moment of the count ceil(|E| t) in count mode."""
-        t = np.asarray(t, dtype=np.float64)
-        out = np.zeros_like(t)
+    def S_each(self, t: np.ndarray) -> np.ndarray:
+        """S at rates t `[T]` in (0, 1] for each sequence `[I, T]`: the binomial mixture over
+        counts in rate mode, the measured moment of the count ceil(|E| t) in count mode."""
+        t = np.asarray(t, dtype=np.float64).ravel()
+        out = np.zeros((len(self.eligible), t.size))
         p = (1.0 - self.eps) * t + self.eps
         for n in np.unique(self.eligible):
-            m = self._summed(int(n))  # [n]
+            rows = np.flatnonzero(self.eligible == n)
+            m = np.stack([self._moments_of(i) for i in rows])  # [R, n]
             k = np.arange(1, n + 1)
             if self.rate == "count":
-                out += m[np.clip(np.ceil(n * t).astype(int), 1, n) - 1]
+                out[rows] = m[:, np.clip(np.ceil(n * t).astype(int), 1, n) - 1]
             else:
-                mix = binom.pmf(k[None, :], n, p[..., None])  # [T, n]
-                out += mix @ (m * k**2) / (n * p) ** 2
-        return out / len(self.eligible)
+                mix = binom.pmf(k[None, :], n, p[:, None])  # [T, n]
+                out[rows] = (mix @ (m * k**2).T).T / (n * p) ** 2
+        return out
+
+    def S(self, t: np.ndarray) -> np.ndarray:
+        """S at rates t `[T]`: the mean of `S_each` over the sequences."""
+        return self.S_each(t).mean(axis=0)
+
+    def count_mode_moments(self, cdf: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The second moment of the count-mode estimator for each sequence `[I]`, summed over
+        its counts (exact: a count k is drawn with q(k) = cdf(k/|E|) - cdf((k-1)/|E|) and
+        weighted 1 / (|E| q(k))): under Standard, (1/|E|) sum_k M(x0, k); under the density
+        whose CDF is `cdf` (numpy in, numpy out), (1/|E|^2) sum_k M(x0, k) / q(k)."""
+        standard, fitted = np.empty(len(self.eligible)), np.empty(len(self.eligible))
+        for i, n in enumerate(self.eligible):
+            m, edges = self._moments_of(i), np.arange(n + 1) / n
+            q = np.diff(np.asarray(cdf(edges), dtype=np.float64))  # [n]
+            standard[i], fitted[i] = m.sum() / n, (m / q).sum() / n**2
+        return standard, fitted
 
 
 def count_objective(objective: Any) -> Any:

@@ -6,7 +6,8 @@ it to t exactly (`ppots_counts`), so p = sqrt(S) needs no fitted family; "family
 estimate S on a grid of rates equally spaced in sqrt(t) and fit the paper's smooth family by
 KL or smooth it with a kernel. Every fit is checked on held-out sequences: the second moment
 it predicts relative to Standard and to the optimum (`predicted_ratios`); a fit no better
-than Standard falls back to the uniform (`checked_density`).
+than Standard by two standard errors of the check falls back to the uniform
+(`checked_density`). In count mode the check sums over counts, as the estimator draws them.
 
 Densities here are unnormalised numpy functions of t; `ppots.PPOTS.from_function`
 tabulates them into a sampler.
@@ -14,6 +15,7 @@ tabulates them into a sampler.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
 from .ppots import PPOTS
-from .ppots_counts import measure_count_moments
+from .ppots_counts import CountMoments, measure_count_moments
 
 LOG_SCALE_BOUND = 20.0  # |log a|, |log b|, |log A| <= this during the fit
 
@@ -40,6 +42,17 @@ LITTLE_TO_GAIN = 0.98  # an optimum above this x Standard's second moment gains 
 
 
 QUADRATURE_CELLS = 1 << 14  # cells of the integrals over t (equal in sqrt(t), `sqrt_cells`)
+
+
+# A fit is kept only when its held-out ratio to Standard lies this many standard errors below
+# 1: a gain the self-check cannot tell from its own noise would flip between refits.
+FALLBACK_Z = 2.0
+
+
+# ... and at least this far below 1 (0.1% of Standard's second moment): a fit that is the
+# uniform up to rounding, or a gain too small for any run to notice, would otherwise be kept
+# or dropped by noise at each refit, and a kept one brings its importance weights for nothing.
+MIN_GAIN = 1e-3
 
 
 def second_moment(losses: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -278,17 +291,34 @@ def optimal_variance_ratio(
 
 
 def predicted_ratios(t: np.ndarray, w: np.ndarray, S: np.ndarray, density: np.ndarray) -> dict:
-    """The self-check of a fitted density p from an independent estimate of S at rates t with
-    quadrature weights w (all `[n]`): int S/p over Standard's int S (`ratio_to_standard`, < 1
-    is a gain) and over the optimum (int sqrt S)^2 (`ratio_to_optimal`, >= 1), and the
-    optimum over Standard (`optimal_ratio`)."""
-    standard = float(np.sum(w * S))
-    optimal = float(np.sum(w * np.sqrt(S)) ** 2)
-    fitted = float(np.sum(w * S / density))
+    """The self-check of a fitted density p `[n]` from an independent estimate of S at rates t
+    with quadrature weights w (`[n]`), S `[n]` or per sequence `[I, n]`: int S/p over
+    Standard's int S (`ratio_to_standard`, < 1 is a gain) with its standard error over the
+    sequences (`ratio_se`), over the optimum (int sqrt S)^2 (`ratio_to_optimal`, >= 1), and the
+    optimum over Standard (`optimal_ratio`). Pooled over processes."""
+    S = np.atleast_2d(np.asarray(S, dtype=np.float64))  # [I, n]
+    optimal = float(np.sum(w * np.sqrt(_pooled(S.mean(axis=0)))) ** 2)
+    return _ratios(S @ w, S @ (w / density), optimal)
+
+
+def _ratios(standard: np.ndarray, fitted: np.ndarray, optimal: float) -> dict:
+    """The self-check from each sequence's second moment `[I]` under Standard and under the
+    fit, pooled over processes (each holds as many sequences), and the optimum's: the ratios
+    and the standard error of ratio_to_standard, a ratio of means (delta method; 0 for one
+    sequence)."""
+    n = len(standard) * _world_size()
+    moments = np.array(
+        [standard.mean(), fitted.mean(), (standard**2).mean(), (fitted**2).mean()]
+        + [(standard * fitted).mean()]
+    )
+    s, f, ss, ff, sf = (float(m) for m in _pooled(moments))  # plain floats: saved in states
+    ratio = f / s
+    spread = max(ff - 2 * ratio * sf + ratio**2 * ss, 0.0) * n / (n - 1) if n > 1 else 0.0
     return {
-        "ratio_to_standard": fitted / standard,
-        "ratio_to_optimal": fitted / optimal,
-        "optimal_ratio": optimal / standard,
+        "ratio_to_standard": ratio,
+        "ratio_se": math.sqrt(spread / n) / s,
+        "ratio_to_optimal": f / optimal,
+        "optimal_ratio": optimal / s,
     }
 
 
@@ -315,6 +345,22 @@ def grid_second_moment(
     the second moment of the unweighted loss (`target="loss"`) or of its gradient norm over
     `params` (`target="grad"`, the quantity the gradient variance depends on). Works in rate
     and count mode (the objective's `at_rates` interprets the grid)."""
+    return second_moment(
+        grid_values(objective, model, batch, grid, n_masks, generator, target, params)
+    )
+
+
+def grid_values(
+    objective: Any,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    grid: np.ndarray,
+    n_masks: int,
+    generator: torch.Generator,
+    target: str = "loss",
+    params: list[torch.Tensor] | None = None,
+) -> np.ndarray:
+    """The values `[I, J, K]` whose second moment `grid_second_moment` is (see there)."""
     if target not in ("loss", "grad"):
         raise ValueError(f"P-POTS target must be 'loss' or 'grad', got {target!r}")
     if target == "grad" and not params:
@@ -331,7 +377,7 @@ def grid_second_moment(
             else:
                 y = out.per_sequence.detach().double().cpu()
         values[:, j, :] = y.view(n_masks, n).T.numpy()
-    return second_moment(values)
+    return values
 
 
 def _pooled(values: np.ndarray) -> np.ndarray:
@@ -386,6 +432,22 @@ class FitDesign:
         return {**points, "masks": self.masks}
 
 
+@dataclass(frozen=True)
+class _Estimate:
+    """One estimate of S on a batch (this process's sequences): rates t and quadrature weights
+    w `[n]` for integrals over t, S per sequence as a function `[I, len(x)]` (the counts
+    estimate at any t, a grid estimate only at its rates t), and the counts estimate itself."""
+
+    t: np.ndarray
+    w: np.ndarray
+    each: Callable[[np.ndarray], np.ndarray]
+    counts: CountMoments | None
+
+    def S(self, x: np.ndarray) -> np.ndarray:
+        """S at rates x `[len(x)]`: the mean over sequences, pooled over processes."""
+        return _pooled(self.each(x).mean(axis=0))
+
+
 def _estimate(
     objective: Any,
     model: torch.nn.Module,
@@ -393,23 +455,21 @@ def _estimate(
     design: FitDesign,
     generator: torch.Generator,
     chosen: list[torch.Tensor] | None,
-) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """One estimate of S on `batch`, pooled over processes: rates t and quadrature weights w
-    `[n]` for integrals over t, and S as a function (the counts estimate at any t, a grid
-    estimate only at its rates t)."""
+) -> _Estimate:
+    """One estimate of S on `batch` by the design's method (`_Estimate`)."""
     if design.method == "counts":
         value = None if chosen is None else (lambda u: _grad_norms_sq(u, chosen).sqrt())
         moments = measure_count_moments(
             objective, model, batch, design.counts, design.masks, generator, value
         )
         t, w = sqrt_cells()
-        return t, w, lambda x: _pooled(moments.S(x))
+        return _Estimate(t, w, moments.S_each, moments)
     grid = rate_grid(design.rates)
     target = "loss" if chosen is None else "grad"
-    S = _pooled(
-        grid_second_moment(objective, model, batch, grid, design.masks, generator, target, chosen)
-    )
-    return grid, _cell_widths(grid), lambda x: S
+    values = grid_values(objective, model, batch, grid, design.masks, generator, target, chosen)
+    second_moment(values)  # validates them
+    each = (values**2).mean(axis=2)  # [I, J]
+    return _Estimate(grid, _cell_widths(grid), lambda x: each, None)
 
 
 def density_from_second_moment(
@@ -453,18 +513,18 @@ def fit_ppots(
     was_training = model.training
     model.eval()
     try:
-        t, _, S = _estimate(objective, model, batch, design, generator, chosen)
-        check_t, check_w, check_S = _estimate(
-            objective, model, check_batch, design, generator, chosen
-        )
+        fit = _estimate(objective, model, batch, design, generator, chosen)
+        held = _estimate(objective, model, check_batch, design, generator, chosen)
     finally:
         model.train(was_training)
     if design.method == "counts":
-        density = PPOTS.from_function(lambda x: np.sqrt(S(x)), mix=design.mix, source={})
-        shown = t[:: len(t) // 64]  # [64] for inspection
-        density.source.update(method="counts", grid=shown.tolist(), S=S(shown).tolist())
+        density = PPOTS.from_function(lambda x: np.sqrt(fit.S(x)), mix=design.mix, source={})
+        shown = fit.t[:: len(fit.t) // 64]  # [64] for inspection
+        density.source.update(method="counts", grid=shown.tolist(), S=fit.S(shown).tolist())
     else:
-        density = density_from_second_moment(t, S(t), method=design.method, mix=design.mix)
+        density = density_from_second_moment(
+            fit.t, fit.S(fit.t), method=design.method, mix=design.mix
+        )
     world = _world_size()
     density.source.update(
         target=target,
@@ -472,7 +532,7 @@ def fit_ppots(
         held_out=world * len(check_batch["input_ids"]),
         **design.describe(),
     )
-    return checked_density(density, check_t, check_w, check_S(check_t))
+    return checked_density(density, held.t, held.w, held.each(held.t), held.counts)
 
 
 def _world_size() -> int:
@@ -482,20 +542,33 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def checked_density(density: Any, t: np.ndarray, w: np.ndarray, S: np.ndarray) -> Any:
-    """Attach the held-out self-check (`predicted_ratios` of S `[n]` at rates t with weights
-    w) to the density; a density predicted to be no better than Standard is replaced by the
-    uniform, with one warning."""
-    p = density.density(torch.as_tensor(t, dtype=torch.float64)).numpy()
-    check = predicted_ratios(t, w, S, p)
-    if check["ratio_to_standard"] < 1.0:
+def checked_density(
+    density: Any, t: np.ndarray, w: np.ndarray, S: np.ndarray, counts: CountMoments | None = None
+) -> Any:
+    """Attach the held-out self-check (`predicted_ratios` of S `[n]` or per sequence `[I, n]`
+    at rates t with weights w) to the density. In count mode (`counts` of a count-mode
+    objective) the estimator draws counts, so its second moments are sums over counts
+    (`CountMoments.count_mode_moments`), not integrals over t. A density not predicted to beat
+    Standard by FALLBACK_Z standard errors (and MIN_GAIN) is replaced by the uniform, with one
+    warning: a fit the check cannot tell from Standard would otherwise flip between refits."""
+    x = torch.as_tensor(t, dtype=torch.float64)
+    if counts is not None and counts.rate == "count":
+        cdf = lambda u: density.cdf(torch.as_tensor(u, dtype=torch.float64)).numpy()  # noqa: E731
+        S2 = np.atleast_2d(np.asarray(S, dtype=np.float64))
+        optimal = float(np.sum(w * np.sqrt(_pooled(S2.mean(axis=0)))) ** 2)
+        check = _ratios(*counts.count_mode_moments(cdf), optimal)
+    else:
+        check = predicted_ratios(t, w, S, density.density(x).numpy())
+    margin = max(FALLBACK_Z * check["ratio_se"], MIN_GAIN)
+    if check["ratio_to_standard"] < 1.0 - margin:
         density.check = {**check, "fallback": False}
         return density
     why = _fallback_reason(check, (density.source or {}).get("method"))
     warnings.warn(
         f"P-POTS: on held-out sequences the fitted density predicts "
-        f"{check['ratio_to_standard']:.4f} x Standard's second moment, no better than "
-        f"Standard; falling back to the uniform ({why})",
+        f"{check['ratio_to_standard']:.4f} +- {check['ratio_se']:.4f} x Standard's second "
+        f"moment, not clearly better than Standard (by {FALLBACK_Z:g} standard errors); "
+        f"falling back to the uniform ({why})",
         stacklevel=2,
     )
     return PPOTS.uniform(
@@ -524,9 +597,10 @@ def describe_fit(density: Any) -> str:
     )
     if check is None:
         return f"P-POTS density ({design}), no self-check"
+    se = f" +- {check['ratio_se']:.3f}" if "ratio_se" in check else ""
     line = (
         f"P-POTS density ({design}): on {source.get('held_out')} held-out sequences its "
-        f"second moment is {check['ratio_to_standard']:.3f} x Standard's and "
+        f"second moment is {check['ratio_to_standard']:.3f}{se} x Standard's and "
         f"{check['ratio_to_optimal']:.3f} x the optimum's ({check['optimal_ratio']:.3f} x "
         "Standard's)"
     )

@@ -14,7 +14,8 @@ class Stratified(RateScheme):
 
     The trainer draws the rates of a whole optimizer step (every process and micro-batch) with
     one generator shared by all ranks and hands each micro-batch of each rank its slice, so
-    the strata cover the global batch (`trainer.rate_slice`).
+    the strata cover the global batch (`trainer.rate_slice`); a short last micro-batch of an
+    epoch takes part of its slice (`Objective.draw_rates`), so no stratum is drawn twice.
     """
 
     name = "strats"

@@ -3,7 +3,8 @@
 MDM: each row's canvas is `gen_length` masks placed right after its prompt (the training
 layout of docs/architecture.md), decoded in semi-autoregressive blocks; each iteration
 predicts every masked position and unmasks the most confident ones of the current block.
-ARM: one forward pass per new token over the whole prefix (no cache; the models are small).
+ARM: one forward pass per new token over the whole prefix, or over its latest tokens when the
+model's context is shorter (no cache; the models are small).
 Both return, per row, the generated tokens before the first `<eos>`.
 """
 
@@ -269,13 +270,18 @@ def generate_arm(
     max_new_tokens: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    context_length: int | None = None,
 ) -> list[list[int]]:
     """Autoregressive decoding with a causal model: one forward pass per new token over the
     right-padded prefix, reading each row's logits at its last real position. A row stops at
-    `<eos>` or after `max_new_tokens`; returns its new tokens before the first `<eos>`."""
+    `<eos>` or after `max_new_tokens`; returns its new tokens before the first `<eos>`.
+    With `context_length`, the model sees at most that many latest tokens of each row (a
+    sliding window), so it generates past the length it was built and trained for."""
     where = "generate_arm"
     if max_new_tokens < 1:
         raise ValueError(f"{where}: max_new_tokens={max_new_tokens} must be positive")
+    if context_length is not None and context_length < 1:
+        raise ValueError(f"{where}: context_length={context_length} must be positive")
     _check_temperature(temperature, generator, where)
     rows = _check_prompts(prompts, where)
     if not rows:
@@ -291,10 +297,10 @@ def generate_arm(
 
     with _eval_mode(model):
         for _ in range(max_new_tokens):
-            width = int(length.max())
-            attention_mask = positions[None, :width] < length[:, None]  # [B, W]
-            logits = logits_of(model, x[:, :width], attention_mask)  # [B, W, V]
-            last = logits[row_index, length - 1].float()  # [B, V]
+            window, seen = _latest(x, length, context_length)  # [B, W], [B]
+            attention_mask = positions[None, : window.shape[1]] < seen[:, None]  # [B, W]
+            logits = logits_of(model, window, attention_mask)  # [B, W, V]
+            last = logits[row_index, seen - 1].float()  # [B, V]
             if pad_token_id != eos_token_id:
                 last[:, pad_token_id] = float("-inf")
             chosen = _pick_tokens(last, temperature, generator)  # [B]
@@ -307,6 +313,20 @@ def generate_arm(
 
     new_tokens = [x[b, len(row) : int(length[b])].tolist() for b, row in enumerate(rows)]
     return [_truncate_at_eos(tokens, eos_token_id) for tokens in new_tokens]
+
+
+def _latest(
+    x: torch.Tensor, length: torch.Tensor, context: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's latest min(length, context) tokens, left-aligned: the window `[B, W]` and
+    how many of its positions are real `[B]` (all of the prefix when context is None)."""
+    width = int(length.max())
+    if context is None or width <= context:
+        return x[:, :width], length
+    start = (length - context).clamp(min=0)  # [B]
+    index = start[:, None] + torch.arange(context, device=x.device)  # [B, C]
+    window = x.gather(1, index)  # [B, C]
+    return window, length - start
 
 
 GENERATORS: dict[str, Callable[..., list[list[int]]]] = {

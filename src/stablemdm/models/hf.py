@@ -482,11 +482,16 @@ def apply_lora(
     target_modules: list[str] | str = "all-linear",
 ) -> Any:
     """Wrap `model` with peft LoRA adapters. The input embedding is trained in full too when
-    the mask token was added (`AdapterSpec.mask_token_added`): its new row must be learned."""
+    the mask token was added (`AdapterSpec.mask_token_added`): its new row must be learned.
+    A local base model is recorded by its absolute path (adapter_config.json
+    'base_model_name_or_path'), so the adapter loads from any working directory."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ConfigError(f"lora_r > 0 needs peft: {PEFT_HINT}") from None
+    local = Path(getattr(model, "name_or_path", "") or "")
+    if str(local) and local.exists():  # the adapter then loads from any working directory
+        model.name_or_path = str(local.resolve())
     spec = adapter_spec(model)
     modules_to_save = None
     if spec is not None and spec.mask_token_added:
@@ -528,8 +533,25 @@ def load_trained(
         raise ConfigError(f"{folder} holds a LoRA adapter, which needs peft: {PEFT_HINT}") from None
 
     base = json.loads(adapter.read_text())["base_model_name_or_path"]
-    model = _load_model(base, spec.kind, trust_remote_code, gguf_file, torch.float32)
+    try:
+        model = _load_model(base, spec.kind, trust_remote_code, gguf_file, torch.float32)
+    except (OSError, ValueError) as err:
+        raise MissingBaseModel(_missing_base(folder, base)) from err
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     _apply(model, spec)
     return PeftModel.from_pretrained(model, folder), tokenizer, spec
+
+
+class MissingBaseModel(ConfigError):
+    """A LoRA adapter whose base model is not where its adapter_config.json says."""
+
+
+def _missing_base(folder: Path, base: str) -> str:
+    """The one line for a LoRA adapter whose base model cannot be loaded."""
+    where = "" if Path(base).is_absolute() else f" (relative to {Path.cwd()}, or a Hub name)"
+    return (
+        f"the LoRA adapter in {folder} needs its base model {base}{where}, which is not there: "
+        f"put the base model back at that path, or set base_model_name_or_path in "
+        f"{folder / 'adapter_config.json'} to where it is now"
+    )

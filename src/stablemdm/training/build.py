@@ -93,6 +93,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         spec.mask_token_id,
         chat_template=config.chat_template,
         system_prompt=config.system_prompt,
+        shift_logits=spec.shift_logits,
     )
     if config.lora_r > 0:
         target = config.lora_target_modules

@@ -1,9 +1,11 @@
-"""Trainer callbacks: progress, EMA decay, P-POTS refits, metrics and accuracy logging."""
+"""Trainer callbacks: progress (a bar, or plain lines in a log), EMA decay, P-POTS refits,
+metrics and accuracy logging."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,33 @@ class ProgressBar(ProgressCallback):
                 refresh=False,
             )
         super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class LogLines(TrainerCallback):
+    """Progress for a log file (stderr is not a terminal): one plain line per log record,
+    instead of a bar redrawn with carriage returns into one huge line. A training record shows
+    the loss, learning rate and tokens/s; any other (evaluation, the final summary) all of its
+    numbers."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            shown = {
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate", 0.0),
+                "tok_s": round(logs.get("tokens_per_s", 0.0)),
+            }
+        else:
+            shown = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        text = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+        )
+        print(
+            f"stablemdm: step {state.global_step}/{state.max_steps}: {text}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class EMACallback(TrainerCallback):

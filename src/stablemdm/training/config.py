@@ -598,3 +598,12 @@ METHOD_OPTIONS: dict[str, tuple[typing.Callable[[StableMDMConfig], bool], str]] 
         (lambda c: c.model is None and c.init_from is None, "the built-in model without init_from"),
     ),
 }
+
+
+# what draws rates and masks: an ARM reads none of it (`recipe.load_config` drops these
+# fields under objective=arm, so an ARM can be trained over any method recipe)
+ESTIMATOR_FIELDS = frozenset(
+    {"rate", "sampler", "scheme", "masking", "eps", "clip_low", "clip_high", "mix"}
+    | {"compute_matched"}
+    | {name for name in _OWN_FIELDS if name.startswith(("ppots_", "ema_", "isad_"))}
+)

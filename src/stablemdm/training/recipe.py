@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ..errors import ConfigError
-from .config import _OVERRIDDEN, _OWN_FIELDS, METHOD_OPTIONS, StableMDMConfig
+from .config import _OVERRIDDEN, _OWN_FIELDS, ESTIMATOR_FIELDS, METHOD_OPTIONS, StableMDMConfig
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -176,17 +176,47 @@ def load_config(
     variance`)."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    literals: dict[str, str] = {}  # the text of each command-line value, for string fields
     if path is not None:
         for key, value in read_yaml_file(path, "config file").items():
             values[key], sources[key] = value, str(path)
     for text in overrides:
         key, value = parse_override(text)
         values[key], sources[key] = value, "command line"
-    config = config_from_values(values, sources)
-    if not allow_unused and os.environ.get("RANK", "0") == "0":
-        for message in unused_options(config, values, sources):
+        literals[key] = text.split("=", 1)[1].strip()
+    notes = drop_estimator_fields(values, sources)
+    config = config_from_values(values, sources, literals)
+    if os.environ.get("RANK", "0") == "0":
+        for message in notes:
+            print(f"stablemdm: note: {message}", file=sys.stderr)
+        for message in [] if allow_unused else unused_options(config, values, sources):
             print(f"stablemdm: warning: {message}", file=sys.stderr)
     return config
+
+
+def _default(name: str) -> Any:
+    """The declared default of a config field."""
+    f = next(f for f in dataclasses.fields(StableMDMConfig) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def drop_estimator_fields(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """Under objective=arm, remove the fields that draw rates and masks (`ESTIMATOR_FIELDS`)
+    from `values`, so an ARM trains over any method recipe; returns one note naming those
+    set to something other than their default (no note when there are none)."""
+    if values.get("objective") != "arm":
+        return []
+    named = [k for k in values if k in ESTIMATOR_FIELDS and values[k] != _default(k)]
+    settings = ", ".join(f"{k}={values[k]}" for k in named)
+    where = ", ".join(sorted({sources.get(k, "config") for k in named}))
+    for key in [k for k in values if k in ESTIMATOR_FIELDS]:
+        del values[key]
+    if not named:
+        return []
+    return [
+        f"objective=arm draws no rates or masks: ignoring {settings} (from {where}); the ARM "
+        "trains with the defaults"
+    ]
 
 
 def unused_options(
@@ -211,11 +241,15 @@ def unused_options(
 
 
 def config_from_values(
-    values: dict[str, Any], sources: dict[str, str] | None = None
+    values: dict[str, Any],
+    sources: dict[str, str] | None = None,
+    literals: dict[str, str] | None = None,
 ) -> StableMDMConfig:
     """Build the config from field values, each type-checked against its field; `sources`
-    names where each came from (for the error message)."""
-    sources = sources or {}
+    names where each came from (for the error message). `literals` are the typed texts of
+    command-line values: a string field takes its text when YAML read something else
+    (`mask_token=[MASK]` is the token, not a list)."""
+    sources, literals = sources or {}, literals or {}
     values = dict(values)
     hints = typing.get_type_hints(StableMDMConfig)
     known = {f.name for f in dataclasses.fields(StableMDMConfig) if f.init}
@@ -224,6 +258,9 @@ def config_from_values(
             raise ConfigError(
                 f"{sources.get(key, 'config')}: unknown config key {key!r}{suggest(key, known)}"
             )
+        text = literals.get(key)
+        if text is not None and not _type_ok(value, hints[key]) and _type_ok(text, hints[key]):
+            value = text
         values[key] = _coerce(key, value, hints[key], sources.get(key, "config"))
     try:
         return StableMDMConfig(**values)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from transformers.trainer_callback import ProgressCallback
 
 from ..data import TextTokenizer
+from ..errors import ConfigError
 from ..estimators.objective import Objective
 from ..estimators.ppots import PPOTS
 from ..estimators.ppots_fit import describe_fit
@@ -22,10 +24,17 @@ from ..estimators.rates import Uniform
 from ..estimators.stratified import Stratified
 from ..evaluation.scoring import evaluate
 from ..models import Transformer
-from ..models.hf import unwrap
+from ..models.hf import adapter_spec, unwrap
 from ..tasks.registry import Task, get_task
 from .build import build_model, build_objective, build_sampler, fit_density, load_density
-from .callbacks import AccuracyCallback, EMACallback, MetricsCallback, ProgressBar, RefitCallback
+from .callbacks import (
+    AccuracyCallback,
+    EMACallback,
+    LogLines,
+    MetricsCallback,
+    ProgressBar,
+    RefitCallback,
+)
 from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
@@ -53,12 +62,15 @@ def train(
 ) -> RunResult:
     """Train the configured model; `resume` is True (latest checkpoint) or a folder.
     Extra `transformers.TrainerCallback`s may watch the run. The canvas lengths measured on
-    the data are written into `config` (and so into config.yaml) before anything else. The
-    output folder is locked for the run (`lock.output_lock`); a finished run is left as it
-    is (`finished`)."""
+    the data and a Hugging Face model's resolved `shift_logits` are written into `config`
+    (and so into config.yaml) before anything else. The output folder is locked for the run
+    (`lock.output_lock`); a finished run is left as it is (`finished`)."""
+    _check_launch(config)
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
+    if config.model is not None:  # config.yaml records the resolved convention, not null
+        config.shift_logits = adapter_spec(model).shift_logits
     train_data = train_dataset(task, tokenizer, canvas, config.max_steps)
     with output_lock(config.output_dir, held=config.process_index == 0):
         out = Path(config.output_dir)
@@ -132,6 +144,7 @@ def _run(
     if config.process_index == 0:
         save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective)
+    _note_launch(trainer)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
     refits = []
@@ -185,6 +198,36 @@ def _density(
     return density
 
 
+def _launched_with(name: str) -> bool:
+    """Whether `accelerate launch` was told to use FSDP or DEEPSPEED (its config file)."""
+    return os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"
+
+
+def _check_launch(config: StableMDMConfig) -> None:
+    """Refuse FSDP for the built-in transformer before anything is built: FSDP is for
+    Hugging Face models too large for one device (configs/accelerate/fsdp.yaml)."""
+    if _launched_with("FSDP") and config.model is None:
+        raise ConfigError(
+            "FSDP (configs/accelerate/fsdp.yaml) shards Hugging Face models (model=PATH); train "
+            "the built-in transformer with DDP: torchrun, or configs/accelerate/ddp_gpu.yaml"
+        )
+
+
+def _note_launch(trainer: StableMDMTrainer) -> None:
+    """Say so when accelerate was asked for FSDP or DeepSpeed but did not enable it (it does
+    only on GPUs): the processes then train with plain DDP."""
+    for name, enabled in (
+        ("FSDP", trainer.is_fsdp_enabled),
+        ("DEEPSPEED", trainer.is_deepspeed_enabled),
+    ):
+        if _launched_with(name) and not enabled and trainer.is_world_process_zero():
+            print(
+                f"stablemdm: note: accelerate did not enable {name} for these processes (it "
+                "does only on GPUs); they train with DDP",
+                file=sys.stderr,
+            )
+
+
 def _trainer(
     config: StableMDMConfig,
     model: torch.nn.Module,
@@ -217,8 +260,8 @@ def _trainer(
         objective=objective,
         eval_objective=eval_objective,
     )
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(ProgressBar)
+    if trainer.pop_callback(ProgressCallback) is not None:  # a bar on a terminal only
+        trainer.add_callback(ProgressBar if sys.stderr.isatty() else LogLines)
     if config.eval_accuracy:
 
         def accuracy(m: torch.nn.Module) -> float:

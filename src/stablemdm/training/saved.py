@@ -98,6 +98,8 @@ def load_checkpoint(
     running the command, never from the folder (its config.yaml may say anything)."""
     from safetensors import SafetensorError
 
+    from ..models.hf import MissingBaseModel
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"checkpoint folder {folder} does not exist")
@@ -110,6 +112,8 @@ def load_checkpoint(
         )
     try:
         return _load_checkpoint(folder, trust_remote_code)
+    except MissingBaseModel:  # every checkpoint of the run needs the same base
+        raise
     except ConfigError as err:
         raise ConfigError(f"{err}{other_checkpoints(folder)}") from err
     except (ValueError, OSError, SafetensorError) as err:
@@ -132,6 +136,7 @@ def _load_checkpoint(folder: Path, trust_remote_code: bool) -> tuple[torch.nn.Mo
             spec.mask_token_id,
             chat_template=bool(run.get("chat_template", False)),
             system_prompt=run.get("system_prompt"),
+            shift_logits=spec.shift_logits,
         )
         return model, tokenizer
     if not (folder / MODEL_CONFIG).is_file():

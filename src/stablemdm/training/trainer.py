@@ -17,7 +17,9 @@ step whose loss or gradient is not finite is skipped, the run stopping after
 Randomness: the rates of optimizer step s are drawn at once for every process and
 micro-batch from a generator seeded by (seed, s), shared by all processes, and each
 micro-batch j of each rank takes its slice (`rate_slice`), so StraTS stratifies the whole
-global batch of the step; masks come from (seed, s, j, rank). A resumed run therefore draws
+global batch of the step (slices of the nominal micro-batch size: a short last micro-batch
+of an epoch takes part of its slice, and no stratum twice); masks come from (seed, s, j,
+rank). A resumed run therefore draws
 exactly what the uninterrupted run drew.
 """
 
@@ -107,6 +109,7 @@ class StableMDMTrainer(Trainer):
                 mask_generator=seeded_generator(seed, "mask", step, micro, rank),
                 rank=part,
                 world_size=parts,
+                micro_batch_size=self.args.per_device_train_batch_size,
             )
             self._record(out, inputs)
             bad = ~torch.isfinite(out.loss.detach())  # judged with the gradient (no sync here)
@@ -146,6 +149,8 @@ class StableMDMTrainer(Trainer):
         and stop after `max_nonfinite_steps` in a row. The decision is the same on every
         process. With fp16 the gradient scaler skips such a step itself."""
         device = self.args.device
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 clips sharded gradients: a DTensor norm
+            grad_norm = grad_norm.full_tensor()
         bad = ~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))
         if self._bad_loss is not None:
             bad = bad | self._bad_loss.to(device)
