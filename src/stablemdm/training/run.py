@@ -20,7 +20,7 @@ from ..estimators.ppots import PPOTS
 from ..estimators.ppots_fit import describe_fit
 from ..estimators.rates import Uniform
 from ..estimators.stratified import Stratified
-from ..evaluation.scoring import evaluate
+from ..evaluation.scoring import check_scorer, evaluate
 from ..models import Transformer
 from ..models.hf import unwrap
 from ..tasks.registry import Task, get_task
@@ -51,6 +51,7 @@ def train(
     the data are written into `config` (and so into config.yaml) before anything else."""
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
+    check_scorer(task, tokenizer, task.examples("test"))
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
     checkpoint = find_checkpoint(config, resume) if resume else None
     prepare_output(config, bool(resume))
@@ -158,6 +159,7 @@ def _trainer(
                 limit=config.eval_limit,
                 seed=config.seed,
                 gen_length=canvas.gen_length,
+                self_check=False,  # done before training
             )
             return result.accuracy
 
