@@ -57,6 +57,7 @@ from ..training.build import (
 from ..training.config import StableMDMConfig
 from ..training.datasets import Canvas, TensorDataset, encode_split, resolve_canvas
 from ..training.saved import load_checkpoint, objective_of, saved_run_config
+from .arm import arm_objective, arm_reference
 from .measure import (
     REFERENCE,
     Design,
@@ -219,7 +220,8 @@ def load_model(
     config: StableMDMConfig, checkpoint: str | Path | None, task: Any
 ) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
     """The checkpoint's model, tokenizer and canvas (as an MDM; the canvas lengths saved with
-    its run), or the config's (`run.build_model`: `model`, `init_from` or a seeded init)."""
+    its run; a LoRA run's adapters, which peft loads frozen, take gradients again), or the
+    config's (`run.build_model`: `model`, `init_from` or a seeded init)."""
     if checkpoint is None:
         return build_model(config, task)
     model, tokenizer = load_checkpoint(checkpoint)
@@ -228,6 +230,8 @@ def load_model(
     config.gen_length = config.gen_length or saved.get("gen_length")
     canvas = resolve_canvas(config, task, tokenizer)
     check_fits(model, tokenizer, canvas.max_length, f"--checkpoint {checkpoint}")
+    if hasattr(model, "set_requires_grad") and hasattr(model, "active_adapters"):
+        model.set_requires_grad(model.active_adapters)  # a LoRA run's trained parameters
     if isinstance(model, Transformer):
         model.config.causal = False
     elif objective_of(model) != "mdm":
@@ -262,13 +266,8 @@ def run_variance(
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = load_model(config, checkpoint, task)
     model.eval()
-    if arm_checkpoint is not None:  # checked before any measurement starts
-        arm_model, _ = load_checkpoint(arm_checkpoint)
-        check_fits(arm_model, tokenizer, canvas.max_length, f"--arm-checkpoint {arm_checkpoint}")
-        if isinstance(arm_model, Transformer):
-            arm_model.config.causal = True
-        elif objective_of(arm_model) != "arm":
-            raise ConfigError(f"--arm-checkpoint {arm_checkpoint} holds an MDM, not an ARM")
+    # decided before any measurement starts
+    arm_model = arm_reference(model, tokenizer, canvas.max_length, arm_checkpoint, notes)
     data = encode_split(task, tokenizer, "train", canvas)
     needed = max(
         options.loss_design.sequences, options.grad_design.sequences, options.grid_sequences
@@ -331,23 +330,16 @@ def run_variance(
         decomposition[method.name]["semi_analytic_total"] = (
             semi_analytic_total(curves, method.objective.sampler) if iid_rate else None
         )
-    say("decomposition: arm")
-    arm_objective = Objective(mask_token_id=tokenizer.mask_token_id, kind="arm")
-    if arm_checkpoint is None:
-        if checkpoint is not None or config.init_from:
-            notes.append(
-                "arm: the MDM's own weights with causal attention; for a trained model this is "
-                "not a trained ARM (pass --arm-checkpoint for one)"
-            )
-        with causal(model):
-            arm = _decompose_method(
-                model, arm_objective, data, index, options, feature, seed, "arm"
-            )
-    else:
-        arm_feature = GradientFeature(arm_model.eval(), options.params, options.project, seed)
-        arm = _decompose_method(
-            arm_model, arm_objective, data, index, options, arm_feature, seed, "arm"
+    if arm_model is model and (checkpoint is not None or config.init_from):
+        notes.append(
+            "arm: the MDM's own weights with causal attention; for a trained model this is "
+            "not a trained ARM (pass --arm-checkpoint for one)"
         )
+    arm = None
+    if arm_model is not None:
+        say("decomposition: arm")
+        arm_loss = arm_objective(config, tokenizer)
+        arm = _decompose_arm(arm_model, model, arm_loss, data, index, options, feature, seed, notes)
     timing["decomposition"] = time.perf_counter() - mark
 
     say(f"comparison: {options.draws} minibatches of {options.batch} per method")
@@ -367,16 +359,18 @@ def run_variance(
         grad_floor,
     )
     comparison["floor"] = {"loss": loss_floor, "grad": grad_floor}
-    comparison["arm_floor"] = {
-        "loss": arm["loss"]["C"] / options.batch,
-        "grad": arm["grad"]["C"] / options.batch,
-    }
+    comparison["arm_floor"] = None
+    if arm is not None:
+        comparison["arm_floor"] = {
+            "loss": arm["loss"]["C"] / options.batch,
+            "grad": arm["grad"]["C"] / options.batch,
+        }
     timing["comparison"] = time.perf_counter() - mark
     timing["total"] = time.perf_counter() - started
 
     unstable = sorted(
         f"{name} {what}"
-        for name, entry in [*decomposition.items(), ("arm", arm)]
+        for name, entry in [*decomposition.items(), ("arm", arm or {})]
         for what in ("loss", "grad")
         if entry.get(what, {}).get("unstable")
     )
@@ -431,6 +425,30 @@ def _decompose_method(
         bootstrap=options.bootstrap,
     )
     return {"loss": loss.to_dict(), "grad": grad.to_dict()}
+
+
+def _decompose_arm(
+    arm_model: torch.nn.Module,
+    model: torch.nn.Module,
+    objective: Objective,
+    data: TensorDataset,
+    index: torch.Tensor,
+    options: VarianceOptions,
+    feature: GradientFeature,
+    seed: int,
+    notes: list[str],
+) -> dict[str, Any] | None:
+    """The ARM row: `model` with causal attention, or a separate trained ARM (its own
+    gradient feature). A failure here is a note, not the loss of every finished measurement."""
+    try:
+        if arm_model is not model:
+            own = GradientFeature(arm_model, options.params, options.project, seed)
+            return _decompose_method(arm_model, objective, data, index, options, own, seed, "arm")
+        with causal(model):
+            return _decompose_method(model, objective, data, index, options, feature, seed, "arm")
+    except ConfigError as err:
+        notes.append(f"arm: not measured ({err}); the other measurements are kept")
+        return None
 
 
 def _fit_curve_density(
