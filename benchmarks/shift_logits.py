@@ -7,7 +7,8 @@ on the test split. Reports the last logged training loss, the held-out loss and 
     python benchmarks/shift_logits.py --output runs/shift_tiny --seeds 0 1
     # SmolLM2-135M-Instruct, real weights (`make smollm2`), minutes per run on a CPU
     python benchmarks/shift_logits.py --output runs/shift_smollm2 --model runs/smollm2 \
-        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --steps 100 --batch 8 --lr 1e-4
+        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --chat-template --steps 200 --batch 8 \
+        --lr 1e-4
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stablemdm.training.saved import load_checkpoint
 def run_one(args: argparse.Namespace, base: str, seed: int, shift: bool) -> dict:
     """Train one setting and decode the test split; returns its row of the report."""
     folder = Path(args.output) / f"seed{seed}_shift{str(shift).lower()}"
-    options = dict(gguf_file=args.gguf_file, add_mask_token=True)
+    options = dict(gguf_file=args.gguf_file, add_mask_token=True, chat_template=args.chat_template)
     if args.gguf_file is None:  # the toy tokenizer has its own mask token
         options = dict(mask_token="<|mask|>")
     config = StableMDMConfig(
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=50, help="chain_sum test items decoded")
     parser.add_argument("--max-terms", type=int, default=3, help="chain_sum terms")
     parser.add_argument("--max-digits", type=int, default=2, help="chain_sum digits per term")
+    parser.add_argument("--chat-template", action="store_true", help="the model's template")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
