@@ -39,7 +39,7 @@ def main() -> None:
         args.model = str(out / "base")
         save_llama(args.model, "tiny")
 
-    # 1. the model, adapted to an MDM (bidirectional attention, shifted logits, a mask token)
+    # 1. the model, adapted to an MDM (bidirectional attention, a mask token)
     model, hf_tokenizer, spec = load_hf_model(args.model, objective="mdm", add_mask_token=True)
     tokenizer = HFTokenizer(hf_tokenizer, spec.mask_token_id, chat_template=True)
 

@@ -4,6 +4,7 @@ density (fitted or loaded) and the objective."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoTokenizer, set_seed
 
     from ..data.hf_tokenizer import HFTokenizer
-    from ..models.hf import apply_lora, load_hf_model
+    from ..models.hf import apply_lora, describe_shift, load_hf_model
 
     set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
     tokenizer = None
@@ -83,6 +84,10 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         gguf_file=config.gguf_file,
         dtype=getattr(torch, config.model_dtype),
     )
+    if config.objective == "mdm":  # the resolved value is saved in config.yaml
+        if config.shift_logits is None and spec.kind == "causal" and config.process_index == 0:
+            print(f"stablemdm: {describe_shift(model)}", file=sys.stderr)  # a choice: said
+        config.shift_logits = spec.shift_logits
     wrapped = HFTokenizer(
         hf_tokenizer,
         spec.mask_token_id,
