@@ -1,6 +1,7 @@
 """The `shift_logits` default (issue 20, item 2): a causal LM adapted to an MDM is trained with
-unshifted logits unless asked (the shift learned far slower, docs/hf.md); the resolved value
-is said in the run's log and saved in config.yaml instead of null; Dream keeps its shift."""
+unshifted logits unless asked (from SmolLM2's weights the shift learned far slower,
+docs/hf.md); the resolved value is said in the run's log and saved in config.yaml instead of
+null; Dream keeps its shift."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def test_an_adapted_causal_lm_trains_unshifted_and_says_so(llama, tmp_path, caps
     out, saved = _train(tmp_path / "default", llama)
     logged = [line for line in capsys.readouterr().err.splitlines() if "shift_logits=" in line]
     assert logged == [
-        "stablemdm: shift_logits=false (the default for a causal LM adapted to an MDM, trained "
-        "from scratch or pretrained: position i predicts token i, as in dllm's A2D; the shift "
-        "learned far slower in both cases (docs/hf.md); set shift_logits= to choose)"
+        "stablemdm: shift_logits=false (the default for a causal LM adapted to an MDM, "
+        "pretrained or from scratch: position i predicts token i, as in dllm's A2D; from "
+        "SmolLM2's weights the shift learned far slower, from scratch the two were level "
+        "(docs/hf.md); set shift_logits= to choose)"
     ]
     assert saved["shift_logits"] is False  # the resolved value, not null
     assert adapter_spec(load_checkpoint(out)[0]).shift_logits is False

@@ -3,9 +3,9 @@
 Three families are trained as masked diffusion models: masked LMs (BERT, RoBERTa,
 ModernBERT) as they are, diffusion LMs with their own code (LLaDA, Dream) as they are, and
 causal LMs adapted to bidirectional attention (AR-to-MDM, as Dream and dllm's A2D do), by
-default with unshifted logits (position i predicts token i, dllm's A2D default; Dream's
-shifted logits learned far slower, docs/hf.md). A causal LM left as it is is the ARM
-baseline. How stablemdm drives a model is an `AdapterSpec` stored in its config
+default with unshifted logits (position i predicts token i, dllm's A2D default; from
+SmolLM2's weights Dream's shifted logits learned far slower, docs/hf.md). A causal LM left as
+it is is the ARM baseline. How stablemdm drives a model is an `AdapterSpec` stored in its config
 (`config.stablemdm`), so a saved model reloads exactly as it was trained.
 """
 
@@ -343,8 +343,8 @@ def _new_spec(
 
 def default_shift_logits(model: Any) -> bool:
     """True for Dream only, whose weights were trained shifted; any other model predicts each
-    position's own token. For an adapted causal LM that is dllm's A2D default, and it learned
-    far faster than the shift both from scratch and from SmolLM2's weights (docs/hf.md)."""
+    position's own token. For an adapted causal LM that is dllm's A2D default: from SmolLM2's
+    weights it learned far faster than the shift, from scratch the two were level (docs/hf.md)."""
     return str(getattr(unwrap(model).config, "model_type", "")).lower() == "dream"
 
 
@@ -354,9 +354,9 @@ def describe_shift(model: Any) -> str:
     if spec is None:
         raise ValueError("describe_shift needs a model adapted by load_hf_model")
     why = (
-        "the default for a causal LM adapted to an MDM, trained from scratch or pretrained: "
-        "position i predicts token i, as in dllm's A2D; the shift learned far slower in both "
-        "cases (docs/hf.md)"
+        "the default for a causal LM adapted to an MDM, pretrained or from scratch: position i "
+        "predicts token i, as in dllm's A2D; from SmolLM2's weights the shift learned far "
+        "slower, from scratch the two were level (docs/hf.md)"
     )
     if spec.shift_logits != default_shift_logits(model):
         why = "as saved with the model"

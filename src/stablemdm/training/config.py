@@ -89,7 +89,7 @@ class StableMDMConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Position i-1 predicts token i (Dream's convention). Default: true for Dream, "
-            "false otherwise (an adapted causal LM learns far faster unshifted, docs/hf.md); "
+            "false otherwise (a pretrained causal LM adapts far faster unshifted, docs/hf.md); "
             "the resolved value is logged and saved in config.yaml."
         },
     )
