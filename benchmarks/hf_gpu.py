@@ -1,5 +1,5 @@
 """GPU check of the Hugging Face path (issue 8): a ~125M-parameter Llama built from config,
-adapted to an MDM (bidirectional attention, shifted logits), fine-tuned in bf16 with
+adapted to an MDM (bidirectional attention, unshifted logits), fine-tuned in bf16 with
 P-POTS+MIRROR through `stablemdm.training.run.train` for a few hundred steps; reports tokens/s, peak
 memory and the decoded accuracy. Sized for one 10-minute command on an H100/H200; needs no
 download (`stablemdm.models.toy`: a character-level tokenizer and a seeded Llama).

@@ -41,8 +41,8 @@ def main() -> None:
         args.model = str(out / "base")
         save_llama(args.model, "tiny")
 
-    # 1. the model, adapted to an MDM: a causal LM gets bidirectional attention and shifted
-    # logits, a model without a mask token a new one; a masked LM (BERT) is used as it is
+    # 1. the model, adapted to an MDM: a causal LM gets bidirectional attention, a model
+    # without a mask token a new one; a masked LM (BERT) is used as it is
     model, hf_tokenizer, spec = load_hf_model(args.model, objective="mdm", add_mask_token=True)
     chat = bool(getattr(hf_tokenizer, "chat_template", None))  # BERT has no chat template
     tokenizer = HFTokenizer(hf_tokenizer, spec.mask_token_id, chat_template=chat)

@@ -2,11 +2,13 @@
 
 The tokenizers are character level (a BPE with no merges) over printable ASCII, so any task
 text encodes; they carry the special tokens of the model families they stand in for.
+`wordpiece_tokenizer` is a real BERT-style WordPiece (punctuation split off, '##' pieces),
+which decodes text with other spacing than it was written in.
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -67,3 +69,27 @@ def chatml_tokenizer() -> PreTrainedTokenizerFast:
     tok = _fast(specials, None, eos_token="<|im_end|>", unk_token="<unk>")
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+def wordpiece_tokenizer(lowercase: bool = False) -> PreTrainedTokenizerFast:
+    """BERT-style WordPiece over printable ASCII: BERT's normaliser and pre-tokenizer (each
+    punctuation mark its own word), one piece per character ('x' starts a word, '##x'
+    continues one) and the WordPiece decoder, so '#### -5' decodes as '# # # # - 5'."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    printable = [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(specials + printable + [f"##{c}" for c in printable])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    ends = [(s, vocab[s]) for s in ("[CLS]", "[SEP]")]
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=ends)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        clean_up_tokenization_spaces=True,  # as bert-base-uncased's tokenizer_config.json
+    )

@@ -27,6 +27,9 @@ class StandInTokenizer:
     def encode_prompt(self, example: Example) -> list[int]:
         return self.encode(example.prompt) + [SEP]
 
+    def encode_response(self, example: Example) -> list[int]:
+        return self.encode(example.response) + [EOS]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(ALPHABET[i - 4] for i in ids if i >= 4)
 

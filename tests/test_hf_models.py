@@ -154,7 +154,7 @@ def test_each_family_loads_with_its_kind_and_mask_token(folders, name, kind, mas
     )
     assert spec.kind == kind and spec.mask_token_id == tok.convert_tokens_to_ids(mask)
     assert spec.mask_token_added == (name == "llama")  # only the causal LM lacks one
-    assert spec.bidirectional == spec.shift_logits == (kind == "causal")
+    assert spec.bidirectional == (kind == "causal") and not spec.shift_logits  # only Dream's
     assert adapter_spec(model) == spec and model.config.stablemdm == spec.to_dict()
 
 
@@ -304,7 +304,7 @@ def test_added_mask_token_is_new_with_mean_embeddings(folders):
 def test_adapted_causal_lm_attends_both_ways(folders, name, padded):
     adapted, _, spec = load_hf_model(str(folders[name]), objective="mdm", add_mask_token=True)
     plain = LlamaForCausalLM.from_pretrained(folders[name])
-    assert spec.bidirectional and spec.shift_logits
+    assert spec.bidirectional and not spec.shift_logits
     x = _batch(90)["input_ids"]
     mask = torch.ones_like(x, dtype=torch.bool)
     last = x.shape[1] - 1
@@ -324,10 +324,10 @@ def test_adapted_causal_lm_attends_both_ways(folders, name, padded):
 
 
 def test_shifted_logits_move_predictions_one_position(folders):
-    shifted, _, _ = load_hf_model(str(folders["llama"]), objective="mdm", add_mask_token=True)
-    unshifted, _, spec = load_hf_model(
-        str(folders["llama"]), objective="mdm", add_mask_token=True, shift_logits=False
+    shifted, _, _ = load_hf_model(
+        str(folders["llama"]), objective="mdm", add_mask_token=True, shift_logits=True
     )
+    unshifted, _, spec = load_hf_model(str(folders["llama"]), objective="mdm", add_mask_token=True)
     assert not spec.shift_logits and spec.bidirectional
     x = _batch(90)["input_ids"]
     with torch.no_grad():
@@ -411,7 +411,7 @@ def test_save_and_reload_restore_the_adaptation(folders, tmp_path):
 @pytest.mark.parametrize(
     ("option", "match"),
     [
-        ({"shift_logits": False}, "shift_logits=False conflicts"),
+        ({"shift_logits": True}, "shift_logits=True conflicts"),
         ({"mask_token_id": 3}, "mask_token_id=3 conflicts"),
         ({"mask_token": "<|end|>"}, "mask_token_id=6 conflicts"),
         ({"kind": "masked_lm"}, "model_kind=masked_lm conflicts"),

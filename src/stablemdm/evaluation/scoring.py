@@ -14,11 +14,15 @@ from typing import Protocol
 
 import torch
 
-from ..data import Example, TextTokenizer, write_jsonl
+from ..data import DataError, Example, TextTokenizer, write_jsonl
+from ..errors import ConfigError
 from ..estimators.losses import Model
 from .decoding import GENERATORS, generate
 
 MAX_BLOCK_LENGTH = 32
+
+
+SELF_CHECK_SAMPLE = 32  # gold responses the scorer self-check round-trips
 
 
 class ScoredTask(Protocol):
@@ -41,6 +45,63 @@ class EvalResult:
     n: int
     n_correct: int
     records: list[dict]
+
+
+def check_scorer(
+    task: ScoredTask,
+    tokenizer: TextTokenizer,
+    examples: list[Example],
+    sample: int = SELF_CHECK_SAMPLE,
+) -> None:
+    """The scorer self-check: `sample` gold responses spread over `examples`, encoded and
+    decoded as a model's output is, must all score; otherwise one ConfigError names the
+    example, the decoded text and the likely cause (a tokenizer whose decoding the task's
+    answer rule cannot read would score every model 0%). Responses that cannot be encoded
+    are left to the checks of training."""
+    for example in examples[:: max(1, len(examples) // sample)][:sample]:
+        try:
+            ids = tokenizer.encode_response(example)
+        except (DataError, ValueError):
+            continue
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not task.score(text, example):
+            raise ConfigError(
+                f"scorer self-check: the gold response of {example.source}, encoded and decoded "
+                f"by the tokenizer, reads {_tail(text)!r} and does not score (task {task.name} "
+                f"extracts {task.extract(text)!r}, gold {example.answer!r}); likely cause: "
+                f"{_likely_cause(task, tokenizer, example, ids, text)}"
+            )
+
+
+def _tail(text: str, width: int = 80) -> str:
+    """The end of `text` (where answers are), at most `width` characters."""
+    return text if len(text) <= width else "..." + text[-width:]
+
+
+def _likely_cause(
+    task: ScoredTask, tokenizer: TextTokenizer, example: Example, ids: list[int], text: str
+) -> str:
+    """Why a gold response stops scoring once round-tripped through the tokenizer."""
+    if not task.score(example.response, example):
+        return (
+            f"task {task.name} rejects this gold response as written, before any tokenizer "
+            f"(its answer {example.answer!r} is not what the task extracts from the response): "
+            "fix the example's answer, or the task's extract()"
+        )
+    unk = getattr(getattr(tokenizer, "tokenizer", None), "unk_token_id", None)
+    gold, decoded = "".join(example.response.split()), "".join(text.split())
+    if gold == decoded:
+        how = "the tokenizer decodes with other spacing (WordPiece: '####' as '# # # #')"
+    elif gold.lower() == decoded.lower():
+        how = "the tokenizer lowercases the text (an uncased model)"
+    elif unk is not None and unk in ids:
+        how = "characters outside the tokenizer's vocabulary decode as its unknown token"
+    else:
+        how = "the tokenizer does not decode the text as it was written"
+    return (
+        f"{how}, and task {task.name}'s answer rule cannot read it: use a tokenizer that "
+        "decodes the text faithfully, or a task whose extract() tolerates it"
+    )
 
 
 def default_block_length(gen_length: int) -> int:
@@ -74,6 +135,7 @@ def evaluate(
     seed: int = 0,
     output_path: str | Path | None = None,
     device: str | torch.device | None = None,
+    self_check: bool = True,
 ) -> EvalResult:
     """Decode the first `limit` examples of `task`'s `split` in batches, score them with the
     task, and optionally write the records as JSONL to `output_path`.
@@ -81,8 +143,11 @@ def evaluate(
     Defaults: `gen_length = task.gen_length`, `steps = gen_length`, `block_length =
     default_block_length(gen_length)`; for "arm", `max_new_tokens = gen_length` (`steps`,
     `block_length`, `remasking` unused). `device`, when given, moves the model there first.
+    `self_check` runs `check_scorer` on the examples first (a caller that ran it may skip it).
     """
     examples = _examples(task, split, objective, limit, batch_size)
+    if self_check:
+        check_scorer(task, tokenizer, examples)
     gen_length = task.gen_length if gen_length is None else gen_length
     options = _decoding_options(objective, tokenizer, gen_length, steps, block_length, remasking)
     _model_to(model, device)

@@ -3,8 +3,9 @@
 Three families are trained as masked diffusion models: masked LMs (BERT, RoBERTa,
 ModernBERT) as they are, diffusion LMs with their own code (LLaDA, Dream) as they are, and
 causal LMs adapted to bidirectional attention (AR-to-MDM, as Dream and dllm's A2D do), by
-default with Dream's shifted logits (position i-1 predicts token i). A causal LM left as it is
-is the ARM baseline. How stablemdm drives a model is an `AdapterSpec` stored in its config
+default with unshifted logits (position i predicts token i, dllm's A2D default; from
+SmolLM2's weights Dream's shifted logits learned far slower, docs/hf.md). A causal LM left as
+it is is the ARM baseline. How stablemdm drives a model is an `AdapterSpec` stored in its config
 (`config.stablemdm`), so a saved model reloads exactly as it was trained.
 """
 
@@ -451,12 +452,33 @@ def _new_spec(
             raise ConfigError("shift_logits is an MDM option: an ARM predicts the next token")
         return AdapterSpec(kind, False, False, None, conditions)
     adapted = kind == "causal"
-    dream = str(getattr(model.config, "model_type", "")).lower() == "dream"
-    shift = (adapted or dream) if shift_logits is None else shift_logits
+    shift = default_shift_logits(model) if shift_logits is None else shift_logits
     mask_id = resolve_mask_token_id(
         model.config, tokenizer, mask_token_id=mask_token_id, mask_token=mask_token
     )
     return AdapterSpec(kind, adapted, shift, mask_id, conditions)
+
+
+def default_shift_logits(model: Any) -> bool:
+    """True for Dream only, whose weights were trained shifted; any other model predicts each
+    position's own token. For an adapted causal LM that is dllm's A2D default: from SmolLM2's
+    weights it learned far faster than the shift, from scratch the two were level (docs/hf.md)."""
+    return str(getattr(unwrap(model).config, "model_type", "")).lower() == "dream"
+
+
+def describe_shift(model: Any) -> str:
+    """The run's log line on the `shift_logits` an adapted causal LM got when none was set."""
+    spec = adapter_spec(model)
+    if spec is None:
+        raise ValueError("describe_shift needs a model adapted by load_hf_model")
+    why = (
+        "the default for a causal LM adapted to an MDM, pretrained or from scratch: position i "
+        "predicts token i, as in dllm's A2D; from SmolLM2's weights the shift learned far "
+        "slower, from scratch the two were level (docs/hf.md)"
+    )
+    if spec.shift_logits != default_shift_logits(model):
+        why = "as saved with the model"
+    return f"shift_logits={str(spec.shift_logits).lower()} ({why}; set shift_logits= to choose)"
 
 
 def _check_saved(

@@ -124,9 +124,10 @@ class ReasoningGymTask(Task):
         )
 
 
-def _stripped(output: str) -> str | None:
-    """The stripped output, or None when nothing is left."""
-    return output.strip() or None
+def _compact(output: str) -> str | None:
+    """The output without any whitespace (the compact formats have none, and a subword
+    tokenizer may decode '-4' as '- 4'), or None when nothing is left."""
+    return "".join(output.split()) or None
 
 
 @register_task("chain_sum")
@@ -153,7 +154,7 @@ class ChainSum(ReasoningGymTask):
         return answer
 
     def extract(self, output: str) -> str | None:
-        return _stripped(output)
+        return _compact(output)
 
 
 @register_task("mini_sudoku")
@@ -223,7 +224,7 @@ class Countdown(ReasoningGymTask):
         return answer
 
     def extract(self, output: str) -> str | None:
-        return _stripped(output)
+        return _compact(output)
 
 
 _GSM_SYMBOLIC_SUFFIX = " Give the result as your final answer. Do not include units."

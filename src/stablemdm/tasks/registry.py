@@ -60,11 +60,37 @@ def normalize_number(text: str) -> str:
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
+_MARKER = re.compile(r"#\s*#\s*#\s*#")  # '####', or '# # # #' as WordPiece decodes it
+
+
+_SPACED_NUMBER = (  # spaces a tokenizer puts around the pieces of one number
+    (re.compile(r"(\d)\s*(\.)\s*(?=\d)"), r"\1\2"),  # '1. 5' -> '1.5'
+    (re.compile(r"(\d)\s*(,)\s*(?=\d{3}(?!\d))"), r"\1\2"),  # '1, 234' -> '1,234'
+    (re.compile(r"(^|[^\w)\]])-\s+(?=\d)"), r"\1-"),  # '- 5' -> '-5'
+)
+
+
+def after_marker(output: str) -> str | None:
+    """The text after the last '####' of `output` (also when decoded as '# # # #'), or None."""
+    markers = list(_MARKER.finditer(output))
+    return output[markers[-1].end() :] if markers else None
+
+
+def join_number_pieces(text: str) -> str:
+    """`text` with the spaces a subword tokenizer's decoding puts inside numbers removed
+    (WordPiece decodes '-1,234.5' as '- 1, 234. 5')."""
+    for pattern, replacement in _SPACED_NUMBER:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def final_number(output: str) -> str | None:
-    """The normalised first number after the last '####' of `output`, or None."""
-    if "####" not in output:
+    """The normalised first number after the last '####' of `output`, or None; robust to how
+    a tokenizer decodes: '# # # # - 1, 234' reads as -1234."""
+    tail = after_marker(output)
+    if tail is None:
         return None
-    match = _NUMBER.search(output.rsplit("####", 1)[1])
+    match = _NUMBER.search(join_number_pieces(tail))
     return normalize_number(match.group()) if match else None
 
 

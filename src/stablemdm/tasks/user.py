@@ -9,8 +9,12 @@ from ..data import DataError, Example, read_jsonl
 from ..data.examples import cap_note, length_cap
 from ..data.sources import examples_from_records, load_records
 from ..data.tokenizer import CharTokenizer
-from .reasoning_gym import _stripped
-from .registry import Task, _check_prompts_fit, check_split, fits, register_task
+from .registry import Task, _check_prompts_fit, after_marker, check_split, fits, register_task
+
+
+def _stripped(output: str) -> str | None:
+    """The stripped output, or None when nothing is left."""
+    return output.strip() or None
 
 
 @register_task("jsonl")
@@ -86,9 +90,8 @@ class JsonlTask(Task):
         return list(self._splits[split])
 
     def extract(self, output: str) -> str | None:
-        if "####" in output:
-            output = output.rsplit("####", 1)[1]
-        return _stripped(output)
+        tail = after_marker(output)
+        return _stripped(output if tail is None else tail)
 
     def score(self, output: str, example: Example) -> bool:
         """Exact match of the extracted answers of `output` and of the gold answer."""

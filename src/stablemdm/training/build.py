@@ -64,7 +64,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
     from transformers import set_seed
 
     from ..data.hf_tokenizer import HFTokenizer
-    from ..models.hf import apply_lora, load_hf_model, load_tokenizer
+    from ..models.hf import apply_lora, describe_shift, load_hf_model, load_tokenizer
 
     set_seed(config.seed)  # anything the loading initialises (new heads, LoRA) is seeded
     tokenizer = None
@@ -88,6 +88,10 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         dtype=getattr(torch, config.model_dtype),
         allow_downloads=config.allow_downloads,
     )
+    if config.objective == "mdm":  # the resolved value is saved in config.yaml
+        if config.shift_logits is None and spec.kind == "causal" and config.process_index == 0:
+            print(f"stablemdm: {describe_shift(model)}", file=sys.stderr)  # a choice: said
+        config.shift_logits = spec.shift_logits
     wrapped = HFTokenizer(
         hf_tokenizer,
         spec.mask_token_id,

@@ -98,8 +98,9 @@ class StableMDMConfig(TrainingArguments):
     shift_logits: bool | None = field(
         default=None,
         metadata={
-            "help": "Position i-1 predicts token i (Dream, AR-to-MDM adaptation). Default: true "
-            "for an adapted causal LM and for Dream, false otherwise."
+            "help": "Position i-1 predicts token i (Dream's convention). Default: true for Dream, "
+            "false otherwise (a pretrained causal LM adapts far faster unshifted, docs/hf.md); "
+            "the resolved value is logged and saved in config.yaml."
         },
     )
     mask_token_id: int | None = field(

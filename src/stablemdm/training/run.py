@@ -22,7 +22,7 @@ from ..estimators.ppots import PPOTS
 from ..estimators.ppots_fit import describe_fit
 from ..estimators.rates import Uniform
 from ..estimators.stratified import Stratified
-from ..evaluation.scoring import evaluate
+from ..evaluation.scoring import check_scorer, evaluate
 from ..models import Transformer
 from ..models.hf import adapter_spec, unwrap
 from ..tasks.registry import Task, get_task
@@ -68,6 +68,7 @@ def train(
     _check_launch(config)
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
+    check_scorer(task, tokenizer, task.examples("test"))
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
     if config.model is not None:  # config.yaml records the resolved convention, not null
         config.shift_logits = adapter_spec(model).shift_logits
@@ -274,6 +275,7 @@ def _trainer(
                 limit=config.eval_limit,
                 seed=config.seed,
                 gen_length=canvas.gen_length,
+                self_check=False,  # done before training
             )
             return result.accuracy
 

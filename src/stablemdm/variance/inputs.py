@@ -31,6 +31,7 @@ from ..training.build import (
 from ..training.config import StableMDMConfig
 from ..training.datasets import Canvas, TensorDataset, encode_split, resolve_canvas
 from ..training.saved import load_checkpoint, objective_of, saved_run_config
+from .arm import arm_reference
 from .measure import Design, GradientFeature, density_sampler, warm_ema
 
 
@@ -180,7 +181,8 @@ def load_model(
     config: StableMDMConfig, checkpoint: str | Path | None, task: Any
 ) -> tuple[torch.nn.Module, TextTokenizer, Canvas]:
     """The checkpoint's model, tokenizer and canvas (as an MDM; the canvas lengths saved with
-    its run), or the config's (`training.build.build_model`: `model`, `init_from` or a seeded
+    its run; a LoRA run's adapters, which peft loads frozen, take gradients again), or the
+    config's (`training.build.build_model`: `model`, `init_from` or a seeded
     init)."""
     if checkpoint is None:
         return build_model(config, task)
@@ -190,6 +192,8 @@ def load_model(
     config.gen_length = config.gen_length or saved.get("gen_length")
     canvas = resolve_canvas(config, task, tokenizer)
     check_fits(model, tokenizer, canvas.max_length, f"--checkpoint {checkpoint}")
+    if hasattr(model, "set_requires_grad") and hasattr(model, "active_adapters"):
+        model.set_requires_grad(model.active_adapters)  # a LoRA run's trained parameters
     if isinstance(model, Transformer):
         model.config.causal = False
     elif objective_of(model) != "mdm":
@@ -200,7 +204,8 @@ def load_model(
 @dataclass
 class Inputs:
     """What every measurement reads: the model and its tokenizer, the train split in a seeded
-    order, the gradient feature, and the ARM of `--arm-checkpoint` (None: the model, causal)."""
+    order, the gradient feature, and the ARM reference (`arm.arm_reference`: a trained ARM,
+    the model itself made causal, or None when there is none)."""
 
     task: Any
     model: torch.nn.Module
@@ -224,14 +229,10 @@ def load_inputs(
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = load_model(config, checkpoint, task)
     model.eval()
-    arm_model = None
-    if arm_checkpoint is not None:  # checked before any measurement starts
-        arm_model, _ = load_checkpoint(arm_checkpoint, config.trust_remote_code)
-        check_fits(arm_model, tokenizer, canvas.max_length, f"--arm-checkpoint {arm_checkpoint}")
-        if isinstance(arm_model, Transformer):
-            arm_model.config.causal = True
-        elif objective_of(arm_model) != "arm":
-            raise ConfigError(f"--arm-checkpoint {arm_checkpoint} holds an MDM, not an ARM")
+    # decided before any measurement starts: a trained ARM, the model itself, or None
+    arm_model = arm_reference(
+        model, tokenizer, canvas.max_length, arm_checkpoint, notes, config.trust_remote_code
+    )
     data = encode_split(task, tokenizer, "train", canvas)
     needed = max(
         options.loss_design.sequences, options.grad_design.sequences, options.grid_sequences

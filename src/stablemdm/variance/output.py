@@ -38,8 +38,8 @@ def _pm(x: float | None, se: float | None) -> str:
 def _decomposition_rows(report: Mapping[str, Any], what: str) -> list[list[str]]:
     """Rows (method, A, B, C, total, semi-analytic total, flag) for the loss or gradient."""
     rows = []
-    entries = [*report["decomposition"].items(), ("arm", report["arm"])]
-    for name, entry in entries:
+    arm = [("arm", report["arm"])] if report["arm"] is not None else []  # None: skipped
+    for name, entry in [*report["decomposition"].items(), *arm]:
         if "same_as" in entry:
             rows.append([name, f"= {entry['same_as']}", "", "", "", "", ""])
             continue
@@ -252,7 +252,8 @@ def _plot_components(report: Mapping[str, Any], path: Path) -> None:
     entries = {
         name: entry for name, entry in report["decomposition"].items() if "same_as" not in entry
     }
-    entries["arm"] = report["arm"]
+    if report["arm"] is not None:
+        entries["arm"] = report["arm"]
     names = list(entries)
     figure, axes = _figure(1, 2, (max(8.0, 1.1 * len(names) + 3), 4.5))
     x = np.arange(len(names))

@@ -42,6 +42,7 @@ from ..estimators.objective import Objective
 from ..estimators.ppots_fit import density_from_second_moment
 from ..training.config import StableMDMConfig
 from ..training.datasets import TensorDataset
+from .arm import arm_objective
 from .inputs import Inputs, Method, VarianceOptions, build_methods, load_inputs, same_draw
 from .measure import (
     REFERENCE,
@@ -71,7 +72,8 @@ def run_variance(
     say = log or (lambda message: None)
     if config.objective != "mdm":
         raise ConfigError(
-            "stablemdm variance measures MDM estimators (the ARM reference is always included): "
+            "stablemdm variance measures MDM estimators (the ARM reference is added when there "
+            "is one): "
             "leave objective=mdm"
         )
     started = time.perf_counter()
@@ -192,25 +194,31 @@ def _decompose_arm(
     config: StableMDMConfig,
     checkpoint: str | Path | None,
     notes: list[str],
-) -> dict[str, Any]:
-    """Measurement 1 for the ARM reference: `inputs.arm_model`, else the model made causal."""
-    arm_objective = Objective(mask_token_id=inputs.tokenizer.mask_token_id, kind="arm")
+) -> dict[str, Any] | None:
+    """Measurement 1 for the ARM reference (`inputs.arm_model`: a trained ARM, the model made
+    causal, or None: skipped). A failure here is a note, not the loss of every finished
+    measurement."""
+    model, arm_model = inputs.model, inputs.arm_model
+    if arm_model is None:
+        return None
+    if arm_model is model and (checkpoint is not None or config.init_from):
+        notes.append(
+            "arm: the MDM's own weights with causal attention; for a trained model this is "
+            "not a trained ARM (pass --arm-checkpoint for one)"
+        )
+    objective = arm_objective(config, inputs.tokenizer)
     data, index, seed = inputs.data, inputs.index, config.seed
-    if inputs.arm_model is None:
-        if checkpoint is not None or config.init_from:
-            notes.append(
-                "arm: the MDM's own weights with causal attention; for a trained model this is "
-                "not a trained ARM (pass --arm-checkpoint for one)"
-            )
-        with causal(inputs.model):
+    try:
+        if arm_model is not model:
+            own = GradientFeature(arm_model, options.params, options.project, seed)
+            return _decompose_method(arm_model, objective, data, index, options, own, seed, "arm")
+        with causal(model):
             return _decompose_method(
-                inputs.model, arm_objective, data, index, options, inputs.feature, seed, "arm"
+                model, objective, data, index, options, inputs.feature, seed, "arm"
             )
-    arm_model = inputs.arm_model
-    arm_feature = GradientFeature(arm_model.eval(), options.params, options.project, seed)
-    return _decompose_method(
-        arm_model, arm_objective, data, index, options, arm_feature, seed, "arm"
-    )
+    except ConfigError as err:
+        notes.append(f"arm: not measured ({err}); the other measurements are kept")
+        return None
 
 
 def _compare(
@@ -219,7 +227,7 @@ def _compare(
     options: VarianceOptions,
     seed: int,
     decomposition: Mapping[str, Any],
-    arm: Mapping[str, Any],
+    arm: Mapping[str, Any] | None,
     notes: list[str],
 ) -> dict[str, Any]:
     """Measurement 2, with the data-noise floors C / n of Standard and of the ARM."""
@@ -238,10 +246,12 @@ def _compare(
         grad_floor,
     )
     comparison["floor"] = {"loss": loss_floor, "grad": grad_floor}
-    comparison["arm_floor"] = {
-        "loss": arm["loss"]["C"] / options.batch,
-        "grad": arm["grad"]["C"] / options.batch,
-    }
+    comparison["arm_floor"] = None
+    if arm is not None:
+        comparison["arm_floor"] = {
+            "loss": arm["loss"]["C"] / options.batch,
+            "grad": arm["grad"]["C"] / options.batch,
+        }
     return comparison
 
 
@@ -253,13 +263,13 @@ def _report(
     methods: Mapping[str, Method],
     curves: dict[str, Any],
     decomposition: dict[str, Any],
-    arm: dict[str, Any],
+    arm: dict[str, Any] | None,
     comparison: dict[str, Any],
 ) -> dict[str, Any]:
     """The report of the three measurements, with the estimates the bootstrap flags."""
     unstable = sorted(
         f"{name} {what}"
-        for name, entry in [*decomposition.items(), ("arm", arm)]
+        for name, entry in [*decomposition.items(), ("arm", arm or {})]
         for what in ("loss", "grad")
         if entry.get(what, {}).get("unstable")
     )
