@@ -10,7 +10,6 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..estimators.objective import Objective
 from ..estimators.ppots import PPOTS
 from .trainer import ema_of
 
@@ -30,14 +29,15 @@ class ProgressBar(ProgressCallback):
 
 
 class EMACallback(TrainerCallback):
-    """Ends each optimizer step for the EMA sampler: it folds the step's draws (all
-    micro-batches) into its averages, once per step, and refreshes its density every N."""
+    """Ends each optimizer step for the EMA sampler of the objective the trainer trains
+    (estimator=auto may switch it): it folds the step's draws (all micro-batches) into its
+    averages, once per step, and refreshes its density every N."""
 
-    def __init__(self, objective: Objective) -> None:
-        self.objective = objective
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        ema = ema_of(self.objective)
+        ema = ema_of(self.trainer.objective)
         if ema is not None:
             ema.step()
 
@@ -65,11 +65,16 @@ class RefitCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only)."""
+    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only), with the
+    fields `extra()` adds (estimator=auto: the estimator the line's steps were trained with)."""
+
+    def __init__(self, extra: Callable[[], dict] | None = None) -> None:
+        self.extra = extra
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, **{k: _finite(v) for k, v in logs.items()}}
+            record.update(self.extra() if self.extra is not None else {})
             with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 

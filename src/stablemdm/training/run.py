@@ -24,14 +24,17 @@ from ..evaluation.scoring import evaluate
 from ..models import Transformer
 from ..models.hf import unwrap
 from ..tasks.registry import Task, get_task
+from .auto import AutoCallback, AutoEstimator, build_auto
 from .build import build_model, build_objective, build_sampler, fit_density, load_density
 from .callbacks import AccuracyCallback, EMACallback, MetricsCallback, ProgressBar, RefitCallback
 from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
-from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
+from .datasets import Canvas, TensorDataset, collate, encode_split, fitting_data, train_dataset
 from .recipe import save_config
 from .resume import _restart_metrics, find_checkpoint, prepare_output
 from .trainer import StableMDMTrainer
+
+AUTO_DATA = 4096  # estimator=auto on a streamed task: sequences its measurements draw from
 
 
 @dataclasses.dataclass
@@ -58,19 +61,9 @@ def train(
         _restart_metrics(config, checkpoint)
     train_data = train_dataset(task, tokenizer, canvas)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
-    density = None
-    if config.sampler == "ppots":
-        if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
-            density = load_density(checkpoint / PPOTS_FILE)
-        elif config.ppots_file:
-            density = load_density(config.ppots_file)
-        else:
-            density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
-            if config.process_index == 0:
-                print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
-    objective = build_objective(config, tokenizer, build_sampler(config, density))
-    if checkpoint is not None:
-        objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
+    objective, density, auto = _estimator(
+        config, model, task, tokenizer, canvas, checkpoint, encoded
+    )
 
     def save_extras(folder: Path, with_model: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,9 +72,11 @@ def train(
         else:  # the spec travels in config.json, also beside a LoRA adapter
             unwrap(model).config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        torch.save(objective.sampler.state_dict(), folder / SAMPLER_STATE)
+        torch.save(trainer.objective.sampler.state_dict(), folder / SAMPLER_STATE)
         if density is not None:
             (folder / PPOTS_FILE).write_text(json.dumps(density.to_dict()))
+        if auto is not None:
+            auto.save(folder)
         save_config(config, folder / RUN_CONFIG)
 
     if config.process_index == 0:
@@ -89,6 +84,7 @@ def train(
     trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
+    watch = AutoCallback(trainer, auto) if auto is not None else None
     refits = []
     if config.ppots_refit_steps:
 
@@ -98,9 +94,10 @@ def train(
         refits.append(RefitCallback(trainer, density, refit, config.ppots_refit_steps))
     trainer.checkpoint_extras = lambda folder: save_extras(folder, with_model=builtin)
     for callback in (
-        MetricsCallback(),
-        EMACallback(objective),
+        MetricsCallback(watch.fields if watch is not None else None),
+        EMACallback(trainer),
         *refits,
+        *([watch] if watch is not None else []),
         *(callbacks or []),
     ):
         trainer.add_callback(callback)
@@ -110,6 +107,41 @@ def train(
     if trainer.is_world_process_zero():
         save_extras(Path(config.output_dir), with_model=builtin)
     return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
+
+
+def _estimator(
+    config: StableMDMConfig,
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: TextTokenizer,
+    canvas: Canvas,
+    checkpoint: Path | None,
+    encoded: TensorDataset | None,
+) -> tuple[Objective, PPOTS | None, AutoEstimator | None]:
+    """(the objective to start with, the P-POTS density, estimator=auto's state or None):
+    the density is the checkpoint's, `ppots_file`'s, or fitted now (its self-check said on
+    stderr); the sampler state is the checkpoint's."""
+    auto, density = None, None
+    if config.estimator == "auto":
+        data = encoded if encoded is not None else fitting_data(task, tokenizer, canvas, AUTO_DATA)
+        auto = build_auto(config, model, task, tokenizer, canvas, data, checkpoint)
+        density = auto.density
+    elif config.sampler == "ppots":
+        if checkpoint is not None and (checkpoint / PPOTS_FILE).is_file():
+            density = load_density(checkpoint / PPOTS_FILE)
+        elif config.ppots_file:
+            density = load_density(config.ppots_file)
+        else:
+            density = fit_density(config, model, task, tokenizer, canvas, data=encoded)
+            if config.process_index == 0:
+                print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
+    if auto is not None:
+        objective = auto.objective
+    else:
+        objective = build_objective(config, tokenizer, build_sampler(config, density))
+    if checkpoint is not None:
+        objective.sampler.load_state_dict(torch.load(checkpoint / SAMPLER_STATE, weights_only=True))
+    return objective, density, auto
 
 
 def _trainer(
