@@ -34,14 +34,21 @@ import yaml
 from transformers import TrainerCallback
 
 from stablemdm.cli import main
+from stablemdm.data.tokenizer import CharTokenizer
 from stablemdm.errors import ConfigError
 from stablemdm.estimators.selection import MARGIN, choose, paired_difference
 from stablemdm.models import ModelConfig, Transformer
 from stablemdm.rng import seeded_generator
 from stablemdm.study.spec import StudySpec, _methods
 from stablemdm.training import auto as auto_module
-from stablemdm.training.auto import AutoEstimator, candidate_config, measurement_interval
+from stablemdm.training.auto import (
+    AutoEstimator,
+    candidate_config,
+    candidate_names,
+    measurement_interval,
+)
 from stablemdm.training.build import build_objective, build_sampler
+from stablemdm.training.checkpoints import missing_files
 from stablemdm.training.datasets import TensorDataset
 from stablemdm.training.recipe import load_config
 from stablemdm.training.run import train
@@ -257,6 +264,24 @@ def test_auto_steps_are_unbiased_and_a_choice_from_the_steps_own_draws_is_not(
     assert exact - np.mean(losses) > 5 * se
 
 
+def test_candidates_are_what_the_model_and_task_allow(tmp_path):
+    """A model that conditions on t has no count mode; ISAD needs a token the tokenizer has
+    (chain_sum's "-"); a listed candidate the model cannot train is a one-line error."""
+    seen = ScaledTable(1.0, 1.0)
+    seen.conditions_on_t = True
+    config = load_config(None, ["estimator=auto", "task=mini_sudoku", f"output_dir={tmp_path}"])
+    names, notes = candidate_names(config, seen, TOKENIZER)
+    assert not any(n.startswith("count") for n in names) and "isad" not in names
+    assert "standard" in names and len(notes) == 2
+    chain = load_config(None, ["estimator=auto", f"output_dir={tmp_path}"])
+    assert "isad" in candidate_names(chain, ScaledTable(1.0, 1.0), CharTokenizer())[0]
+    listed = load_config(
+        None, ["estimator=auto", "auto_candidates=[count]", f"output_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError, match="conditions on t"):
+        candidate_names(listed, seen, TOKENIZER)
+
+
 def test_every_candidate_is_built_as_its_method_at_equal_compute(tmp_path):
     """What auto trains with is the method table's estimator, MIRROR compute-matched."""
     config = load_config(None, ["estimator=auto", f"output_dir={tmp_path}"])
@@ -341,6 +366,18 @@ def test_choices_are_bit_identical_after_a_kill_and_resume(tmp_path, monkeypatch
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_a_checkpoint_of_an_auto_run_needs_its_auto_json_and_shared_density(tmp_path):
+    """--resume refuses an auto checkpoint without auto.json (the choice and its history), or
+    without ppots.json when a P-POTS candidate is among its candidates."""
+    for candidates, needs_density in (([], True), (["standard", "count"], False)):
+        folder = tmp_path / f"checkpoint-{len(candidates)}"
+        folder.mkdir()
+        saved = {"estimator": "auto", "auto_candidates": candidates}
+        (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+        missing = missing_files(folder)
+        assert "auto.json" in missing and ("ppots.json" in missing) == needs_density
+
+
 def test_cli_run_prints_the_table_the_choice_and_the_cost(tmp_path, capsys):
     """`stablemdm train ... estimator=auto` end to end: the table and choice on the console,
     the cost in seconds and % of the training time, auto.json with the history and cost, the
@@ -371,10 +408,10 @@ def test_cli_run_prints_the_table_the_choice_and_the_cost(tmp_path, capsys):
 
 def test_the_default_interval_keeps_measurements_to_their_budget(tmp_path):
     """auto_every=0: 15 candidates x 12 minibatches x 32 sequences = 5,760 sequences measured
-    against 2.5% of the 64 trained per step: every 3,600 steps; a set auto_every is kept."""
+    against 2% of the 64 trained per step: every 4,500 steps; a set auto_every is kept."""
     demo = ["per_device_train_batch_size=64", f"output_dir={tmp_path}"]
     config = load_config(None, ["estimator=auto", *demo])
-    assert config.auto_every == 0 and measurement_interval(config, 15) == 3600
+    assert config.auto_every == 0 and measurement_interval(config, 15) == 4500
     assert measurement_interval(load_config(None, [*SMALL, f"output_dir={tmp_path}"]), 15) == 2
 
 

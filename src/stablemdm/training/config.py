@@ -241,8 +241,8 @@ class StableMDMConfig(TrainingArguments):
         default=0,
         metadata={
             "help": "auto: optimizer steps between measurements (each after a P-POTS refit); "
-            "0: as many that the measurements' sequences are 2.5% of those trained on "
-            "(about 3% of the time, docs/methods.md)."
+            "0: as many that the measurements' sequences are 2% of those trained on "
+            "(under 3% of the time on the demo model, docs/methods.md)."
         },
     )
     auto_candidates: list[str] = field(
