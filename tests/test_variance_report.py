@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from stablemdm.errors import ConfigError
+from stablemdm.estimators import selection
 from stablemdm.estimators.objective import Objective
 from stablemdm.estimators.ppots import PPOTS
 from stablemdm.estimators.rates import Uniform
@@ -175,6 +176,9 @@ def test_report_writes_every_output(report_dir):
     markdown = (report_dir / "variance.md").read_text()
     for heading in ("## Decomposition", "## Equal-compute comparison", "## Per-rate curves"):
         assert heading in markdown
+    candidates = report["comparison"]["recommendation"]["candidates"]
+    assert "clipped" not in candidates and "mirror" in candidates  # never the biased Clipped
+    assert markdown.rstrip().splitlines()[-1].startswith("Recommendation: ")
     for name in PLOTS:
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -203,12 +207,15 @@ def test_comparison_ranks_count_mode_ahead_of_standard():
         "standard": Objective(mask_token_id=MASK_ID, eps=EPS),
         "count": Objective(mask_token_id=MASK_ID, rate="count", eps=EPS),
     }
-    rows = vm.compare_methods(PositionTable(PROMPT + L), objectives, data, draws, batch, seed=0)
-    rows = {row["name"]: row for row in rows["loss"]}
+    result = vm.compare_methods(PositionTable(PROMPT + L), objectives, data, draws, batch, 0)
+    rows = {row["name"]: row for row in result["loss"]}
     assert list(rows)[0] == "count"
     assert rows["count"]["ratio_to_reference"] - 1.0 > 4 * rows["count"]["ratio_se"]
     for name, truth in (("standard", standard_variance(c)), ("count", count_variance(c))):
         assert abs(rows[name]["variance"] - truth / batch) < 5 * rows[name]["se"], name
+    recommendation = result["recommendation"]  # estimator=auto's first choice: the lowest
+    assert recommendation["name"] == "count"
+    assert recommendation["difference"] > 4 * recommendation["difference_se"]  # vs Standard
 
 
 def test_nested_design_recovers_rate_noise_of_an_importance_weighted_sampler():
@@ -255,12 +262,12 @@ def test_projection_is_reproducible_and_preserves_squared_norms_on_average(monke
     """G has N(0, 1/P) entries, so E ||G v||^2 = ||v||^2; blocks kept in memory and blocks
     regenerated on every use give the same G."""
     model = PositionTable(PROMPT + L)
-    monkeypatch.setattr(vm, "PROJECTION_CHUNK", 64)  # many blocks of 4 columns for P = 16
+    monkeypatch.setattr(selection, "PROJECTION_CHUNK", 64)  # many blocks of 4 columns for P = 16
     v = torch.randn(3, model.table.numel(), generator=torch.Generator().manual_seed(0))
     cached = vm.GradientFeature(model, None, 16, seed=3)
     first = cached.reduce(v)
     assert torch.equal(cached.reduce(v), first)
-    monkeypatch.setattr(vm, "PROJECTION_CACHE", 0)
+    monkeypatch.setattr(selection, "PROJECTION_CACHE", 0)
     assert torch.equal(vm.GradientFeature(model, None, 16, seed=3).reduce(v), first)
     ratios = torch.stack(
         [

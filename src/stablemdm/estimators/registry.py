@@ -59,6 +59,7 @@ def with_scheme(base: RateSampler, scheme: str) -> RateSampler:
 # The estimator fields every method starts from, so "standard" means Standard whatever the
 # base config says; each method then overrides a few of them.
 ESTIMATOR_DEFAULTS: dict[str, Any] = {
+    "estimator": "fixed",
     "rate": "t",
     "sampler": "uniform",
     "scheme": "iid",
@@ -85,6 +86,16 @@ METHODS: dict[str, dict[str, str]] = {
     "count_strats": {"rate": "count", "scheme": "stratified"},
     "count_syrm": {"rate": "count", "scheme": "mirrored"},
 }
+
+
+def unbiased(name: str) -> bool:
+    """Whether method `name` estimates the ELBO itself: its rate density is importance
+    weighted (Clipped is not: it estimates the objective restricted to its interval)."""
+    return SAMPLERS[METHODS[name].get("sampler", "uniform")].unbiased
+
+
+# the methods `estimator: auto` may train with, before the model and task rule some out
+UNBIASED_METHODS = tuple(name for name in METHODS if unbiased(name))
 
 
 DEFAULT_METHODS = tuple(

@@ -23,6 +23,7 @@ from ..data import TextTokenizer
 from ..evaluation.scoring import evaluate
 from ..rng import seeded_generator
 from ..tasks.registry import Task, get_task
+from ..training.auto import chosen_config
 from ..training.build import build_objective, build_sampler, load_density
 from ..training.config import StableMDMConfig
 from ..training.datasets import encode_split, resolve_canvas
@@ -96,9 +97,11 @@ def estimator_variance(
 ) -> float | None:
     """Variance of the run's minibatch loss over `draws` draws of rates and masks on one fixed
     batch of the test split: the noise the estimator leaves at fixed data (0 for an ARM, whose
-    only randomness is the data). None when `draws` < 2."""
+    only randomness is the data; for estimator=auto, of its last choice). None when `draws` < 2."""
     if draws < 2:
         return None
+    if config.estimator == "auto":  # measure the estimator the run trained with last
+        config = chosen_config(config, Path(config.output_dir))
     canvas = resolve_canvas(config, task, tokenizer)
     data = encode_split(task, tokenizer, "test", canvas, config.per_device_train_batch_size)
     batch = default_data_collator([data[i] for i in range(len(data))])  # [B, L] each

@@ -5,7 +5,7 @@ evaluate, and an optional shared base model. Everything is validated before any 
     output_dir: runs/demo
     tasks: [chain_sum]
     seeds: [42, 731, 20231]
-    methods: [arm, standard, ppots_mirror]      # names of METHODS, or {name: {overrides}}
+    methods: [arm, standard, ppots_mirror, auto]  # names of METHODS, or {name: {overrides}}
     eval_points: [0.25, 0.5, 1.0]               # fractions of the training budget
     eval_limit: 200                             # test items decoded per evaluation
     variance_draws: 32                          # estimator draws at the final checkpoint
@@ -43,9 +43,11 @@ from ..training.recipe import (
     unused_options,
 )
 
-# every estimator of the variance tool, the ARM, and MIRROR at a Standard step's compute
+# every estimator of the variance tool, the ARM, MIRROR at a Standard step's compute, and
+# auto (measures the unbiased ones on the model being trained and trains with the best)
 METHODS: dict[str, dict[str, Any]] = {
     "arm": {"objective": "arm"},
+    "auto": {"estimator": "auto"},
     **ESTIMATORS,
     "mirror_matched": {"masking": "mirror", "compute_matched": True},
     "ppots_mirror_matched": {"sampler": "ppots", "masking": "mirror", "compute_matched": True},

@@ -12,7 +12,6 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..estimators.objective import Objective
 from ..estimators.ppots import PPOTS
 from .trainer import ema_of
 
@@ -59,14 +58,15 @@ class LogLines(TrainerCallback):
 
 
 class EMACallback(TrainerCallback):
-    """Ends each optimizer step for the EMA sampler: it folds the step's draws (all
-    micro-batches) into its averages, once per step, and refreshes its density every N."""
+    """Ends each optimizer step for the EMA sampler of the objective the trainer trains
+    (estimator=auto may switch it): it folds the step's draws (all micro-batches) into its
+    averages, once per step, and refreshes its density every N."""
 
-    def __init__(self, objective: Objective) -> None:
-        self.objective = objective
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        ema = ema_of(self.objective)
+        ema = ema_of(self.trainer.objective)
         if ema is not None:
             ema.step()
 
@@ -94,12 +94,18 @@ class RefitCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only). A resumed
-    run first drops what it will log again (`restart`), once training has begun, when the
-    checkpoint has been loaded: a refused resume leaves metrics.jsonl untouched."""
+    """Appends every log line to `<output_dir>/metrics.jsonl` (main process only), with the
+    fields `extra()` adds (estimator=auto: the estimator the line's steps were trained with).
+    A resumed run first drops what it will log again (`restart`), once training has begun,
+    when the checkpoint has been loaded: a refused resume leaves metrics.jsonl untouched."""
 
-    def __init__(self, restart: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        restart: Callable[[], None] | None = None,
+        extra: Callable[[], dict] | None = None,
+    ) -> None:
         self.restart = restart
+        self.extra = extra
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.restart is not None:
@@ -108,6 +114,7 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, **{k: _finite(v) for k, v in logs.items()}}
+            record.update(self.extra() if self.extra is not None else {})
             with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 

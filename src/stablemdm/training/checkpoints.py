@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..estimators.registry import METHODS, UNBIASED_METHODS
 from .recipe import load_yaml
 
 RUN_CONFIG = "config.yaml"  # the resolved run config, in the run folder and each checkpoint
@@ -26,6 +27,9 @@ SAMPLER_STATE = "sampler_state.pt"  # torch.save of the sampler's state_dict
 
 
 PPOTS_FILE = "ppots.json"  # the P-POTS density the run samples from
+
+
+AUTO_FILE = "auto.json"  # estimator=auto: the candidates, the choice and its history
 
 
 # what a checkpoint holds the weights in: one file, a sharded index, or a LoRA adapter
@@ -58,19 +62,29 @@ def leftovers(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob(f"{STAGING}*checkpoint-*") if p.is_dir())
 
 
-def _uses_ppots(folder: Path) -> bool:
-    """Whether the run config saved in `folder` samples from a P-POTS density."""
+def _saved_config(folder: Path) -> dict:
+    """The run config saved in `folder` ({} when unreadable: reported when resuming)."""
     try:
-        return (load_yaml((folder / RUN_CONFIG).read_text()) or {}).get("sampler") == "ppots"
+        saved = load_yaml((folder / RUN_CONFIG).read_text())
     except Exception:  # an unreadable config is reported as corrupted when resuming
-        return False
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _uses_ppots(saved: dict) -> bool:
+    """Whether a saved run config samples from a P-POTS density (itself, or as a candidate
+    of estimator=auto)."""
+    if saved.get("estimator") == "auto":
+        names = saved.get("auto_candidates") or UNBIASED_METHODS
+        return any(METHODS.get(n, {}).get("sampler") == "ppots" for n in names)
+    return saved.get("sampler") == "ppots"
 
 
 def missing_files(folder: Path) -> list[str]:
     """What `folder` lacks to resume a run exactly (empty when it is a complete checkpoint):
     weights, optimizer, scheduler, RNG state, trainer state, sampler state, run config and,
     for P-POTS, the density. DeepSpeed's `global_step*` folder holds weights, optimizer and
-    scheduler; FSDP's `pytorch_model_fsdp*` the weights."""
+    scheduler; FSDP's `pytorch_model_fsdp*` the weights; estimator=auto its `auto.json`."""
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     deepspeed = any(n.startswith("global_step") for n in names)
     fsdp = any(n.startswith("pytorch_model_fsdp") for n in names)
@@ -83,8 +97,11 @@ def missing_files(folder: Path) -> list[str]:
         missing.append("scheduler.pt")
     if not any(n.startswith("rng_state") for n in names):
         missing.append("rng_state.pth")
-    if PPOTS_FILE not in names and RUN_CONFIG in names and _uses_ppots(folder):
+    saved = _saved_config(folder) if RUN_CONFIG in names else {}
+    if PPOTS_FILE not in names and _uses_ppots(saved):
         missing.append(PPOTS_FILE)
+    if AUTO_FILE not in names and saved.get("estimator") == "auto":
+        missing.append(AUTO_FILE)
     return missing
 
 

@@ -21,12 +21,25 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from ..errors import ConfigError
+from ..estimators.registry import (
+    ESTIMATOR_DEFAULTS,
+    ISAD_DEFAULT_TOKENS,
+    METHODS,
+    UNBIASED_METHODS,
+    unbiased,
+)
 from ..models.hf import ADD_MASK_CONFLICT
 
 SAMPLER_NAMES = ("uniform", "clipped", "ppots", "ema")
 
 
 SCHEME_NAMES = ("iid", "stratified", "mirrored")
+
+
+AUTO_DRAWS = 12  # estimator=auto: minibatches per candidate and measurement
+
+
+AUTO_BATCH = 32  # estimator=auto: sequences per measured minibatch
 
 
 @dataclass
@@ -227,6 +240,37 @@ class StableMDMConfig(TrainingArguments):
         default=False,
         metadata={"help": "MIRROR: half the sequences per step, same forward tokens."},
     )
+    estimator: Literal["fixed", "auto"] = field(
+        default="fixed",
+        metadata={
+            "help": "fixed: train with rate, sampler, scheme and masking as given; auto: "
+            "measure every unbiased estimator on this model and train with the lowest gradient "
+            "variance x forward passes, measured again every auto_every steps (docs/methods.md)."
+        },
+    )
+    auto_every: int = field(
+        default=0,
+        metadata={
+            "help": "auto: optimizer steps between measurements (each after a P-POTS refit); "
+            "0: as many that the measurements' sequences are 2% of those trained on "
+            "(under 3% of the time on the demo model, docs/methods.md)."
+        },
+    )
+    auto_candidates: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "auto: the methods to choose from (names of the method table, e.g. "
+            "[standard, count, count_ppots_mirror]); empty: every unbiased one the model allows."
+        },
+    )
+    auto_draws: int = field(
+        default=AUTO_DRAWS,
+        metadata={"help": "auto: minibatches per candidate and measurement (>= 3)."},
+    )
+    auto_batch: int = field(
+        default=AUTO_BATCH,
+        metadata={"help": "auto: sequences per measured minibatch (even: MIRROR halves it)."},
+    )
 
     max_nonfinite_steps: int = field(
         default=10,
@@ -300,6 +344,7 @@ class StableMDMConfig(TrainingArguments):
         self._check_combinations()
         self._check_estimator_sizes()
         self._check_model_options()
+        self._check_auto()
         super().__post_init__()
 
     def _check_ranges(self) -> None:
@@ -338,8 +383,8 @@ class StableMDMConfig(TrainingArguments):
                 "objective=arm draws no rates or masks: leave sampler, scheme, masking and rate at "
                 "their defaults (uniform, iid, iid, t)"
             )
-        if self.ppots_file is not None and self.sampler != "ppots":
-            raise ConfigError("ppots_file is only used with sampler=ppots")
+        if self.ppots_file is not None and self.sampler != "ppots" and self.estimator != "auto":
+            raise ConfigError("ppots_file is only used with sampler=ppots (or estimator=auto)")
         if self.eval_accuracy and self.eval_strategy in ("no", IntervalStrategy.NO):
             raise ConfigError(
                 "eval_accuracy=true decodes at each evaluation: set eval_strategy=steps"
@@ -376,6 +421,57 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError(
                 f"ppots_params={self.ppots_params!r} is not a valid regex ({err})"
             ) from None
+
+    def _check_auto(self) -> None:
+        """The estimator=auto fields: sizes, candidates, and the fields auto sets itself."""
+        for name, low in (("auto_every", 0), ("auto_draws", 3), ("auto_batch", 2)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.auto_batch % 2:
+            raise ConfigError(
+                f"auto_batch must be even (MIRROR at equal compute masks half of it twice), got "
+                f"{self.auto_batch}"
+            )
+        for name in self.auto_candidates:
+            if name not in METHODS:
+                raise ConfigError(
+                    f"auto_candidates: unknown method {name!r}; known: {', '.join(METHODS)}"
+                )
+            if not unbiased(name):
+                raise ConfigError(
+                    f"auto_candidates: {name} is biased (it estimates another objective than "
+                    "the ELBO), so auto never trains with it: remove it"
+                )
+        if len(set(self.auto_candidates)) != len(self.auto_candidates):
+            raise ConfigError(f"auto_candidates lists a method twice: {self.auto_candidates}")
+        if self.estimator != "auto":
+            return
+        if self.objective == "arm":
+            raise ConfigError(
+                "estimator=auto chooses among MDM estimators, and objective=arm draws no rates "
+                "or masks: set estimator=fixed"
+            )
+        set_here = [
+            f"{k}={getattr(self, k)!r}"
+            for k, v in ESTIMATOR_DEFAULTS.items()
+            if k != "estimator" and getattr(self, k) != v
+        ]
+        if set_here:
+            raise ConfigError(
+                f"estimator=auto chooses rate, sampler, scheme, masking and compute_matched "
+                f"itself: remove {', '.join(set_here)} (or list methods in auto_candidates)"
+            )
+        if self.ppots_refit_steps:
+            raise ConfigError(
+                "estimator=auto refits the P-POTS density at each measurement (every auto_every "
+                "steps): remove ppots_refit_steps"
+            )
+        isad_named = "isad" in self.auto_candidates
+        if isad_named and not (self.isad_tokens or ISAD_DEFAULT_TOKENS.get(self.task)):
+            raise ConfigError(
+                f"auto_candidates: isad needs isad_tokens (task {self.task} has no default "
+                "answer delimiter), e.g. isad_tokens=['#']"
+            )
 
     def _check_model_options(self) -> None:
         """Options of Hugging Face models, lengths and the loss normaliser."""
@@ -555,34 +651,58 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _auto_tries(c: StableMDMConfig, key: str, values: tuple) -> bool:
+    """Whether estimator=auto has a candidate whose estimator field `key` is in `values`."""
+    names = c.auto_candidates or UNBIASED_METHODS
+    return c.estimator == "auto" and any(
+        METHODS[n].get(key, ESTIMATOR_DEFAULTS[key]) in values for n in names
+    )
+
+
+def _sampler_is(c: StableMDMConfig, *names: str) -> bool:
+    """Whether the run samples rates from one of `names` (itself, or as a candidate of auto)."""
+    return c.sampler in names or _auto_tries(c, "sampler", names)
+
+
 # fields only one method reads: (whether the config uses it, what it needs)
 METHOD_OPTIONS: dict[str, tuple[typing.Callable[[StableMDMConfig], bool], str]] = {
     **dict.fromkeys(
         ("clip_low", "clip_high"), (lambda c: c.sampler == "clipped", "sampler=clipped")
     ),
-    "mix": (lambda c: c.sampler in ("ppots", "ema"), "sampler=ppots or sampler=ema"),
+    "mix": (
+        lambda c: _sampler_is(c, "ppots", "ema"),
+        "sampler=ppots or sampler=ema (or estimator=auto)",
+    ),
     **dict.fromkeys(
         ("ppots_method", "ppots_target", "ppots_sequences", "ppots_masks"),
-        (lambda c: c.sampler == "ppots", "sampler=ppots"),
+        (lambda c: _sampler_is(c, "ppots"), "sampler=ppots (or estimator=auto)"),
     ),
     "ppots_rates": (
-        lambda c: c.sampler == "ppots" and c.ppots_method != "counts",
+        lambda c: _sampler_is(c, "ppots") and c.ppots_method != "counts",
         "sampler=ppots with ppots_method=family or grid",
     ),
     "ppots_counts": (
-        lambda c: c.sampler == "ppots" and c.ppots_method == "counts",
+        lambda c: _sampler_is(c, "ppots") and c.ppots_method == "counts",
         "sampler=ppots with ppots_method=counts",
     ),
     "ppots_params": (
-        lambda c: c.sampler == "ppots" and c.ppots_target == "grad",
+        lambda c: _sampler_is(c, "ppots") and c.ppots_target == "grad",
         "sampler=ppots with ppots_target=grad",
     ),
     **dict.fromkeys(
         ("ema_bins", "ema_decay", "ema_refresh_every"),
-        (lambda c: c.sampler == "ema", "sampler=ema"),
+        (lambda c: _sampler_is(c, "ema"), "sampler=ema (or estimator=auto)"),
     ),
     **dict.fromkeys(
-        ("isad_tokens", "isad_delta", "isad_q_max"), (lambda c: c.masking == "isad", "masking=isad")
+        ("isad_tokens", "isad_delta", "isad_q_max"),
+        (
+            lambda c: c.masking == "isad" or _auto_tries(c, "masking", ("isad",)),
+            "masking=isad (or estimator=auto)",
+        ),
+    ),
+    **dict.fromkeys(
+        ("auto_every", "auto_candidates", "auto_draws", "auto_batch"),
+        (lambda c: c.estimator == "auto", "estimator=auto"),
     ),
     "eps": (lambda c: c.objective == "mdm", "objective=mdm"),
     **dict.fromkeys(

@@ -26,6 +26,7 @@ from ..evaluation.scoring import check_scorer, evaluate
 from ..models import Transformer
 from ..models.hf import adapter_spec, unwrap
 from ..tasks.registry import Task, get_task
+from .auto import AutoCallback, AutoEstimator, build_auto
 from .build import build_model, build_objective, build_sampler, fit_density, load_density
 from .callbacks import (
     AccuracyCallback,
@@ -37,13 +38,15 @@ from .callbacks import (
 )
 from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
 from .config import StableMDMConfig
-from .datasets import Canvas, TensorDataset, collate, encode_split, train_dataset
+from .datasets import Canvas, TensorDataset, collate, encode_split, fitting_data, train_dataset
 from .finished import FINISHED, finished_at, mark_finished, publish_final, reached
 from .finite import check_final_weights
 from .lock import output_lock
 from .recipe import save_config
 from .resume import _restart_metrics, find_checkpoint, load_sampler_state, prepare_output
 from .trainer import StableMDMTrainer
+
+AUTO_DATA = 4096  # estimator=auto on a streamed task: sequences its measurements draw from
 
 
 @dataclasses.dataclass
@@ -125,10 +128,9 @@ def _run(
     """The training itself, from `checkpoint` if given, and the final model (only finite
     weights; `trainer_state.json` beside it, written last, marks the run finished)."""
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
-    density = _density(config, checkpoint, model, task, tokenizer, canvas, encoded)
-    objective = build_objective(config, tokenizer, build_sampler(config, density))
-    if checkpoint is not None:
-        load_sampler_state(objective.sampler, checkpoint)
+    objective, density, auto = _estimator(
+        config, model, task, tokenizer, canvas, checkpoint, encoded
+    )
 
     def save_extras(folder: Path, with_model: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,9 +139,11 @@ def _run(
         else:  # the spec travels in config.json, also beside a LoRA adapter
             unwrap(model).config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        torch.save(objective.sampler.state_dict(), folder / SAMPLER_STATE)
+        torch.save(trainer.objective.sampler.state_dict(), folder / SAMPLER_STATE)
         if density is not None:
             (folder / PPOTS_FILE).write_text(json.dumps(density.to_dict()))
+        if auto is not None:
+            auto.save(folder)
         save_config(config, folder / RUN_CONFIG)
 
     if config.process_index == 0:
@@ -148,6 +152,7 @@ def _run(
     _note_launch(trainer)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
+    watch = AutoCallback(trainer, auto) if auto is not None else None
     refits = []
     if config.ppots_refit_steps:
 
@@ -160,9 +165,10 @@ def _run(
     # (here or by the engine's loading) leaves metrics.jsonl as it was
     restart = (lambda: _restart_metrics(config, checkpoint)) if checkpoint is not None else None
     for callback in (
-        MetricsCallback(restart),
-        EMACallback(objective),
+        MetricsCallback(restart, watch.fields if watch is not None else None),
+        EMACallback(trainer),
         *refits,
+        *([watch] if watch is not None else []),
         *(callbacks or []),
     ):
         trainer.add_callback(callback)
@@ -197,6 +203,30 @@ def _density(
     if config.process_index == 0:
         print(f"stablemdm: {describe_fit(density)}", file=sys.stderr)
     return density
+
+
+def _estimator(
+    config: StableMDMConfig,
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: TextTokenizer,
+    canvas: Canvas,
+    checkpoint: Path | None,
+    encoded: TensorDataset | None,
+) -> tuple[Objective, PPOTS | None, AutoEstimator | None]:
+    """(the objective to start with, the P-POTS density, estimator=auto's state or None);
+    the sampler state is the checkpoint's when resuming."""
+    auto = None
+    if config.estimator == "auto":
+        data = encoded if encoded is not None else fitting_data(task, tokenizer, canvas, AUTO_DATA)
+        auto = build_auto(config, model, task, tokenizer, canvas, data, checkpoint)
+        density, objective = auto.density, auto.objective
+    else:
+        density = _density(config, checkpoint, model, task, tokenizer, canvas, encoded)
+        objective = build_objective(config, tokenizer, build_sampler(config, density))
+    if checkpoint is not None:
+        load_sampler_state(objective.sampler, checkpoint)
+    return objective, density, auto
 
 
 def _launched_with(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""The variance decomposition of paper.md section 2 and the equal-compute comparison.
+"""The variance decomposition of paper.md section 2 (the equal-compute comparison, shared with
+`estimator: auto`, lives in `estimators.selection` and is re-exported here).
 
 `nested_components` estimates, from a balanced nested design y[i, j, k] (sequence i, rate j,
 mask k), the three terms of
@@ -19,11 +20,16 @@ becomes unreliable. Pass `bootstrap > 0` and read `unstable` before trusting the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from ..estimators.selection import (  # noqa: F401  the comparison's math, shared with auto
+    EstimatorCost,
+    compare_estimators,
+    minibatch_variance,
+)
 
 COMPONENTS = ("A", "B", "C", "total")
 
@@ -72,22 +78,6 @@ class Components:
     def to_dict(self) -> dict:
         """All fields as a plain (JSON-ready) dict."""
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class EstimatorCost:
-    """Variance of one minibatch gradient (or loss) estimate and its price in forward passes.
-
-    `variance` is the trace of the covariance of one minibatch estimate over repeated
-    independent draws, `se` its standard error, `efficiency` = variance * forward_passes
-    (lower is better: the variance per unit of compute).
-    """
-
-    name: str
-    variance: float
-    se: float
-    forward_passes: int
-    efficiency: float
 
 
 def _to_numpy(block: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -268,88 +258,3 @@ def nested_components(
         unstable=unstable,
         bootstrap_rel_spread=spread,
     )
-
-
-def minibatch_variance(draws: np.ndarray | torch.Tensor) -> tuple[float, float]:
-    """Trace of the sample covariance of R independent estimates `[R, P]` (or `[R]`) and its SE.
-
-    With z_r = |d_r - mean|^2 the trace is T = sum_r z_r / (R - 1). The SE is the delete-one
-    jackknife over draws, which for T has the closed form
-    SE^2 = R / ((R - 1) (R - 2)^2) * sum_r (z_r - mean z)^2 (about Var(z) / R for large R).
-    """
-    if not isinstance(draws, torch.Tensor):
-        draws = np.asarray(draws)
-    if draws.ndim not in (1, 2):
-        raise ValueError(
-            "minibatch_variance: draws must have shape [R] or [R, P] (R independent minibatch "
-            f"estimates), got shape {tuple(draws.shape)}"
-        )
-    R = int(draws.shape[0])
-    if R < 3:
-        raise ValueError(
-            f"minibatch_variance: need at least 3 independent draws for a variance and its SE, "
-            f"got R = {R}"
-        )
-    _check_finite(draws, "minibatch_variance: draws")
-    d = _to_numpy(draws).reshape(R, -1)  # [R, P]
-    z = ((d - d.mean(axis=0)) ** 2).sum(axis=1)  # [R]
-    trace = z.sum() / (R - 1)
-    se = np.sqrt(R / ((R - 1) * (R - 2) ** 2) * ((z - z.mean()) ** 2).sum())
-    return float(trace), float(se)
-
-
-def compare_estimators(
-    results: Mapping[str, tuple[np.ndarray | torch.Tensor, int]],
-    reference: str = "standard",
-    floor: float | None = None,
-) -> list[dict]:
-    """Rank estimators by variance * forward passes per minibatch (lower first).
-
-    `results` maps name -> (draws `[R, P]` or `[R]`, forward passes per draw). Each row has
-    name, variance, se, forward_passes, variance_x_passes, ratio_to_reference (reference
-    variance*passes / this variance*passes, > 1 = more efficient) with its delta-method SE
-    ratio_se (independent draws assumed), and, when `floor` (C / n_sequences, the data-noise
-    floor an ARM would see) is given, gap_to_floor = variance / floor.
-    """
-    if reference not in results:
-        raise ValueError(
-            f"compare_estimators: unknown reference {reference!r}; estimators are: "
-            f"{', '.join(sorted(results)) or '(none)'}"
-        )
-    if floor is not None and not floor > 0:
-        raise ValueError(f"compare_estimators: floor must be > 0 (C / n_sequences), got {floor}")
-    costs = {}
-    shapes = {}
-    for name, (draws, passes) in results.items():
-        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-            raise ValueError(
-                f"compare_estimators: forward passes for {name!r} must be a positive int, "
-                f"got {passes!r}"
-            )
-        shapes[name] = tuple(draws.shape[1:])
-        variance, se = minibatch_variance(draws)
-        costs[name] = EstimatorCost(name, variance, se, passes, variance * passes)
-    if len(set(shapes.values())) > 1:
-        raise ValueError(
-            "compare_estimators: all estimators must estimate the same quantity, but the "
-            f"per-draw shapes differ: {shapes}"
-        )
-    ref = costs[reference]
-    rows = []
-    for cost in sorted(costs.values(), key=lambda c: c.efficiency):
-        ratio = ref.efficiency / cost.efficiency if cost.efficiency > 0 else float("inf")
-        rel_ref = ref.se / ref.variance if ref.variance > 0 else float("inf")
-        rel_this = cost.se / cost.variance if cost.variance > 0 else float("inf")
-        row = {
-            "name": cost.name,
-            "variance": cost.variance,
-            "se": cost.se,
-            "forward_passes": cost.forward_passes,
-            "variance_x_passes": cost.efficiency,
-            "ratio_to_reference": ratio,
-            "ratio_se": 0.0 if cost is ref else ratio * float(np.hypot(rel_ref, rel_this)),
-        }
-        if floor is not None:
-            row["gap_to_floor"] = cost.variance / floor
-        rows.append(row)
-    return rows

@@ -1,14 +1,14 @@
-"""Measurement primitives of the `stablemdm variance` experiment (paper.md section 2): what one
-gradient observation is (`GradientFeature`), the nested design and its observations
-(`nested_observations`, `decompose`), the equal-compute comparison (`compare_methods`), the
-per-rate curves (`rate_curves`) and the semi-analytic cross-check. Pure PyTorch over a model,
-an `Objective` and encoded data; `inputs` builds the methods and `report` runs them.
+"""Measurement primitives of the `stablemdm variance` experiment (paper.md section 2): the
+gradient observation (`GradientFeature`, from `estimators.selection`), the nested design and
+its observations (`nested_observations`, `decompose`), the equal-compute comparison and its
+recommendation (`compare_methods`, with `estimator: auto`'s selection rule), the per-rate
+curves (`rate_curves`) and the semi-analytic cross-check. Pure PyTorch over a model, an
+`Objective` and encoded data; `inputs` builds the methods and `report` runs them.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,33 +21,29 @@ from ..errors import ConfigError
 from ..estimators import ppots_fit as ppots
 from ..estimators.objective import Objective, ObjectiveOutput
 from ..estimators.rates import RateSampler
+from ..estimators.selection import (  # noqa: F401  re-exported for the command and report
+    DEFAULT_PROJECTION,
+    FULL_GRADIENT_MAX,
+    MARGIN,
+    Collector,
+    GradientFeature,
+    MinibatchDraws,
+    choose,
+    compare_estimators,
+    minibatch_draws,
+)
 from ..estimators.stratified import Stratified
 from ..estimators.syrm import Mirrored
 from ..models.hf import adapter_spec, as_arm
 from ..rng import seeded_generator
 from ..training.datasets import TensorDataset
 from ..training.trainer import ema_of
-from .decompose import Components, compare_estimators, nested_components
+from .decompose import Components, nested_components
 
 F64 = torch.float64
 
 
 REFERENCE = "standard"  # the estimator every other one is compared with
-
-
-FULL_GRADIENT_MAX = 200_000  # more coordinates than this and no --params: project by default
-
-
-DEFAULT_PROJECTION = 128  # dimensions of the default random projection
-
-
-PROJECTION_CHUNK = 1 << 22  # entries of one projection block [columns, P] (16 MiB in fp32)
-
-
-PROJECTION_CACHE = 1 << 26  # keep the projection in memory up to this many entries (256 MiB)
-
-
-PROJECTION_ROWS = 64  # gradients buffered and projected together (bounds memory and reuse cost)
 
 
 @dataclass(frozen=True)
@@ -71,118 +67,6 @@ class Design:
                     f"--{prefix}{name} = {value!r}: need at least 2 {name} ({why}); "
                     f"raise --{prefix}{name}"
                 )
-
-
-class GradientFeature:
-    """What one gradient observation is: the flattened gradient of the chosen parameters
-    (`params`, a regex searched in parameter names; all by default), or its projection
-    G g with a seeded Gaussian G `[P, D]` of variance 1/P (E[G^T G] = I, so every covariance
-    trace is preserved in expectation and all methods share the same G).
-
-    G is drawn block by block of columns (`PROJECTION_CHUNK` entries) from generators seeded by
-    (seed, "projection", block), so it is reproducible and never materialised whole when it
-    has more than `PROJECTION_CACHE` entries; smaller ones are kept after the first use.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module, params: str | None, project: int | None, seed: int
-    ) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if params is not None:
-            try:
-                pattern = re.compile(params)
-            except re.error as err:
-                raise ConfigError(
-                    f"--params {params!r} is not a valid regular expression ({err})"
-                ) from None
-            chosen = [(n, p) for n, p in named if pattern.search(n)]
-            if not chosen:
-                some = ", ".join(n for n, _ in named[:8])
-                raise ConfigError(
-                    f"--params {params!r} matches no parameter; the model has {len(named)} "
-                    f"parameter tensors, e.g. {some}"
-                )
-            named = chosen
-        self.params = [p for _, p in named]
-        self.n_coordinates = sum(p.numel() for p in self.params)
-        if project is None and params is None and self.n_coordinates > FULL_GRADIENT_MAX:
-            project = DEFAULT_PROJECTION
-        self.project = project
-        self.pattern = params
-        self.seed = seed
-        self._cache: list[tuple[int, torch.Tensor]] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready summary of the feature."""
-        return {
-            "params": self.pattern or "all",
-            "tensors": len(self.params),
-            "coordinates": self.n_coordinates,
-            "projection": self.project,
-        }
-
-    def gradient(self, value: torch.Tensor, retain_graph: bool) -> torch.Tensor:
-        """The flattened fp32 CPU gradient `[D]` of the scalar `value`."""
-        grads = torch.autograd.grad(
-            value, self.params, retain_graph=retain_graph, allow_unused=True
-        )
-        flat = [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-            for g, p in zip(grads, self.params, strict=True)
-        ]
-        return torch.cat(flat).float().cpu()  # [D]
-
-    def reduce(self, rows: torch.Tensor) -> torch.Tensor:
-        """Observations `[N, P]` from flat gradients `[N, D]` (identity without projection)."""
-        if self.project is None:
-            return rows
-        out = torch.zeros(rows.shape[0], self.project)  # [N, P]
-        for start, block in self._blocks():
-            out += rows[:, start : start + block.shape[0]] @ block
-        return out
-
-    def _blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first column, G^T block `[columns, P]`) over the columns of G."""
-        if self._cache is not None:
-            yield from self._cache
-            return
-        width = max(1, PROJECTION_CHUNK // self.project)
-        keep = self.n_coordinates * self.project <= PROJECTION_CACHE
-        blocks = []
-        for index, start in enumerate(range(0, self.n_coordinates, width)):
-            columns = min(width, self.n_coordinates - start)
-            generator = seeded_generator(self.seed, "projection", self.project, index)
-            block = torch.randn(columns, self.project, generator=generator)  # [columns, P]
-            block /= math.sqrt(self.project)
-            if keep:
-                blocks.append((start, block))
-            yield start, block
-        if keep:
-            self._cache = blocks
-
-
-class _Collector:
-    """Collects flat gradients one at a time and reduces them in blocks of PROJECTION_ROWS."""
-
-    def __init__(self, feature: GradientFeature) -> None:
-        self.feature = feature
-        self.pending: list[torch.Tensor] = []
-        self.done: list[torch.Tensor] = []
-
-    def add(self, flat: torch.Tensor) -> None:
-        self.pending.append(flat)
-        if len(self.pending) >= PROJECTION_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.pending:
-            self.done.append(self.feature.reduce(torch.stack(self.pending)))  # [N, P]
-            self.pending = []
-
-    def result(self) -> torch.Tensor:
-        """All observations so far `[N, P]`."""
-        self._flush()
-        return torch.cat(self.done)
 
 
 def _rows(data: TensorDataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,7 +132,7 @@ def nested_observations(
     density = density_sampler(objective.sampler)
     I, J, K = len(index), rates, masks
     values = []
-    collector = _Collector(feature) if feature is not None else None
+    collector = Collector(feature) if feature is not None else None
     for i in range(I):
         rate_generator = seeded_generator(seed, "nested-rate", tag, i)
         mask_generator = seeded_generator(seed, "nested-mask", tag, i)
@@ -369,49 +253,58 @@ def compare_methods(
     feature: GradientFeature | None = None,
     loss_floor: float | None = None,
     grad_floor: float | None = None,
-) -> dict[str, list[dict]]:
+) -> dict[str, Any]:
     """Equal-compute comparison: per method, `draws` independent minibatches of `batch`
     sequences drawn with replacement from `data` (so data noise is included) with fresh rates
-    and masks; the minibatch loss `ObjectiveOutput.loss` and its gradient feature go to
-    `variance.compare_estimators` with the method's forward passes per minibatch.
+    and masks (`selection.minibatch_draws`); the minibatch loss and its gradient feature go
+    to `compare_estimators` with the method's forward passes per minibatch.
 
-    Returns {"loss": rows, "grad": rows} (no "grad" without a feature); `REFERENCE` must be
-    among the objectives. Floors are C / batch of the loss and of the gradient.
+    Returns {"loss": rows, "grad": rows, "recommendation": ...} (no "grad" without a
+    feature); `REFERENCE` must be among the objectives. Floors are C / batch of the loss and
+    of the gradient. The recommendation is `estimator: auto`'s rule (`recommend`).
     """
-    losses: dict[str, tuple[torch.Tensor, int]] = {}
-    grads: dict[str, tuple[torch.Tensor, int]] = {}
+    measured: dict[str, MinibatchDraws] = {}
     for name, objective in objectives.items():
         data_generator = seeded_generator(seed, "compare-data", name)
-        collector = _Collector(feature) if feature is not None else None
-        values, passes = [], set()
-        for r in range(draws):
-            rows = _rows(data, torch.randint(len(data), (batch,), generator=data_generator))
-            with torch.set_grad_enabled(collector is not None):
-                out = objective(
-                    model,
-                    rows,
-                    seeded_generator(seed, "compare-rate", name, r),
-                    seeded_generator(seed, "compare-mask", name, r),
-                )
-            values.append(out.loss.detach().to("cpu", F64))
-            passes.add(out.forward_passes)
-            if collector is not None:
-                collector.add(feature.gradient(out.loss, retain_graph=False))
-        if len(passes) != 1:
-            raise ValueError(f"{name}: forward passes per minibatch varied ({sorted(passes)})")
-        values = torch.stack(values)  # [R]
-        if not bool(torch.isfinite(values).all()):
+        batches = (
+            _rows(data, torch.randint(len(data), (batch,), generator=data_generator))
+            for _ in range(draws)
+        )
+        out = minibatch_draws(
+            model,
+            objective,
+            batches,
+            lambda r, name=name: (
+                seeded_generator(seed, "compare-rate", name, r),
+                seeded_generator(seed, "compare-mask", name, r),
+            ),
+            feature,
+        )
+        if not bool(torch.isfinite(out.loss).all()):
             raise ConfigError(
-                f"{name}: {int((~torch.isfinite(values)).sum())} of {draws} minibatch losses are "
-                "not finite; the model's forward pass overflows: check the checkpoint"
+                f"{name}: {int((~torch.isfinite(out.loss)).sum())} of {draws} minibatch losses "
+                "are not finite; the model's forward pass overflows: check the checkpoint"
             )
-        losses[name] = (values, passes.pop())
-        if collector is not None:
-            grads[name] = (collector.result(), losses[name][1])  # [R, P]
-    result = {"loss": compare_estimators(losses, REFERENCE, loss_floor)}
+        measured[name] = out
+    losses = {name: (m.loss, m.forward_passes) for name, m in measured.items()}
+    result: dict[str, Any] = {"loss": compare_estimators(losses, REFERENCE, loss_floor)}
     if feature is not None:
+        grads = {name: (m.grad, m.forward_passes) for name, m in measured.items()}
         result["grad"] = compare_estimators(grads, REFERENCE, grad_floor)
+    unbiased = [name for name, objective in objectives.items() if objective.sampler.unbiased]
+    result["recommendation"] = recommend(grads if feature is not None else losses, unbiased)
     return result
+
+
+def recommend(
+    results: Mapping[str, tuple[torch.Tensor, int]], unbiased: list[str]
+) -> dict[str, Any]:
+    """What `estimator: auto` would train with on this evidence, as at its first measurement:
+    `selection.choose` over the unbiased methods (a biased one estimates another objective),
+    with the chosen one's difference to Standard and its SE."""
+    kept = {name: results[name] for name in unbiased}
+    choice = choose(kept, None, MARGIN, REFERENCE)
+    return {**choice.to_dict(), "margin": MARGIN, "candidates": list(kept)}
 
 
 def rate_curves(

@@ -135,6 +135,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     if warnings or report["notes"]:
         parts += ["## Notes", *(f"- **warning**: {w}" for w in warnings)]
         parts += [f"- {note}" for note in report["notes"]]
+    line = recommendation_line(report)
+    if line is not None:
+        parts += ["## Recommendation", line[0].upper() + line[1:] + "."]
     return "\n\n".join(parts) + "\n"
 
 
@@ -163,6 +166,22 @@ def _curve_rows(curves: Mapping[str, Any]) -> list[list[str]]:
             strict=True,
         )
     ]
+
+
+def recommendation_line(report: Mapping[str, Any]) -> str | None:
+    """The report's closing line: which estimator to train with, by `estimator: auto`'s rule
+    at its first measurement (`measure.recommend`), or None for a report without one."""
+    rec = report["comparison"].get("recommendation")
+    if rec is None:
+        return None
+    matched = " (auto trains MIRROR at equal compute: compute_matched=true)" * (
+        "mirror" in rec["name"]
+    )
+    return (
+        f"recommendation: train with {rec['name']}, {rec['reason']}, among the unbiased methods "
+        f"{', '.join(rec['candidates'])}; estimator=auto measures it during training and "
+        f"switches later only past {rec['margin']:g} SE{matched}"
+    )
 
 
 def _design_label(design: Mapping[str, int]) -> str:
@@ -201,6 +220,9 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
         console.print(f"[bold yellow]warning:[/] {report['heavy_tail_warning']}")
     for note in report["notes"]:
         console.print(f"note: {note}")
+    line = recommendation_line(report)
+    if line is not None:
+        console.print(line, style="bold", markup=False)
 
 
 def _jsonable(value: Any) -> Any:
