@@ -8,7 +8,7 @@ same settings reproduces the records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +17,7 @@ import torch
 from ..data import Example, TextTokenizer, write_jsonl
 from ..estimators.losses import Model
 from .decoding import GENERATORS, generate
+from .image_scoring import image_scorer
 
 MAX_BLOCK_LENGTH = 32
 
@@ -35,12 +36,14 @@ class ScoredTask(Protocol):
 @dataclass
 class EvalResult:
     """Accuracy over `n` items and one record per item (index, source, prompt, output,
-    extracted, gold, correct)."""
+    extracted, gold, correct); `metrics` holds a task's set-level scores (image tasks:
+    mean_prob, fid, valid; see image_scoring)."""
 
     accuracy: float
     n: int
     n_correct: int
     records: list[dict]
+    metrics: dict[str, float | None] = field(default_factory=dict)
 
 
 def default_block_length(gen_length: int) -> int:
@@ -70,16 +73,19 @@ def evaluate(
     steps: int | None = None,
     block_length: int | None = None,
     remasking: str = "low_confidence",
-    temperature: float = 0.0,
+    temperature: float | None = None,
     seed: int = 0,
     output_path: str | Path | None = None,
     device: str | torch.device | None = None,
 ) -> EvalResult:
     """Decode the first `limit` examples of `task`'s `split` in batches, score them with the
-    task, and optionally write the records as JSONL to `output_path`.
+    task, and optionally write the records as JSONL to `output_path`. An image task is also
+    judged by `image_scoring` (accuracy = the share of images of the prompted class), with a
+    PNG grid of samples beside the records (same name, `.png`).
 
     Defaults: `gen_length = task.gen_length`, `steps = gen_length`, `block_length =
-    default_block_length(gen_length)`; for "arm", `max_new_tokens = gen_length` (`steps`,
+    default_block_length(gen_length)`, `temperature` = the task's `temperature` if it has one
+    (image tasks sample), else 0 (greedy); for "arm", `max_new_tokens = gen_length` (`steps`,
     `block_length`, `remasking` unused). `device`, when given, moves the model there first.
     """
     where = f"evaluate(task={task.name!r}, split={split!r})"
@@ -98,6 +104,10 @@ def evaluate(
         raise ValueError(f"{where}: the split has no examples; check the task's data")
 
     gen_length = task.gen_length if gen_length is None else gen_length
+    if temperature is None:
+        temperature = getattr(task, "temperature", 0.0)
+    images = image_scorer(task, tokenizer)  # None for a text task
+    tokenizer = tokenizer if images is None else images.tokenizer
     if objective == "mdm":
         steps = gen_length if steps is None else steps
         block_length = default_block_length(gen_length) if block_length is None else block_length
@@ -140,7 +150,11 @@ def evaluate(
                 }
             )
 
+    metrics = {}
+    if images is not None:
+        grid = None if output_path is None else Path(output_path).with_suffix(".png")
+        metrics = images.score(records, grid)
     if output_path is not None:
         write_jsonl(output_path, records)
     n_correct = sum(r["correct"] for r in records)
-    return EvalResult(n_correct / len(records), len(records), n_correct, records)
+    return EvalResult(n_correct / len(records), len(records), n_correct, records, metrics)

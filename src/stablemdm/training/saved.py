@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..data.image_tokens import with_image_tokens
 from ..data.tokenizer import CharTokenizer
 from ..errors import ConfigError
 from ..models.transformer import MODEL_TYPE, Transformer
@@ -65,7 +66,8 @@ def other_checkpoints(folder: Path) -> str:
 
 def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """A saved model and its tokenizer: a built-in run (the default character tokenizer if
-    none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA). A
+    none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA), with
+    the image tokens and codebook of an image task when the folder holds them. A
     missing or corrupted file is a `ConfigError` naming it and another checkpoint to use."""
     from safetensors import SafetensorError
 
@@ -73,7 +75,8 @@ def load_checkpoint(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     if not folder.is_dir():
         raise ConfigError(f"checkpoint folder {folder} does not exist")
     try:
-        return _load_checkpoint(folder)
+        model, tokenizer = _load_checkpoint(folder)
+        return model, with_image_tokens(tokenizer, folder)
     except ConfigError as err:
         raise ConfigError(f"{err}{other_checkpoints(folder)}") from err
     except (ValueError, OSError, SafetensorError) as err:
