@@ -20,6 +20,7 @@ from stablemdm.errors import ConfigError
 from stablemdm.estimators.objective import Objective
 from stablemdm.estimators.rates import Uniform
 from stablemdm.estimators.stratified import Stratified
+from stablemdm.evaluation.decoding import generate_arm, generate_mdm
 from stablemdm.evaluation.scoring import evaluate
 from stablemdm.tasks import get_task
 from stablemdm.training.recipe import load_config
@@ -108,6 +109,38 @@ def test_prompt_tokens_are_never_masked(task, rate, masking, scheme):
     prompt = (~batch["eligible"] & batch["attention_mask"]).repeat(copies, 1)
     assert prompt.any(dim=1).all() and not (masked & prompt).any()
     assert masked.any(dim=0)[batch["eligible"][0]].all()  # every canvas position masked
+
+
+def test_constrained_decoding_draws_whole_canvases(task):
+    """With uniform logits over all 116 tokens, unconstrained decoding scatters text tokens
+    into the canvas; the image task's constraint gives 16 image tokens and `<eos>`."""
+    tok = task.tokenizer_for(None)
+    model = _Recorder(tok.vocab_size)
+    prompts = [tok.encode_prompt(e) for e in task.examples("test")[:6]]
+    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=1.0)
+    mdm = dict(mask_token_id=tok.mask_token_id, gen_length=17, steps=17, block_length=17)
+    outputs = {}
+    for canvas in (task.canvas_tokens(tok), None):
+        g = torch.Generator().manual_seed(0)
+        outputs[canvas is None] = [
+            *generate_mdm(model, prompts, **mdm, **special, generator=g, canvas_tokens=canvas),
+            *generate_arm(
+                model, prompts, max_new_tokens=17, **special, generator=g, canvas_tokens=canvas
+            ),
+        ]
+    image = set(tok.image_ids)
+    assert all(len(out) == 16 and set(out) <= image for out in outputs[False])
+    assert not all(set(out) <= image and len(out) == 16 for out in outputs[True])
+    with pytest.raises(ValueError, match="canvas_tokens lists 17 positions for a canvas of 9"):
+        generate_arm(
+            model,
+            prompts,
+            max_new_tokens=9,
+            **special,
+            generator=g,
+            canvas_tokens=task.canvas_tokens(tok),
+        )
+    assert get_task("digits_t2i", codebook_size=16, constrain=False).canvas_tokens(tok) is None
 
 
 def test_a_tiny_run_trains_decodes_scores_and_draws(tmp_path, capsys):

@@ -95,6 +95,36 @@ def _check_temperature(temperature: float, generator: torch.Generator | None, wh
         _require_generator(generator, f"{where} with temperature={temperature}")
 
 
+def _canvas_allowed(
+    canvas_tokens: Sequence[Sequence[int]] | None, length: int, device: torch.device, where: str
+) -> Callable[[int], torch.Tensor] | None:
+    """None without `canvas_tokens`, else a function of the vocabulary size V giving the
+    `[length, V]` mask of the ids each canvas position may take (built once)."""
+    if canvas_tokens is None:
+        return None
+    if len(canvas_tokens) != length:
+        raise ValueError(
+            f"{where}: canvas_tokens lists {len(canvas_tokens)} positions for a canvas of "
+            f"{length}; decode with the task's gen_length"
+        )
+    masks: dict[int, torch.Tensor] = {}
+
+    def allowed(vocab: int) -> torch.Tensor:
+        if vocab not in masks:
+            mask = torch.zeros(length, vocab, dtype=torch.bool)  # [G, V]
+            for i, ids in enumerate(canvas_tokens):
+                mask[i, list(ids)] = True
+            masks[vocab] = mask.to(device)
+        return masks[vocab]
+
+    return allowed
+
+
+def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits `[..., P, V]` (or `[B, V]` with `allowed` `[V]`) with disallowed ids at -inf."""
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def _right_padded(
     rows: list[list[int]], room: int, pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +150,7 @@ def generate_mdm(
     remasking: str = "low_confidence",
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    canvas_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Decode a canvas of `gen_length` masks after each prompt, LLaDA style: `gen_length /
     block_length` blocks left to right, `steps / n_blocks` model calls per block, each call
@@ -128,8 +159,9 @@ def generate_mdm(
 
     `remasking`: "low_confidence" (confidence = softmax probability of the chosen token) or
     "random" (confidence = U(0,1) from `generator`). The mask and pad tokens are never chosen
-    (pad only when it is not also EOS). A model that conditions on t is given the fraction of
-    its canvas still masked.
+    (pad only when it is not also EOS); with `canvas_tokens` (one list of ids per canvas
+    position), each position only takes its own ids (an image canvas: image tokens, then
+    `<eos>`). A model that conditions on t is given the fraction of its canvas still masked.
     After each block a row whose decoded canvas holds `<eos>` is finished; decoding stops once
     all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
     """
@@ -167,6 +199,7 @@ def generate_mdm(
     x.scatter_(1, canvas, mask_token_id)
     attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
     schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
+    allowed = _canvas_allowed(canvas_tokens, gen_length, device, where)
 
     with _eval_mode(model):
         for block in range(n_blocks):
@@ -179,6 +212,9 @@ def generate_mdm(
                 block_logits[..., mask_token_id] = float("-inf")
                 if pad_token_id != eos_token_id:  # Llama-family tokenizers pad with EOS
                     block_logits[..., pad_token_id] = float("-inf")
+                if allowed is not None:
+                    span = slice(block * block_length, (block + 1) * block_length)
+                    block_logits = _restrict(block_logits, allowed(logits.shape[-1])[span])
                 chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
                 if remasking == "low_confidence":
                     probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
@@ -208,10 +244,12 @@ def generate_arm(
     max_new_tokens: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    canvas_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Autoregressive decoding with a causal model: one forward pass per new token over the
     right-padded prefix, reading each row's logits at its last real position. A row stops at
-    `<eos>` or after `max_new_tokens`; returns its new tokens before the first `<eos>`."""
+    `<eos>` or after `max_new_tokens`; returns its new tokens before the first `<eos>`. With
+    `canvas_tokens`, the i-th new token is one of `canvas_tokens[i]` (raster order)."""
     where = "generate_arm"
     if max_new_tokens < 1:
         raise ValueError(f"{where}: max_new_tokens={max_new_tokens} must be positive")
@@ -227,15 +265,18 @@ def generate_arm(
     length = prompt_len.clone()  # [B]
     active = torch.ones(n_rows, dtype=torch.bool, device=device)  # [B]
     row_index = torch.arange(n_rows, device=device)  # [B]
+    allowed = _canvas_allowed(canvas_tokens, max_new_tokens, device, where)
 
     with _eval_mode(model):
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             width = int(length.max())
             attention_mask = positions[None, :width] < length[:, None]  # [B, W]
             logits = logits_of(model, x[:, :width], attention_mask)  # [B, W, V]
             last = logits[row_index, length - 1].float()  # [B, V]
             if pad_token_id != eos_token_id:
                 last[:, pad_token_id] = float("-inf")
+            if allowed is not None:
+                last = _restrict(last, allowed(last.shape[-1])[step])
             chosen = _pick_tokens(last, temperature, generator)  # [B]
             write = row_index[active]
             x[write, length[write]] = chosen[write]

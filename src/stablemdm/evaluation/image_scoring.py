@@ -37,6 +37,7 @@ class ImageTask(Protocol):
     def real_images(self, split: str) -> tuple[np.ndarray, np.ndarray]: ...
     def image_of(self, output: str) -> np.ndarray: ...
     def tokenizer_for(self, tokenizer: Any) -> Any: ...
+    def canvas_tokens(self, tokenizer: Any) -> list[list[int]] | None: ...
 
 
 class Judge:
@@ -166,6 +167,8 @@ class ImageScorer:
         self.task = task
         self.tokenizer = task.tokenizer_for(tokenizer)  # refuses another run's codebook
         self.judge, self.reference = judge_for(task)
+        # what decoding may put at each canvas position (None: anything)
+        self.canvas_tokens = task.canvas_tokens(self.tokenizer)
 
     def score(
         self, records: list[dict], grid_path: str | Path | None = None

@@ -120,6 +120,8 @@ def evaluate(
         )
     else:
         options = dict(max_new_tokens=gen_length)
+    if images is not None:
+        options["canvas_tokens"] = images.canvas_tokens
     _model_to(model, device)
     generator = torch.Generator().manual_seed(seed)
 

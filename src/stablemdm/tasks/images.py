@@ -30,7 +30,9 @@ class ImageTask(Task):
     (`codebook_size` grey levels, patch 1); `prompt_template` is formatted with the class
     name as `label` (an image's own caption, when it has one, wins); `temperature` is the
     decoding temperature `evaluate` uses unless told otherwise (sampling gives the diversity
-    a text-to-image model needs; 0 would draw one image per prompt).
+    a text-to-image model needs; 0 would draw one image per prompt); `constrain` decodes only
+    image tokens into the canvas and `<eos>` after it, as MMaDA and MaskGIT do (false: any
+    token, and the scorer counts the canvases that are not whole images).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ImageTask(Task):
         patch: int,
         prompt_template: str,
         temperature: float,
+        constrain: bool,
     ) -> None:
         if "{label}" not in prompt_template:
             raise ValueError(
@@ -65,6 +68,7 @@ class ImageTask(Task):
         self.class_names = list(images.class_names)
         self.prompt_template = prompt_template
         self.temperature = float(temperature)
+        self.constrain = bool(constrain)
         self._examples = {s: self._encode(s) for s in ("train", "test")}
         self.gen_length = self.codebook.n_tokens + 1  # the canvas and its <eos>
         prompts = [e.prompt for split in self._examples.values() for e in split]
@@ -108,6 +112,13 @@ class ImageTask(Task):
         codes, _ = read_canvas(output, self.codebook.n_tokens)
         return self.codebook.decode(codes[None])[0]
 
+    def canvas_tokens(self, tokenizer: ImageTokenizer) -> list[list[int]] | None:
+        """The ids decoding may put at each canvas position: the image block, then `<eos>`
+        (None with constrain=false: any token)."""
+        if not self.constrain:
+            return None
+        return [tokenizer.image_ids] * self.codebook.n_tokens + [[tokenizer.eos_token_id]]
+
     def tokenizer_for(self, tokenizer: TextTokenizer | None) -> ImageTokenizer:
         """The character tokenizer plus this task's image block (built-in model), a Hugging
         Face tokenizer holding the image tokens, or a saved run's, checked to carry this
@@ -130,6 +141,7 @@ class DigitsT2I(ImageTask):
         patch: int = 2,
         prompt_template: str = "a handwritten {label}",
         temperature: float = 1.0,
+        constrain: bool = True,
     ) -> None:
         super().__init__(
             load_digits_set(),
@@ -142,6 +154,7 @@ class DigitsT2I(ImageTask):
             patch=patch,
             prompt_template=prompt_template,
             temperature=temperature,
+            constrain=constrain,
         )
 
 
@@ -161,6 +174,7 @@ class ImageFolderT2I(ImageTask):
         patch: int = 2,
         prompt_template: str = "a {label}",
         temperature: float = 1.0,
+        constrain: bool = True,
     ) -> None:
         images = load_image_folder(path)
         if len(images.class_names) < 2:
@@ -180,4 +194,5 @@ class ImageFolderT2I(ImageTask):
             patch=patch,
             prompt_template=prompt_template,
             temperature=temperature,
+            constrain=constrain,
         )
