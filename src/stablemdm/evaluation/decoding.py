@@ -120,6 +120,17 @@ def _canvas_allowed(
     return allowed
 
 
+def _block_logits(
+    logits: torch.Tensor, block_pos: torch.Tensor, banned: list[int], allowed: torch.Tensor | None
+) -> torch.Tensor:
+    """The fp32 logits `[B, Lb, V]` of the block's positions `[B, Lb]`, with the `banned` ids
+    and the ids outside `allowed` `[Lb, V]` at -inf."""
+    index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
+    out = logits.gather(1, index).float()  # [B, Lb, V]
+    out[..., banned] = float("-inf")
+    return out if allowed is None else _restrict(out, allowed)
+
+
 def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Logits `[..., P, V]` (or `[B, V]` with `allowed` `[V]`) with disallowed ids at -inf."""
     return logits.masked_fill(~allowed, float("-inf"))
@@ -200,21 +211,18 @@ def generate_mdm(
     attention_mask = positions[None, :] < (prompt_len + gen_length)[:, None]  # [B, L]
     schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
     allowed = _canvas_allowed(canvas_tokens, gen_length, device, where)
+    # never chosen: the mask, and the pad token unless it is also EOS (Llama-family tokenizers)
+    banned = [mask_token_id] + ([pad_token_id] if pad_token_id != eos_token_id else [])
 
     with _eval_mode(model):
         for block in range(n_blocks):
-            block_pos = canvas[:, block * block_length : (block + 1) * block_length]  # [B, Lb]
+            span = slice(block * block_length, (block + 1) * block_length)
+            block_pos = canvas[:, span]  # [B, Lb]
             for n_unmask in schedule:
                 t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
                 logits = logits_of(model, x, attention_mask, t)  # [B, L, V]
-                index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
-                block_logits = logits.gather(1, index).float()  # [B, Lb, V]
-                block_logits[..., mask_token_id] = float("-inf")
-                if pad_token_id != eos_token_id:  # Llama-family tokenizers pad with EOS
-                    block_logits[..., pad_token_id] = float("-inf")
-                if allowed is not None:
-                    span = slice(block * block_length, (block + 1) * block_length)
-                    block_logits = _restrict(block_logits, allowed(logits.shape[-1])[span])
+                limit = None if allowed is None else allowed(logits.shape[-1])[span]  # [Lb, V]
+                block_logits = _block_logits(logits, block_pos, banned, limit)  # [B, Lb, V]
                 chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
                 if remasking == "low_confidence":
                     probs = block_logits.softmax(dim=-1)  # [B, Lb, V]

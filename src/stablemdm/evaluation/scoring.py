@@ -60,6 +60,27 @@ def _model_to(model: Model, device: str | torch.device | None) -> None:
         model.to(device)
 
 
+def _decoding_options(
+    objective: str,
+    tokenizer: TextTokenizer,
+    gen_length: int,
+    steps: int | None,
+    block_length: int | None,
+    remasking: str,
+) -> dict:
+    """The decoder's own options: the MDM's canvas, steps, blocks and remasking (defaults as
+    in `evaluate`), or the ARM's number of new tokens."""
+    if objective != "mdm":
+        return dict(max_new_tokens=gen_length)
+    return dict(
+        mask_token_id=tokenizer.mask_token_id,
+        gen_length=gen_length,
+        steps=gen_length if steps is None else steps,
+        block_length=default_block_length(gen_length) if block_length is None else block_length,
+        remasking=remasking,
+    )
+
+
 def evaluate(
     model: Model,
     tokenizer: TextTokenizer,
@@ -108,18 +129,7 @@ def evaluate(
         temperature = getattr(task, "temperature", 0.0)
     images = image_scorer(task, tokenizer)  # None for a text task
     tokenizer = tokenizer if images is None else images.tokenizer
-    if objective == "mdm":
-        steps = gen_length if steps is None else steps
-        block_length = default_block_length(gen_length) if block_length is None else block_length
-        options = dict(
-            mask_token_id=tokenizer.mask_token_id,
-            gen_length=gen_length,
-            steps=steps,
-            block_length=block_length,
-            remasking=remasking,
-        )
-    else:
-        options = dict(max_new_tokens=gen_length)
+    options = _decoding_options(objective, tokenizer, gen_length, steps, block_length, remasking)
     if images is not None:
         options["canvas_tokens"] = images.canvas_tokens
     _model_to(model, device)
