@@ -135,7 +135,11 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
         choices=["low_confidence", "random"],
         help="which predictions the MDM keeps each iteration",
     )
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        help="0 = greedy (default: the task's; image tasks sample at 1, text is greedy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together")
     add_trust_remote_code(p)
@@ -322,6 +326,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "split": args.split,
                 "objective": objective,
                 "accuracy": result.accuracy,
+                **result.metrics,
                 "n": result.n,
                 "n_correct": result.n_correct,
                 "records": output,
@@ -408,7 +413,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     common = {
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "temperature": args.temperature,
+        "temperature": args.temperature or 0.0,
         "generator": generator,
     }
     for start in range(0, len(ids), args.batch_size):

@@ -108,6 +108,59 @@ def _right_padded(
     return x.to(device), prompt_len
 
 
+def _canvas_allowed(
+    canvas_tokens: Sequence[Sequence[int]] | None, length: int, device: torch.device, where: str
+) -> Callable[[int], torch.Tensor] | None:
+    """None without `canvas_tokens`, else a function of the vocabulary size V giving the
+    `[length, V]` mask of the ids each canvas position may take (built once)."""
+    if canvas_tokens is None:
+        return None
+    if len(canvas_tokens) != length:
+        raise ValueError(
+            f"{where}: canvas_tokens lists {len(canvas_tokens)} positions for a canvas of "
+            f"{length}; decode with the task's gen_length"
+        )
+    masks: dict[int, torch.Tensor] = {}
+
+    def allowed(vocab: int) -> torch.Tensor:
+        if vocab not in masks:
+            mask = torch.zeros(length, vocab, dtype=torch.bool)  # [G, V]
+            for i, ids in enumerate(canvas_tokens):
+                mask[i, list(ids)] = True
+            masks[vocab] = mask.to(device)
+        return masks[vocab]
+
+    return allowed
+
+
+def _block_logits(
+    logits: torch.Tensor, block_pos: torch.Tensor, banned: list[int], allowed: torch.Tensor | None
+) -> torch.Tensor:
+    """The fp32 logits `[B, Lb, V]` of the block's positions `[B, Lb]`, with the `banned` ids
+    and the ids outside `allowed` `[Lb, V]` at -inf."""
+    index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
+    out = logits.gather(1, index).float()  # [B, Lb, V]
+    out[..., banned] = float("-inf")
+    return out if allowed is None else _restrict(out, allowed)
+
+
+def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits `[..., P, V]` (or `[B, V]` with `allowed` `[V]`) with disallowed ids at -inf."""
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _right_padded(
+    rows: list[list[int]], room: int, pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-padded with `room` free positions after the longest: x `[B, L]` and
+    the prompt lengths `[B]`."""
+    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
+    x = torch.full((len(rows), int(prompt_len.max()) + room), pad_token_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        x[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return x.to(device), prompt_len
+
+
 def generate_mdm(
     model: Model,
     prompts: Sequence[Sequence[int]],
@@ -121,6 +174,7 @@ def generate_mdm(
     remasking: str = "low_confidence",
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    canvas_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Decode a canvas of `gen_length` masks after each prompt, LLaDA style: `gen_length /
     block_length` blocks left to right, `steps / n_blocks` model calls per block, each call
@@ -129,8 +183,9 @@ def generate_mdm(
 
     `remasking`: "low_confidence" (confidence = softmax probability of the chosen token) or
     "random" (confidence = U(0,1) from `generator`). The mask and pad tokens are never chosen
-    (pad only when it is not also EOS). A model that conditions on t is given the fraction of
-    its canvas still masked.
+    (pad only when it is not also EOS); with `canvas_tokens` (one list of ids per canvas
+    position), each position only takes its own ids (an image canvas: image tokens, then
+    `<eos>`). A model that conditions on t is given the fraction of its canvas still masked.
     After each block a row whose decoded canvas holds `<eos>` is finished; decoding stops once
     all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
     """
@@ -146,10 +201,12 @@ def generate_mdm(
         rows, gen_length, mask_token_id, pad_token_id, device
     )
     schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
+    allowed = _canvas_allowed(canvas_tokens, gen_length, device, "generate_mdm")
 
     with _eval_mode(model):
         for block in range(n_blocks):
-            block_pos = canvas[:, block * block_length : (block + 1) * block_length]  # [B, Lb]
+            span = slice(block * block_length, (block + 1) * block_length)
+            block_pos = canvas[:, span]  # [B, Lb]
             for n_unmask in schedule:
                 _unmask_step(
                     model,
@@ -164,6 +221,8 @@ def generate_mdm(
                     remasking=remasking,
                     temperature=temperature,
                     generator=generator,
+                    allowed=allowed,
+                    span=span,
                 )
             decoded = x.gather(1, canvas[:, : (block + 1) * block_length])  # [B, G_done]
             if bool((decoded == eos_token_id).any(dim=1).all()):
@@ -236,17 +295,19 @@ def _unmask_step(
     remasking: str,
     temperature: float,
     generator: torch.Generator | None,
+    allowed: Callable[[int], torch.Tensor] | None = None,
+    span: slice = slice(None),
 ) -> None:
-    """One model call of `generate_mdm`: pick a token at each of the block's positions and
-    unmask, in `x` `[B, L]` in place, the `n_unmask` most confident still-masked ones."""
+    """One model call of `generate_mdm`: pick a token at each of the block's positions (the
+    canvas positions `span`; only `allowed` ids if given) and unmask, in `x` `[B, L]` in place,
+    the `n_unmask` most confident still-masked ones."""
     device = x.device
     t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
     logits = logits_of(model, x, attention_mask, t)  # [B, L, V]
-    index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
-    block_logits = logits.gather(1, index).float()  # [B, Lb, V]
-    block_logits[..., mask_token_id] = float("-inf")
-    if pad_token_id != eos_token_id:  # Llama-family tokenizers pad with EOS
-        block_logits[..., pad_token_id] = float("-inf")
+    # never chosen: the mask, and the pad token unless it is also EOS (Llama-family tokenizers)
+    banned = [mask_token_id] + ([pad_token_id] if pad_token_id != eos_token_id else [])
+    limit = None if allowed is None else allowed(logits.shape[-1])[span]  # [Lb, V]
+    block_logits = _block_logits(logits, block_pos, banned, limit)  # [B, Lb, V]
     chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
     if remasking == "low_confidence":
         probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
@@ -271,12 +332,14 @@ def generate_arm(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     context_length: int | None = None,
+    canvas_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Autoregressive decoding with a causal model: one forward pass per new token over the
     right-padded prefix, reading each row's logits at its last real position. A row stops at
     `<eos>` or after `max_new_tokens`; returns its new tokens before the first `<eos>`.
     With `context_length`, the model sees at most that many latest tokens of each row (a
-    sliding window), so it generates past the length it was built and trained for."""
+    sliding window), so it generates past the length it was built and trained for. With
+    `canvas_tokens`, the i-th new token is one of `canvas_tokens[i]` (raster order)."""
     where = "generate_arm"
     if max_new_tokens < 1:
         raise ValueError(f"{where}: max_new_tokens={max_new_tokens} must be positive")
@@ -294,13 +357,16 @@ def generate_arm(
     length = prompt_len.clone()  # [B]
     active = torch.ones(n_rows, dtype=torch.bool, device=device)  # [B]
     row_index = torch.arange(n_rows, device=device)  # [B]
+    allowed = _canvas_allowed(canvas_tokens, max_new_tokens, device, where)
 
     with _eval_mode(model):
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             window, seen = _latest(x, length, context_length)  # [B, W], [B]
             attention_mask = positions[None, : window.shape[1]] < seen[:, None]  # [B, W]
             logits = logits_of(model, window, attention_mask)  # [B, W, V]
             last = logits[row_index, seen - 1].float()  # [B, V]
+            if allowed is not None:
+                last = _restrict(last, allowed(last.shape[-1])[step])
             if pad_token_id != eos_token_id:
                 last[:, pad_token_id] = float("-inf")
             chosen = _pick_tokens(last, temperature, generator)  # [B]

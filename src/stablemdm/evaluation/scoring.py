@@ -8,7 +8,7 @@ same settings reproduces the records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +18,7 @@ from ..data import DataError, Example, TextTokenizer, write_jsonl
 from ..errors import ConfigError
 from ..estimators.losses import Model
 from .decoding import GENERATORS, generate
+from .image_scoring import image_scorer
 
 MAX_BLOCK_LENGTH = 32
 
@@ -39,12 +40,14 @@ class ScoredTask(Protocol):
 @dataclass
 class EvalResult:
     """Accuracy over `n` items and one record per item (index, source, prompt, output,
-    extracted, gold, correct)."""
+    extracted, gold, correct); `metrics` holds a task's set-level scores (image tasks:
+    mean_prob, fid, valid; see image_scoring)."""
 
     accuracy: float
     n: int
     n_correct: int
     records: list[dict]
+    metrics: dict[str, float | None] = field(default_factory=dict)
 
 
 def check_scorer(
@@ -131,25 +134,34 @@ def evaluate(
     steps: int | None = None,
     block_length: int | None = None,
     remasking: str = "low_confidence",
-    temperature: float = 0.0,
+    temperature: float | None = None,
     seed: int = 0,
     output_path: str | Path | None = None,
     device: str | torch.device | None = None,
     self_check: bool = True,
 ) -> EvalResult:
     """Decode the first `limit` examples of `task`'s `split` in batches, score them with the
-    task, and optionally write the records as JSONL to `output_path`.
+    task, and optionally write the records as JSONL to `output_path`. An image task is also
+    judged by `image_scoring` (accuracy = the share of images of the prompted class), with a
+    PNG grid of samples beside the records (same name, `.png`).
 
     Defaults: `gen_length = task.gen_length`, `steps = gen_length`, `block_length =
-    default_block_length(gen_length)`; for "arm", `max_new_tokens = gen_length` (`steps`,
+    default_block_length(gen_length)`, `temperature` = the task's `temperature` if it has one
+    (image tasks sample), else 0 (greedy); for "arm", `max_new_tokens = gen_length` (`steps`,
     `block_length`, `remasking` unused). `device`, when given, moves the model there first.
     `self_check` runs `check_scorer` on the examples first (a caller that ran it may skip it).
     """
     examples = _examples(task, split, objective, limit, batch_size)
+    images = image_scorer(task, tokenizer)  # None for a text task
+    tokenizer = tokenizer if images is None else images.tokenizer
     if self_check:
         check_scorer(task, tokenizer, examples)
     gen_length = task.gen_length if gen_length is None else gen_length
+    if temperature is None:
+        temperature = getattr(task, "temperature", 0.0)
     options = _decoding_options(objective, tokenizer, gen_length, steps, block_length, remasking)
+    if images is not None:
+        options["canvas_tokens"] = images.canvas_tokens
     _model_to(model, device)
     generator = torch.Generator().manual_seed(seed)
 
@@ -168,10 +180,14 @@ def evaluate(
         )
         records += _records(task, tokenizer, batch, outputs, start)
 
+    metrics = {}
+    if images is not None:
+        grid = None if output_path is None else Path(output_path).with_suffix(".png")
+        metrics = images.score(records, grid)
     if output_path is not None:
         write_jsonl(output_path, records)
     n_correct = sum(r["correct"] for r in records)
-    return EvalResult(n_correct / len(records), len(records), n_correct, records)
+    return EvalResult(n_correct / len(records), len(records), n_correct, records, metrics)
 
 
 def _examples(

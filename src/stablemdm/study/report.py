@@ -6,7 +6,7 @@ report.md, report.json and PNG figures, and printed."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,43 @@ from .stats import paired_difference, summary, worst_above_best
 
 REFERENCE = "standard"
 BASELINES = ("standard", "clipped")
+# set-level scores some tasks add to each evaluation (image tasks, evaluation.image_scoring)
+EXTRA_METRICS = {
+    "mean_prob": "mean probability of the prompted class (%)",
+    "fid": "Frechet distance of the judge's features to the real test images (lower is better)",
+    "valid": "share of whole image canvases (%)",
+}
 
 
-def _accuracy_at(results: Sequence[Mapping], step: int) -> dict[str, dict[int, float]]:
-    """method -> seed -> accuracy at `step`, methods in the order of `results`."""
+def _accuracy_at(
+    results: Sequence[Mapping], step: int, key: str = "accuracy"
+) -> dict[str, dict[int, float]]:
+    """method -> seed -> `key` (accuracy) at `step`, methods in the order of `results`."""
     out: dict[str, dict[int, float]] = {}
     for r in results:
-        acc = next(e["accuracy"] for e in r["evaluations"] if e["step"] == step)
+        acc = next(e[key] for e in r["evaluations"] if e["step"] == step)
         out.setdefault(r["method"], {})[r["seed"]] = acc
     return out
+
+
+def extra_metrics(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
+    """metric -> step -> method -> per-seed values and their summary, for each EXTRA_METRICS
+    key that every evaluation of `results` holds (none for text tasks)."""
+    keys = [
+        k
+        for k in EXTRA_METRICS
+        if all(e.get(k) is not None for r in results for e in r["evaluations"])
+    ]
+    return {
+        key: {
+            str(step): {
+                m: {"per_seed": dict(v), **summary(v)}
+                for m, v in _accuracy_at(results, step, key).items()
+            }
+            for step in steps
+        }
+        for key in keys
+    }
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -64,7 +92,13 @@ def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, A
             "train_seconds": _mean([r["train_seconds"] for r in runs]),
             "estimator_variance": _mean([r["estimator_variance"] for r in runs]),
         }
-    return {"steps": list(steps), "final_step": steps[-1], "by_step": by_step, "cost": cost}
+    return {
+        "steps": list(steps),
+        "final_step": steps[-1],
+        "by_step": by_step,
+        "cost": cost,
+        "metrics": extra_metrics(results, steps),
+    }
 
 
 def build_report(name: str, results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
@@ -80,6 +114,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _decimal(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
@@ -93,15 +131,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def accuracy_table(point: Mapping[str, Any]) -> str:
-    """Table 1: a row per method, a column per seed, then mean, std, min and max (in %)."""
+def accuracy_table(point: Mapping[str, Any], fmt: Callable[[float | None], str] = _pct) -> str:
+    """Table 1: a row per method, a column per seed, then mean, std, min and max (in %, or as
+    `fmt` writes them)."""
     table = point["table"]
     seeds = sorted({int(s) for row in table.values() for s in row["per_seed"]})
     rows = []
     for method, row in table.items():
         per_seed = {int(s): v for s, v in row["per_seed"].items()}
-        cells = [_pct(per_seed.get(s)) for s in seeds]
-        rows.append([method, *cells, *(_pct(row[k]) for k in ("mean", "std", "min", "max"))])
+        cells = [fmt(per_seed.get(s)) for s in seeds]
+        rows.append([method, *cells, *(fmt(row[k]) for k in ("mean", "std", "min", "max"))])
     return _table(["method", *map(str, seeds), "mean", "std", "min", "max"], rows)
 
 
@@ -149,6 +188,12 @@ def markdown(report: Mapping[str, Any]) -> str:
             "mean training seconds and the estimator's variance at the final checkpoint:",
             claims_table(final, task["cost"]),
         ]
+        for key, by_step in task.get("metrics", {}).items():
+            fmt = _decimal if key == "fid" else _pct
+            parts += [
+                f"### {name}: {EXTRA_METRICS[key]} after {task['final_step']} steps",
+                accuracy_table({"table": by_step[str(task["final_step"])]}, fmt),
+            ]
         for step in reversed(task["steps"][:-1]):
             parts += [f"### {name}: after {step} steps", accuracy_table(task["by_step"][str(step)])]
         parts.append(

@@ -169,7 +169,7 @@ def run_one(
             gen_length=config.gen_length,
             output_path=folder / f"eval-{step}.jsonl",
         )
-        evaluations.append({"step": step, "accuracy": ev.accuracy, "n": ev.n})
+        evaluations.append({"step": step, "accuracy": ev.accuracy, "n": ev.n, **ev.metrics})
     progress.phase("estimator variance")
     result = {
         "task": task,

@@ -10,8 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from ..data import DataError, Example
-from ..data.tokenizer import DEFAULT_ALPHABET
+from ..data import DataError, Example, TextTokenizer
+from ..data.tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
 SPLITS = ("train", "test")
 
@@ -139,6 +139,12 @@ class Task(ABC):
         """Whether the decoded response `output` answers `example` correctly."""
         predicted = self.extract(output)
         return predicted is not None and predicted == example.answer
+
+    def tokenizer_for(self, tokenizer: TextTokenizer | None) -> TextTokenizer:
+        """The tokenizer this task is encoded and decoded with: `tokenizer` (a Hugging Face
+        model's or a saved run's), or the character tokenizer for the built-in model (None).
+        A task with tokens of its own (the image tasks) extends or checks it."""
+        return CharTokenizer() if tokenizer is None else tokenizer
 
 
 TaskFactory = Callable[..., Task]

@@ -12,7 +12,7 @@ import torch
 from transformers import default_data_collator
 
 from ..data import TextTokenizer
-from ..data.tokenizer import CharTokenizer
+from ..data.image_tokens import ImageTokenizer, image_tokenizer_for
 from ..errors import ConfigError
 from ..estimators.ema import EMA
 from ..estimators.objective import Objective
@@ -29,7 +29,7 @@ from .saved import is_hf_folder, load_checkpoint
 
 
 def build_builtin(
-    config: StableMDMConfig, tokenizer: CharTokenizer, max_length: int
+    config: StableMDMConfig, tokenizer: TextTokenizer, max_length: int
 ) -> Transformer:
     """The built-in transformer: the `init_from` checkpoint (with the attention pattern the
     objective needs, same parameters) or a fresh seeded one for `max_length` tokens."""
@@ -40,8 +40,10 @@ def build_builtin(
             raise ConfigError(
                 f"init_from={config.init_from} holds a Hugging Face model: use model=PATH"
             )
-        model, _ = load_checkpoint(folder)
+        model, saved = load_checkpoint(folder)
         check_fits(model, tokenizer, max_length, f"init_from={config.init_from}")
+        if isinstance(tokenizer, ImageTokenizer):  # the same image tokens, not just as many
+            image_tokenizer_for(saved, tokenizer.codebook, f"init_from={config.init_from}")
         model.config.causal = causal
         return model
     overrides = {
@@ -133,8 +135,9 @@ def build_model(
     """The model, tokenizer and canvas a config names (`build_builtin` or `build_hf`)."""
     if config.model is not None:
         model, tokenizer = build_hf(config)
+        tokenizer = task.tokenizer_for(tokenizer)
         return model, tokenizer, resolve_canvas(config, task, tokenizer)
-    tokenizer = CharTokenizer()
+    tokenizer = task.tokenizer_for(None)
     canvas = resolve_canvas(config, task, tokenizer)
     return build_builtin(config, tokenizer, canvas.max_length), tokenizer, canvas
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..data.image_tokens import with_image_tokens
 from ..data.tokenizer import CharTokenizer
 from ..errors import ConfigError
 from ..models.transformer import MODEL_TYPE, Transformer
@@ -92,10 +93,11 @@ def load_checkpoint(
     folder: str | Path, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, Any]:
     """A saved model and its tokenizer: a built-in run (the default character tokenizer if
-    none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA). A
-    missing or corrupted file is a `ConfigError` naming it and another checkpoint to use.
-    A model's own code runs only with `trust_remote_code`, which comes from the person
-    running the command, never from the folder (its config.yaml may say anything)."""
+    none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA), with
+    the image tokens and codebook of an image task when the folder holds them. A missing or
+    corrupted file is a `ConfigError` naming it and another checkpoint to use. A model's own
+    code runs only with `trust_remote_code`, which comes from the person running the command,
+    never from the folder (its config.yaml may say anything)."""
     from safetensors import SafetensorError
 
     from ..models.hf import MissingBaseModel
@@ -111,7 +113,8 @@ def load_checkpoint(
             "run; a trust_remote_code in the folder's config.yaml is not used)"
         )
     try:
-        return _load_checkpoint(folder, trust_remote_code)
+        model, tokenizer = _load_checkpoint(folder, trust_remote_code)
+        return model, with_image_tokens(tokenizer, folder)
     except MissingBaseModel:  # every checkpoint of the run needs the same base
         raise
     except ConfigError as err:
