@@ -319,7 +319,7 @@ def test_a_multimodal_hf_model_trains_and_decodes_through_model(tmp_path, capsys
         f"output_dir={out}",
     ]
     assert main(args) == 0
-    model, tok = load_checkpoint(out)
+    model, tok = load_checkpoint(out, trust_remote_code=True)
     text = len(llama_tokenizer(chat=False, mask=True))
     assert tok.blocks["image"] == (text, text + 16)  # the model's own image tokens
     assert model.get_input_embeddings().num_embeddings == text + 16  # one embedding
@@ -333,6 +333,7 @@ def test_a_multimodal_hf_model_trains_and_decodes_through_model(tmp_path, capsys
         "codebook_size=16",
         "--limit",
         "10",
+        "--trust-remote-code",
     ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
