@@ -346,6 +346,7 @@ def test_an_empty_prompt_without_bos_under_shift_logits_is_refused(tmp_path, cap
     options = f"task_options={{train: {data}, test: {data}}}"
     out = tmp_path / "run"
     args = ["train", *TINY, f"model={model}", "add_mask_token=true", "task=dataset", options]
+    args.append("shift_logits=true")  # not the default since the shift was measured
     assert main([*args, f"output_dir={out}"]) == 2
     errors = [e for e in capsys.readouterr().err.splitlines() if "error:" in e]
     assert len(errors) == 1 and "prompt is empty" in errors[0] and "d.jsonl:row 3" in errors[0]

@@ -270,10 +270,10 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(tmp_path):
         train(_config(tmp_path, "none", "max_steps=2"), resume=True)
     train(_config(tmp_path, "done", "max_steps=2", "save_steps=2"))
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "done").rglob("*")}
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="holds a run that finished at step 2"):
         train(_config(tmp_path, "done", "max_steps=2"))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's \(seed: 42 -> 3\)"):
-        train(_config(tmp_path, "done", "max_steps=2", "seed=3"), resume=True)
+        train(_config(tmp_path, "done", "max_steps=4", "seed=3"), resume=True)
     weights = tmp_path / "done" / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="no complete checkpoint.*model.safetensors cannot be"):

@@ -409,7 +409,7 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError("ppots_counts must be >= 2 (k = 1 and at least one more count)")
         if self.ppots_refit_steps < 0:
             raise ConfigError(f"ppots_refit_steps must be >= 0, got {self.ppots_refit_steps}")
-        if self.ppots_refit_steps and self.sampler != "ppots":
+        if self.ppots_refit_steps and self.sampler != "ppots" and self.estimator != "auto":
             raise ConfigError("ppots_refit_steps is only used with sampler=ppots")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
@@ -725,6 +725,6 @@ METHOD_OPTIONS: dict[str, tuple[typing.Callable[[StableMDMConfig], bool], str]] 
 # fields under objective=arm, so an ARM can be trained over any method recipe)
 ESTIMATOR_FIELDS = frozenset(
     {"rate", "sampler", "scheme", "masking", "eps", "clip_low", "clip_high", "mix"}
-    | {"compute_matched"}
-    | {name for name in _OWN_FIELDS if name.startswith(("ppots_", "ema_", "isad_"))}
+    | {"compute_matched", "estimator"}
+    | {name for name in _OWN_FIELDS if name.startswith(("ppots_", "ema_", "isad_", "auto_"))}
 )

@@ -121,7 +121,7 @@ def encode_split(
     return TensorDataset(tensors)
 
 
-def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas, max_steps: int):
+def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas, max_steps: int = -1):
     """The training split: encoded in memory, or encoded lazily from a streamed task, whose
     first STREAM_SAMPLE examples are counted now (the whole split's count follows at the end
     of the first pass when it is longer)."""
