@@ -49,6 +49,7 @@ from stablemdm.training.auto import (
 )
 from stablemdm.training.build import build_objective, build_sampler
 from stablemdm.training.checkpoints import missing_files
+from stablemdm.training.config import StableMDMConfig
 from stablemdm.training.datasets import TensorDataset
 from stablemdm.training.recipe import load_config
 from stablemdm.training.run import train
@@ -418,7 +419,6 @@ def test_the_default_interval_keeps_measurements_to_their_budget(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["estimator=auto", "objective=arm"], "objective=arm draws no rates"),
         (["estimator=auto", "masking=mirror"], "remove masking='mirror'"),
         (["estimator=auto", "auto_candidates=[clipped]"], "clipped is biased"),
         (["estimator=auto", "auto_candidates=[count, cont]"], "unknown method 'cont'"),
@@ -433,6 +433,16 @@ def test_bad_auto_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(None, [*overrides, f"output_dir={tmp_path}"])
     assert "\n" not in str(err.value)
+
+
+def test_an_arm_ignores_estimator_auto_with_a_note(tmp_path, capsys):
+    """From a recipe or the command line, objective=arm drops estimator=auto (an ARM draws no
+    rates or masks) and says so; built directly in Python the combination is refused."""
+    config = load_config(None, ["estimator=auto", "objective=arm", f"output_dir={tmp_path}"])
+    assert config.estimator == "fixed"
+    assert "estimator" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="objective=arm draws no rates"):
+        StableMDMConfig(output_dir=str(tmp_path), objective="arm", estimator="auto")
 
 
 def test_auto_is_a_study_method_of_every_shipped_study(tmp_path):
