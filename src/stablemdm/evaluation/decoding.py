@@ -149,18 +149,6 @@ def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~allowed, float("-inf"))
 
 
-def _right_padded(
-    rows: list[list[int]], room: int, pad_token_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts right-padded with `room` free positions after the longest: x `[B, L]` and
-    the prompt lengths `[B]`."""
-    prompt_len = torch.tensor([len(r) for r in rows], device=device)  # [B]
-    x = torch.full((len(rows), int(prompt_len.max()) + room), pad_token_id, dtype=torch.long)
-    for b, row in enumerate(rows):
-        x[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return x.to(device), prompt_len
-
-
 def generate_mdm(
     model: Model,
     prompts: Sequence[Sequence[int]],
