@@ -363,3 +363,21 @@ def test_a_resume_between_two_log_lines_logs_the_uninterrupted_losses(tmp_path, 
     assert [s for s, _ in _loss_records(run)] == [3, 6, 9]
     assert _loss_records(run) == _loss_records(tmp_path / "full")
     assert _same(_weights(run), _weights(tmp_path / "full"))
+
+
+def test_a_checkpoint_saved_before_a_field_existed_resumes(tmp_path):
+    """A checkpoint whose config.yaml lacks fields added later (here `estimator` and
+    `allow_downloads`, as one written before they existed) resumes: a missing field counts as
+    its default, what that run used; a present field that differs is still refused."""
+    import yaml
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(run, "max_steps=4", "save_steps=2"), callbacks=[_Stop(3)])
+    saved = run / "checkpoint-2" / "config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    del values["estimator"], values["allow_downloads"]
+    saved.write_text(yaml.safe_dump(values))
+    assert train(_config(run, "max_steps=4", "save_steps=2"), resume=True).global_step == 4
+    with pytest.raises(ConfigError, match="estimator: 'fixed' -> 'auto'"):
+        train(_config(run, "max_steps=6", "save_steps=2", "estimator=auto"), resume=True)

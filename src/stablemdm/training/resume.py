@@ -3,6 +3,7 @@ complete checkpoint, and checking that a resumed config changed only what may ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -238,8 +239,16 @@ def load_sampler_state(sampler, checkpoint: Path) -> None:
 
 
 def _check_unchanged(config: StableMDMConfig, saved: dict, path: Path) -> None:
-    """Refuse a resumed config that differs from the checkpoint's beyond RESUMABLE_CHANGES."""
+    """Refuse a resumed config that differs from the checkpoint's beyond RESUMABLE_CHANGES.
+    A field the checkpoint's config lacks (saved before the field existed) counts as its
+    default, which is what that run used."""
     now = config.resolved()
+    defaults = {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(StableMDMConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    saved = {k: saved.get(k, defaults.get(k)) for k in set(saved) | set(now)}
     changed = sorted(
         k
         for k in set(saved) | set(now)
