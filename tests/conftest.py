@@ -12,3 +12,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def base_cache(tmp_path_factory, monkeypatch):
+    """Study bases are cached in a fresh folder per test, never in ~/.cache."""
+    folder = tmp_path_factory.mktemp("stablemdm-cache")
+    monkeypatch.setenv("STABLEMDM_CACHE", str(folder))
+    return folder / "bases"

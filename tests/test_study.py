@@ -21,6 +21,7 @@ from stablemdm.study.spec import load_study
 from stablemdm.study.stats import paired_difference, summary, worst_above_best
 
 MINI = [
+    "tasks=[chain_sum]",
     "seeds=[3,4]",
     "methods=[standard,count_ppots_mirror_matched]",
     "eval_points=[0.5,1.0]",
@@ -84,7 +85,7 @@ def test_the_t_interval_covers_the_true_difference_at_its_level():
         ("tasks=[nope]", "unknown task"),
         ("tasks=chain_sum", "tasks must be a list"),
         ("task_options={chain_sums: {n_train: 10}}", "which is not a task"),
-        ("task_options={chain_sum: {colour: 1}}", "has no option"),
+        ("task_options={mini_sudoku: {colour: 1}}", "has no option"),
         ("eval_points=[0,1]", "eval_points"),
         ("eval_points=[0.5,1.5]", "eval_points"),
         ("eval_limit=abc", "eval_limit must be an integer"),
@@ -160,14 +161,6 @@ def test_progress_prints_one_line_per_run_with_and_without_bars():
         assert lines[0].startswith("[1/2] t/standard/seed-1: accuracy 25.0%")
         assert lines[1] == "[2/2] t/standard/seed-2: done already"
         assert len(lines) == 2 or live  # rich draws the bars' last state below the lines
-
-
-def test_a_base_of_another_architecture_is_refused(tmp_path):
-    base = tmp_path / "chain_sum" / "base-mdm"
-    base.mkdir(parents=True)
-    (base / "config.yaml").write_text("model_preset: small\n")
-    with pytest.raises(ConfigError, match="another architecture .model_preset: 'small' -> 'tiny'"):
-        load_study(study_path("demo"), [f"output_dir={tmp_path}", "base={max_steps: 2}"])
 
 
 def _without_time(result: dict) -> dict:

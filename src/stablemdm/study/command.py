@@ -17,7 +17,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "studies"
 
 
 def study_path(name: str) -> Path:
-    """A study file: a path, or the name of a shipped one (demo, cpu, screen, gpu)."""
+    """A study file: a path, or the name of a shipped one (`stablemdm/studies/*.yaml`)."""
     path = Path(name)
     if path.is_file():
         return path
@@ -45,8 +45,9 @@ def add_parsers(verbs) -> None:
         "demo",
         help="the built-in default study (what `make demo` runs)",
         description="The shipped study `demo`: a tiny ARM and tiny MDMs (Standard, "
-        "P-POTS+MIRROR as published, count+P-POTS+MIRROR at Standard's compute) on chain_sum "
-        "over three seeds, in about twelve minutes on two CPU cores; prints the table.",
+        "P-POTS+MIRROR as published, count+P-POTS+MIRROR at Standard's compute, auto) on 4x4 "
+        "sudokus over three seeds, in about twelve minutes on two CPU cores; prints the report, "
+        "which opens with what the methods did.",
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. output_dir=runs/x")
     for verb in (study, demo):
@@ -89,8 +90,8 @@ def run_cli(args: argparse.Namespace) -> int:
     spec = load_study(study_path(getattr(args, "config", None) or "demo"), args.overrides)
     check_study_folder(spec, args.overwrite)
     with output_lock(spec.output_dir, what="study output_dir"):
-        results = run_study(spec)
-        report = build_report(spec.name, results, spec.eval_steps())
+        results, bases = run_study(spec)
+        report = build_report(spec.name, results, spec.eval_steps(), bases)
         written = write_report(report, results, spec.output_dir)
     print(markdown(report))
     print(f"report: {written[0]} (+ report.json and figures)", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.outputs import write_text
+from .bases import gap_verdict
 from .plots import plot_task
 from .stats import paired_difference, summary, worst_above_best
 
@@ -101,12 +102,60 @@ def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, A
     }
 
 
-def build_report(name: str, results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
-    """The report of a study from its runs' results."""
-    tasks = list(dict.fromkeys(r["task"] for r in results))
+def headline_method(methods: Sequence[str]) -> str | None:
+    """The method a report's first sentences are about: the first MDM method that is not a
+    baseline (None when there is none)."""
+    return next((m for m in methods if m not in (*BASELINES, "arm")), None)
+
+
+def findings(task: Mapping[str, Any], method: str | None) -> dict[str, Any] | None:
+    """The three numbers a report opens with for `method` at the final point: its paired
+    difference to Standard, the seed spreads of it, Standard and the ARM, and Standard's
+    estimator variance over its own. None without the method or Standard."""
+    final = task["by_step"][str(task["final_step"])]
+    table = final["table"]
+    if method not in table or REFERENCE not in table:
+        return None
+    variance = {m: task["cost"][m]["estimator_variance"] for m in (method, REFERENCE)}
+    ratio = None
+    if variance[method] and variance[REFERENCE] is not None:
+        ratio = variance[REFERENCE] / variance[method]
     return {
-        "study": name,
-        "tasks": {t: task_report([r for r in results if r["task"] == t], steps) for t in tasks},
+        "method": method,
+        "difference": final["paired_to_standard"][method],
+        "std": {m: table[m]["std"] for m in (method, REFERENCE, "arm") if m in table},
+        "mean": {m: table[m]["mean"] for m in (method, REFERENCE, "arm") if m in table},
+        "variance_ratio": ratio,
+    }
+
+
+def build_report(
+    name: str,
+    results: Sequence[Mapping],
+    steps: Sequence[int],
+    bases: Sequence[Mapping] = (),
+) -> dict[str, Any]:
+    """The report of a study from its runs' results and its bases' step-0 evaluations."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    headline = headline_method(list(dict.fromkeys(r["method"] for r in results)))
+    report: dict[str, Any] = {"study": name, "tasks": {}}
+    for t in tasks:
+        report["tasks"][t] = task_report([r for r in results if r["task"] == t], steps)
+        report["tasks"][t]["findings"] = findings(report["tasks"][t], headline)
+        at_zero = {b["objective"]: b for b in bases if b["task"] == t}
+        if {"mdm", "arm"} <= set(at_zero):
+            report["tasks"][t]["bases"] = base_report(at_zero["mdm"], at_zero["arm"])
+    return report
+
+
+def base_report(mdm: Mapping[str, Any], arm: Mapping[str, Any]) -> dict[str, Any]:
+    """The two bases' step-0 accuracies on a target, their gap and budgets."""
+    return {
+        "mdm": dict(mdm),
+        "arm": dict(arm),
+        "gap": arm["accuracy"] - mdm["accuracy"],
+        "verdict": gap_verdict(mdm["accuracy"], arm["accuracy"]),
+        "equal_budget": mdm["base_sequences"] == arm["base_sequences"],
     }
 
 
@@ -175,11 +224,76 @@ def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def findings_text(name: str, task: Mapping[str, Any]) -> str:
+    """Three plain sentences: the headline method's difference to Standard with its
+    interval, its seed spread against Standard's and the ARM's, its estimator variance ratio."""
+    f = task.get("findings")
+    if f is None:
+        return ""
+    m, d, std = f["method"], f["difference"], f["std"]
+    interval = (
+        f"95% CI [{_points(d['low'])}, {_points(d['high'])}] over {d['n']} seeds"
+        if d["low"] is not None
+        else "one seed, no interval"
+    )
+    first = (
+        f"On {name}, {m} scored {_pct(f['mean'][m])}% against Standard's "
+        f"{_pct(f['mean'][REFERENCE])}% after {task['final_step']} steps: "
+        f"{100 * d['mean']:+.1f} points ({interval})."
+    )
+    arm = f", and the ARM's {_points(std['arm'])}" if "arm" in std else ""
+    second = (
+        f"Its seed spread (std) was {_points(std[m])} points, against Standard's "
+        f"{_points(std[REFERENCE])}{arm}."
+    )
+    ratio = f["variance_ratio"]
+    if ratio is None:
+        third = "Its estimator variance was not measured."
+    elif ratio >= 1:
+        third = f"Its estimator variance was {ratio:.1f}x lower than Standard's."
+    else:
+        third = f"Its estimator variance was {1 / ratio:.1f}x higher than Standard's."
+    return " ".join((first, second, third))
+
+
+def bases_text(name: str, bases: Mapping[str, Any]) -> list[str]:
+    """The bases' step-0 section of one task: accuracies, budgets and the gap in words."""
+    rows = [
+        [
+            kind.upper(),
+            _pct(b["accuracy"]),
+            str(b["base_steps"]),
+            _count(b["base_sequences"]),
+            f"{b['train_seconds']:.0f}",
+        ]
+        for kind, b in (("mdm", bases["mdm"]), ("arm", bases["arm"]))
+    ]
+    budgets = (
+        "equal pretraining budgets"
+        if bases["equal_budget"]
+        else "UNEQUAL pretraining budgets: the weaker base was pretrained longer to match"
+    )
+    return [
+        f"## {name}: the shared bases at step 0",
+        _table(["base", "accuracy (%)", "steps", "sequences", "seconds"], rows),
+        f"Pretrained on {bases['mdm']['base_task']} ({budgets}). Gap at step 0 (ARM minus MDM): "
+        f"{100 * bases['gap']:+.1f} points, {bases['verdict']}.",
+    ]
+
+
 def markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown (accuracies in %), final evaluation point first."""
+    """The report as Markdown (accuracies in %): the findings, the bases at step 0, then the
+    final evaluation point first."""
     parts = [f"# Study {report['study']}"]
+    parts += [t for n, task in report["tasks"].items() if (t := findings_text(n, task))]
     for name, task in report["tasks"].items():
         final = task["by_step"][str(task["final_step"])]
+        if "bases" in task:
+            parts += bases_text(name, task["bases"])
         parts += [
             f"## {name}: test accuracy (%) after {task['final_step']} steps",
             accuracy_table(final),

@@ -4,6 +4,8 @@ A run is trained with checkpoints at each evaluation point, then each of those c
 decoded on the test split; `result.json` marks it finished. Re-running skips finished runs,
 resumes a killed one from its latest checkpoint, restarts one that died before its first, and
 only evaluates one killed after its training ended (its training time as recorded then).
+With a `base`, the shared bases are pretrained first (or found in the cache) and decoded on
+every target at step 0.
 The trainer's own log lines go to the run's `train.log` (they are in metrics.jsonl too).
 """
 
@@ -27,6 +29,7 @@ from ..training.auto import chosen_config
 from ..training.build import build_objective, build_sampler, load_density
 from ..training.config import StableMDMConfig
 from ..training.datasets import encode_split, resolve_canvas
+from ..training.lock import claim
 from ..training.outputs import write_text
 from ..training.run import train
 from ..training.saved import load_checkpoint, objective_of
@@ -76,16 +79,80 @@ def _recorded_seconds(folder: Path) -> float:
         return float(sum(r.get("train_runtime", 0.0) for r in records))
 
 
-def train_base(spec: StudySpec, task: str, progress: StudyProgress) -> None:
-    """Pretrain the shared base MDM and ARM of `task` once (cached in the study folder)."""
-    for objective in ("mdm", "arm"):
-        config = spec.base_config(task, objective)
-        if (Path(config.output_dir) / "model.safetensors").is_file():
-            continue
-        label = f"{task}/base-{objective}"
-        progress.say(f"{label}: pretraining {config.max_steps} steps (seed {config.seed})")
-        seconds = _train(config, [progress.start_run(label, config.max_steps)])
-        progress.say(f"{label}: pretrained in {seconds:.0f} s")
+def _pretrain(config: StableMDMConfig, progress: StudyProgress) -> None:
+    """Train one base unless its weights are there already."""
+    folder = Path(config.output_dir)
+    label = f"base-{config.objective} ({folder.name})"
+    if (folder / "model.safetensors").is_file():
+        progress.say(f"{label}: cached, reused")
+        return
+    progress.say(f"{label}: pretraining {config.max_steps} steps (seed {config.seed})")
+    seconds = _train(config, [progress.start_run(label, config.max_steps)])
+    progress.say(f"{label}: pretrained in {seconds:.0f} s")
+
+
+def _claim_file(config: StableMDMConfig) -> Path:
+    folder = Path(config.output_dir)
+    return folder.parent / f".{folder.name}.claim"
+
+
+def train_bases(spec: StudySpec, progress: StudyProgress) -> None:
+    """Pretrain each base MDM and ARM the study needs once (cached by spec: study.bases).
+    A base another process is pretraining (a second study sharing the cache) is left to it:
+    this one pretrains the others first, then waits for it (and pretrains it itself if that
+    process stopped before finishing)."""
+    configs = [spec.base_config(t, o) for t in spec.base_tasks() for o in ("mdm", "arm")]
+    busy = []
+    for config in configs:
+        with claim(_claim_file(config), wait=False) as mine:
+            if mine:
+                _pretrain(config, progress)
+            else:
+                busy.append(config)
+    for config in busy:
+        progress.say(f"base-{config.objective}: another process is pretraining it; waiting")
+        with claim(_claim_file(config), wait=True):
+            _pretrain(config, progress)
+
+
+def evaluate_base(spec: StudySpec, task: str, objective: str, progress: StudyProgress) -> dict:
+    """The base's step-0 accuracy on `task`'s test items (what every run of `objective`
+    starts from), written to `output_dir/task/base-OBJECTIVE.json` and reused while the
+    base and eval_limit are the same."""
+    base = spec.base_config(task, objective)
+    path = Path(spec.output_dir) / task / f"base-{objective}.json"
+    with contextlib.suppress(OSError, ValueError):
+        done = json.loads(path.read_text())
+        if done["base"] == base.output_dir and done["n_limit"] == spec.eval_limit:
+            return done
+    progress.phase(f"{task}: decoding base-{objective} at step 0")
+    run = spec.run_config(task, next(iter(spec.methods)), spec.seeds[0])
+    model, tokenizer = load_checkpoint(Path(base.output_dir), run.trust_remote_code)
+    ev = evaluate(
+        model,
+        tokenizer,
+        get_task(task, **run.task_options),
+        "test",
+        objective=objective,
+        limit=spec.eval_limit,
+        gen_length=run.gen_length,
+        output_path=path.with_suffix(".jsonl"),
+    )
+    sequences = base.max_steps * base.per_device_train_batch_size * base.gradient_accumulation_steps
+    result = {
+        "task": task,
+        "objective": objective,
+        "accuracy": ev.accuracy,
+        "n": ev.n,
+        "n_limit": spec.eval_limit,
+        "base": base.output_dir,
+        "base_steps": base.max_steps,
+        "base_sequences": sequences,
+        "base_task": base.task,
+        "train_seconds": _recorded_seconds(Path(base.output_dir)),
+    }
+    write_text(path, json.dumps(result, indent=1))
+    return result
 
 
 def estimator_variance(
@@ -201,13 +268,18 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def run_study(spec: StudySpec, progress: StudyProgress | None = None) -> list[dict[str, Any]]:
-    """Run (or pick up) every run of the study, seed by seed; returns their results."""
+def run_study(
+    spec: StudySpec, progress: StudyProgress | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run (or pick up) every run of the study, seed by seed; returns their results and the
+    bases' step-0 evaluations (none without a base)."""
     runs = [(t, m, s) for t in spec.tasks for s in spec.seeds for m in spec.methods]
-    results = []
+    results, bases = [], []
     with progress or StudyProgress(spec.name, len(runs)) as progress, _threads(spec.threads):
-        for task in spec.tasks if spec.base is not None else ():
-            train_base(spec, task, progress)
+        if spec.base is not None:
+            train_bases(spec, progress)
+            for task in spec.tasks:
+                bases += [evaluate_base(spec, task, o, progress) for o in ("mdm", "arm")]
         for task, method, seed in runs:
             path = spec.run_dir(task, method, seed) / RESULT
             label = f"{task}/{method}/seed-{seed}"
@@ -217,4 +289,4 @@ def run_study(spec: StudySpec, progress: StudyProgress | None = None) -> list[di
                 continue
             results.append(run_one(spec, task, method, seed, progress))
             progress.finish_run(label, results[-1])
-    return results
+    return results, bases

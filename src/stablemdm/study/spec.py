@@ -13,6 +13,12 @@ evaluate, and an optional shared base model. Everything is validated before any 
     task_options: {chain_sum: {n_train: 20000, n_test: 200}}
     train: {model_preset: tiny, max_steps: 1000, ...}   # StableMDMConfig fields, every run
     base: {max_steps: 500}                      # optional: pretrain one MDM and one ARM first
+    base_cache: runs/bases                      # where bases are cached (study.bases)
+
+`base` takes config fields shared by both bases, `seed` (default 0), `mdm:` / `arm:` fields
+for one of them (a longer pretraining for the weaker), and `data:` (a `mixture` of other
+tasks, one base for every target; without it each target's base pretrains on its own train
+split).
 
 `key=value` overrides reach any of these (`seeds=[1,2]`, `train.max_steps=50`).
 """
@@ -42,6 +48,8 @@ from ..training.recipe import (
     suggest,
     unused_options,
 )
+from .bases import OWN_KEYS as BASE_KEYS
+from .bases import base_key, base_length, cache_root, check_data
 
 # every estimator of the variance tool, the ARM, MIRROR at a Standard step's compute, and
 # auto (measures the unbiased ones on the model being trained and trains with the best)
@@ -62,8 +70,16 @@ METHODS: dict[str, dict[str, Any]] = {
 # method sets (so `standard` means Standard whatever the shared fields say)
 OWN_FIELDS = ("output_dir", "seed", "task", "task_options", "init_from", "save_steps")
 METHOD_FIELDS = ("objective", *ESTIMATOR_DEFAULTS)
-# fields that decide a network's architecture (a cached base must match them)
-MODEL_FIELDS = ("model_preset", "d_model", "n_layers", "n_heads", "model")
+# fields that decide the network (the MDM and ARM bases share them)
+ARCHITECTURE = (
+    "model",
+    "gguf_file",
+    "model_preset",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "max_length",
+)
 METHOD_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # one folder name
 RESULT = "result.json"  # in a run folder: the run is finished
 # config fields a finished or checkpointed run may differ in from the study's current config
@@ -99,6 +115,7 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "train": (lambda x: isinstance(x, dict), "a mapping of config fields"),
     "base": (lambda x: x is None or isinstance(x, dict), "a mapping of config fields"),
+    "base_cache": (lambda x: x is None or (isinstance(x, str) and bool(x)), "a folder path"),
 }
 REQUIRED = ("name", "output_dir", "tasks", "seeds", "methods")
 
@@ -119,12 +136,16 @@ class StudySpec:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] | None = None
+    base_cache: str | None = None
 
     def run_dir(self, task: str, method: str, seed: int) -> Path:
         return Path(self.output_dir) / task / method / f"seed-{seed}"
 
     def base_dir(self, task: str, objective: str) -> Path:
-        return Path(self.output_dir) / task / f"base-{objective}"
+        """The cached base of `objective` that `task` fine-tunes from (named by its spec)."""
+        values = self._base_values(task, objective)
+        label = values["task"]
+        return cache_root(self.base_cache) / f"{label}-{objective}-{base_key(values)}"
 
     def max_steps(self) -> int:
         """Every run's budget in optimizer steps."""
@@ -152,21 +173,33 @@ class StudySpec:
             values["init_from"] = str(self.base_dir(task, objective))
         return _build(values, f"{task}/{method}/seed-{seed}", self.methods[method])
 
-    def base_config(self, task: str, objective: str) -> StableMDMConfig:
-        """The shared base of `objective` for `task`: the study's fields, the base's budget
-        and seed (default 0), Standard's estimator for the MDM."""
+    def _base_values(self, task: str, objective: str) -> dict[str, Any]:
+        """The config values of a base, but its folder: the study's fields, the base's own
+        (and its objective's), Standard's estimator for the MDM, seed 0 unless set."""
         base = dict(self.base or {})
-        seed = base.pop("seed", 0)
-        values = {**self.train, **ESTIMATOR_DEFAULTS, **base, "objective": objective}
-        values.update(
-            output_dir=str(self.base_dir(task, objective)),
-            seed=seed,
-            task=task,
-            task_options=self.task_options.get(task, {}),
-            save_steps=values.get("max_steps", _default("max_steps")),
-            disable_tqdm=True,
-        )
-        return _build(values, f"base of {task} ({objective})")
+        seed, data = base.pop("seed", 0), base.pop("data", None)
+        own = {name: base.pop(name, None) or {} for name in ("mdm", "arm")}
+        values = {**self.train, **ESTIMATOR_DEFAULTS, **base, **own[objective]}
+        values.update(objective=objective, seed=seed, disable_tqdm=True)
+        values["save_steps"] = values.get("max_steps", _default("max_steps"))
+        if data is None:
+            values.update(task=task, task_options=self.task_options.get(task, {}))
+        else:
+            values.update(task="mixture", task_options=data)
+            if values.get("max_length") is None:
+                values["max_length"] = base_length(data, "study file")
+        return values
+
+    def base_config(self, task: str, objective: str) -> StableMDMConfig:
+        """The shared base of `objective` that `task` fine-tunes from."""
+        values = self._base_values(task, objective)
+        values["output_dir"] = str(self.base_dir(task, objective))
+        where = "base" if (self.base or {}).get("data") else f"base of {task}"
+        return _build(values, f"{where} ({objective})")
+
+    def base_tasks(self) -> list[str]:
+        """One target per distinct base: each task, or the first when base.data is shared."""
+        return self.tasks[:1] if (self.base or {}).get("data") is not None else self.tasks
 
 
 def _build(
@@ -330,14 +363,13 @@ def validate(spec: StudySpec, where: str) -> None:
             f"{where}: variance_draws must be 0 (skip) or >= 2, got {spec.variance_draws}"
         )
     _check_shared_fields(spec, where)
+    if spec.base is not None:
+        check_bases(spec, where)
     for task in spec.tasks:
         try:
             get_task(task, **spec.task_options.get(task, {}))
         except ValueError as err:
             raise ConfigError(f"{where}: task_options of {task}: {err}") from None
-        if spec.base is not None:
-            for objective in ("mdm", "arm"):
-                check_base(spec, task, objective)
         for method in spec.methods:
             for seed in spec.seeds:
                 check_started(spec, task, method, seed)
@@ -346,11 +378,14 @@ def validate(spec: StudySpec, where: str) -> None:
 def _check_shared_fields(spec: StudySpec, where: str) -> None:
     """`train` and `base` leave per-run fields to the study and estimators to the methods."""
     for part, values in (("train", spec.train), ("base", spec.base or {})):
-        allowed_here = ("seed",) if part == "base" else ()
+        allowed_here = BASE_KEYS if part == "base" else ()
         clash = [k for k in OWN_FIELDS if k in values and k not in allowed_here]
         if clash:
             raise ConfigError(f"{where}: {part} sets {clash}, which the study sets per run")
-        estimators = [k for k in METHOD_FIELDS if k in values]
+        own = [values.get(k) or {} for k in ("mdm", "arm")] if part == "base" else []
+        if own:
+            _check_one_base_fields(own, where)
+        estimators = [k for k in METHOD_FIELDS if k in values or any(k in v for v in own)]
         if estimators:
             raise ConfigError(
                 f"{where}: {part} sets {estimators}, which each method sets; move them into a "
@@ -360,22 +395,30 @@ def _check_shared_fields(spec: StudySpec, where: str) -> None:
         raise ConfigError(f"{where}: train.max_steps must be a positive integer (the budget)")
 
 
-def check_base(spec: StudySpec, task: str, objective: str) -> None:
-    """A cached base must have the architecture the study now asks for."""
-    spec.base_config(task, objective)
-    saved = spec.base_dir(task, objective) / "config.yaml"
-    if not saved.is_file():
-        return
-    before = load_yaml(saved.read_text()) or {}
-    merged = {**spec.train, **(spec.base or {})}
-    wanted = {k: merged.get(k, _default(k)) for k in MODEL_FIELDS}
-    changed = [k for k in MODEL_FIELDS if before.get(k) != wanted[k]]
-    if changed:
-        now = ", ".join(f"{k}: {before.get(k)!r} -> {wanted[k]!r}" for k in changed)
-        raise ConfigError(
-            f"base checkpoint {saved.parent} was trained with another architecture ({now}); "
-            "delete that folder to retrain the base, or restore those fields"
-        )
+def _check_one_base_fields(own: list[Any], where: str) -> None:
+    """`base.mdm` / `base.arm` may change a budget or optimiser, never the architecture (the
+    two bases are the same network) or a field the study sets."""
+    if not all(isinstance(v, dict) for v in own):
+        raise ConfigError(f"{where}: base.mdm and base.arm must be mappings of config fields")
+    for name, fields in zip(("mdm", "arm"), own, strict=True):
+        bad = [k for k in (*ARCHITECTURE, *OWN_FIELDS) if k in fields]
+        if bad:
+            raise ConfigError(
+                f"{where}: base.{name} sets {bad}; both bases share the architecture and the "
+                "study's per-run fields (set them in base or train)"
+            )
+
+
+def check_bases(spec: StudySpec, where: str) -> None:
+    """Every base's config builds, and shared base data holds no target's test items."""
+    for task in spec.base_tasks():
+        for objective in ("mdm", "arm"):
+            spec.base_config(task, objective)
+    data = spec.base.get("data")
+    if data is not None:
+        targets = {t: spec.task_options.get(t, {}) for t in spec.tasks}
+        length = spec.base_config(spec.tasks[0], "mdm").max_length
+        check_data(data, targets, length, where)
 
 
 def _read_saved(folder: Path, name: str, parse: Callable[[str], Any]) -> Any:

@@ -125,6 +125,25 @@ def acquire(path: Path, what: str = "output_dir") -> int:
     return fd
 
 
+@contextlib.contextmanager
+def claim(path: str | Path, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive flock on the file `path` for the block, so that two processes never
+    do the same work at once; yields True when held, False when another process holds it
+    and `wait` is off (with `wait` on, blocks until that process lets go or dies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def release(path: Path, fd: int) -> None:
     """Delete the lock file, then let go of it."""
     with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,128 @@
+"""Shared bases of a study: where they are cached, the key they are cached under, and the
+checks that their pretraining data never holds a target's test items.
+
+A base is one MDM or one ARM pretrained before the fine-tunes, either on each target's own
+train split or, with `base.data`, on a mixture of other tasks shared by every target
+(`tasks.mixture`). Its folder is named by a hash of everything that decides its weights (the
+resolved config values), so any study or rerun asking for the same base reuses it and a
+changed spec trains a new one beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..tasks.mixture import overlap, spec_of
+from ..tasks.registry import Task, get_task
+
+CACHE_ENV = "STABLEMDM_CACHE"
+OWN_KEYS = ("seed", "data", "mdm", "arm")  # base keys that are not config fields
+MATCH_POINTS = 5.0  # bases within this many accuracy points count as equally strong
+
+
+_LENGTHS: dict[str, int | None] = {}
+
+
+def cache_root(base_cache: str | None) -> Path:
+    """Where bases are cached: the study's `base_cache`, else $STABLEMDM_CACHE/bases, else
+    ~/.cache/stablemdm/bases."""
+    if base_cache:
+        return Path(base_cache)
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "stablemdm"
+    return Path(root) / "bases"
+
+
+def base_key(values: Mapping[str, Any]) -> str:
+    """A short hash of a base's config values (its cache key)."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def data_task(data: Mapping[str, Any], where: str) -> Task:
+    """The mixture `base.data` describes ({parts: [...], exclude: [...]})."""
+    if not isinstance(data, Mapping) or "parts" not in data:
+        raise ConfigError(
+            f"{where}: base.data must be a mapping with parts (and exclude), e.g. "
+            "{parts: [countdown, {task: chain_sum, max_terms: 2}], exclude: [chain_sum]}"
+        )
+    unknown = sorted(set(data) - {"parts", "exclude"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: base.data has unknown key(s) {unknown} (known: parts, exclude)"
+        )
+    try:
+        return get_task("mixture", **data)
+    except ValueError as err:
+        raise ConfigError(f"{where}: base.data: {err}") from None
+
+
+def check_data(
+    data: Mapping[str, Any],
+    targets: Mapping[str, Mapping[str, Any]],
+    max_length: int | None,
+    where: str,
+) -> Task:
+    """The mixture of `base.data`, refused when a part is derived from a target's test items,
+    its training split holds a target's test prompt, or a target is longer than the base's
+    `max_length` (`targets`: name -> options)."""
+    mixture = data_task(data, where)
+    for name, options in targets.items():
+        target = get_task(name, **options)
+        derived = [p.name for p in mixture.parts if name in p.contaminates]
+        if derived:
+            raise ConfigError(
+                f"{where}: base.data part {derived[0]} is derived from the test items of target "
+                f"{name}; pretrain on other data"
+            )
+        length = getattr(target, "max_length", None)
+        if None not in (length, max_length) and length > max_length:
+            raise ConfigError(
+                f"{where}: target {name} needs max_length {length}, longer than the base's "
+                f"{max_length}; add {{task: {name}}} to base.data.exclude (the base is then "
+                "sized for it) or raise base.max_length"
+            )
+        shared = overlap(mixture.examples("train"), target.examples("test"))
+        if shared:
+            entry = {"task": name, **options}
+            raise ConfigError(
+                f"{where}: {len(shared)} training item(s) of base.data are test items of target "
+                f"{name} (e.g. {shared[0].prompt!r}); add {entry} to base.data.exclude"
+            )
+    return mixture
+
+
+def base_length(data: Mapping[str, Any], where: str) -> int | None:
+    """The base's max_length: the longest of the mixture and of its excluded targets
+    (computed once per distinct `data`: every run's config asks for it)."""
+    key = json.dumps(data, sort_keys=True, default=str)
+    if key not in _LENGTHS:
+        _LENGTHS[key] = _longest(data, where)
+    return _LENGTHS[key]
+
+
+def _longest(data: Mapping[str, Any], where: str) -> int | None:
+    mixture = data_task(data, where)
+    lengths = [mixture.max_length]
+    for entry in data.get("exclude") or []:
+        name, options = spec_of(entry, "exclude")
+        lengths.append(getattr(get_task(name, **options), "max_length", None))
+    known = [n for n in lengths if n is not None]
+    return max(known) if known else None
+
+
+def gap_verdict(mdm: float, arm: float) -> str:
+    """How close two bases' step-0 accuracies are, in words, with the way to match them."""
+    gap = 100 * (arm - mdm)
+    if abs(gap) <= MATCH_POINTS:
+        return f"close: within {MATCH_POINTS:.0f} points"
+    weaker = "mdm" if gap > 0 else "arm"
+    return (
+        f"far apart: the {weaker.upper()} base is {abs(gap):.1f} points weaker; pretrain it longer "
+        f"with base.{weaker}.max_steps=... (the report then lists the unequal budgets)"
+    )

@@ -1,0 +1,267 @@
+"""A study that pretrains a shared base on other data, then fine-tunes it per target: the
+mixture task, the overlap and contamination checks, the base cache, the step-0 evaluation,
+and the report's opening findings."""
+
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stablemdm.cli import main
+from stablemdm.errors import ConfigError
+from stablemdm.study import runner
+from stablemdm.study.bases import check_data, gap_verdict
+from stablemdm.study.command import study_path
+from stablemdm.study.progress import StudyProgress
+from stablemdm.study.report import build_report, markdown
+from stablemdm.study.spec import load_study
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.lock import claim
+
+SMALL_SUMS = {"task": "chain_sum", "max_terms": 2, "max_digits": 1}  # 200 possible prompts
+TARGET = {"chain_sum": {"max_terms": 2, "max_digits": 1, "n_train": 100, "n_test": 20}}
+MINI = [
+    "tasks=[chain_sum]",
+    "seeds=[3]",
+    "methods=[arm,standard,count]",
+    "eval_points=[1.0]",
+    "eval_limit=6",
+    "variance_draws=2",
+    "train.max_steps=2",
+    "train.per_device_train_batch_size=8",
+    "train.d_model=32",
+    "train.n_layers=1",
+    "train.logging_steps=1",
+    "task_options={chain_sum: {n_train: 200, n_test: 8}}",
+    "base={max_steps: 3, data: {parts: [{task: countdown, n_train: 60, n_test: 4}], "
+    "exclude: [chain_sum]}}",
+]
+
+
+def test_a_mixture_trains_on_every_part_and_scores_each_test_item_by_its_own_part():
+    mixture = get_task(
+        "mixture",
+        parts=[
+            {"task": "countdown", "n_train": 30, "n_test": 5},
+            {**SMALL_SUMS, "n_train": 300, "n_test": 5},
+        ],
+    )
+    countdown = get_task("countdown", n_train=30, n_test=5)
+    assert len(mixture.examples("train")) == 30 + 300 and mixture.excluded == 0
+    test = mixture.examples("test")
+    assert len(test) == 10 and all(mixture.score(e.response, e) for e in test)
+    # a countdown expression scores on a countdown item, not as a sum's answer
+    assert not mixture.score(test[0].response, test[-1])
+    assert mixture.max_length == max(
+        countdown.max_length,
+        get_task("chain_sum", max_terms=2, max_digits=1, n_train=300, n_test=5).max_length,
+    )
+    with pytest.raises(ValueError, match="tokens of its own cannot be mixed"):
+        get_task("mixture", parts=["digits_t2i"])
+    with pytest.raises(ValueError, match="mixture part 0 nope: unknown task"):
+        get_task("mixture", parts=["nope"])
+
+
+def test_exclude_removes_every_test_prompt_of_a_target_from_the_base_data():
+    part = {**SMALL_SUMS, "seed": 7, "n_train": 500, "n_test": 5}
+    target = get_task("chain_sum", **TARGET["chain_sum"])
+    plain = get_task("mixture", parts=[part])
+    shared = {e.prompt for e in target.examples("test")} & {
+        e.prompt for e in plain.examples("train")
+    }
+    assert shared  # the part's 500 draws from 200 prompts meet the 20 test prompts
+    clean = get_task(
+        "mixture", parts=[part], exclude=[{"task": "chain_sum", **TARGET["chain_sum"]}]
+    )
+    assert clean.excluded == len([e for e in plain.examples("train") if e.prompt in shared])
+    assert not shared & {e.prompt for e in clean.examples("train")}
+
+
+def test_base_data_holding_a_target_test_item_is_refused_naming_the_fix():
+    data = {"parts": [{**SMALL_SUMS, "seed": 7, "n_train": 500, "n_test": 5}]}
+    with pytest.raises(ConfigError, match=r"test items of target chain_sum .*base.data.exclude"):
+        check_data(data, TARGET, None, "s.yaml")
+    excluded = {**data, "exclude": [{"task": "chain_sum", **TARGET["chain_sum"]}]}
+    assert check_data(excluded, TARGET, None, "s.yaml").excluded > 0
+    with pytest.raises(ConfigError, match="needs max_length .* longer than the base's 5"):
+        check_data(excluded, TARGET, 5, "s.yaml")
+
+
+def test_base_data_derived_from_a_target_test_set_is_refused():
+    data = {"parts": [{"task": "gsm_symbolic", "n_train": 5, "n_test": 2}], "exclude": ["gsm8k"]}
+    with pytest.raises(ValueError, match="derived from gsm8k's test items"):
+        get_task("mixture", **data)
+    with pytest.raises(ConfigError, match="part gsm_symbolic is derived from the test items"):
+        check_data({"parts": data["parts"]}, {"gsm8k": {}}, None, "s.yaml")
+
+
+def test_study_validation_refuses_bad_base_specs(tmp_path):
+    base = f"output_dir={tmp_path}"
+    bad = {
+        "base={data: {parts: [countdown], extra: 1}}": "unknown key",
+        "base={data: [countdown]}": "must be a mapping with parts",
+        "base={mdm: 3}": "base.mdm and base.arm must be mappings",
+        "base={arm: {sampler: ppots}}": "base sets",
+        "base={mdm: {d_model: 64}}": "base.mdm sets .'d_model'.; both bases share",
+        "base={arm: {seed: 3}}": "base.arm sets .'seed'.",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_study(study_path("demo"), [base, override])
+
+
+def test_bases_are_cached_by_spec_and_shared_across_targets(tmp_path, base_cache):
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *MINI])
+    mdm = spec.base_config("chain_sum", "mdm")
+    assert mdm.task == "mixture" and mdm.objective == "mdm" and mdm.seed == 0
+    assert mdm.max_length >= get_task("chain_sum", n_train=200, n_test=8).max_length
+    assert mdm.output_dir.startswith(str(base_cache))
+    arm = spec.base_config("chain_sum", "arm")
+    assert (arm.max_steps, arm.per_device_train_batch_size) == (3, 8)  # the same budget
+    assert spec.run_config("chain_sum", "standard", 3).init_from == mdm.output_dir
+    other = load_study(study_path("demo"), [f"output_dir={tmp_path / 'o'}", *MINI, "seeds=[9]"])
+    assert other.base_dir("chain_sum", "mdm") == spec.base_dir("chain_sum", "mdm")
+    longer = load_study(
+        study_path("demo"), [f"output_dir={tmp_path}", *MINI, "base.mdm={max_steps: 6}"]
+    )
+    assert longer.base_dir("chain_sum", "mdm") != spec.base_dir("chain_sum", "mdm")
+    assert longer.base_dir("chain_sum", "arm") == spec.base_dir("chain_sum", "arm")
+    assert longer.base_config("chain_sum", "mdm").max_steps == 6
+
+
+@pytest.mark.filterwarnings("ignore:P-POTS")
+def test_a_miniature_finetune_study_pretrains_evaluates_at_step_zero_and_reuses(
+    tmp_path, capsys, base_cache
+):
+    assert main(["study", "--config", "demo", f"output_dir={tmp_path / 'a'}", *MINI]) == 0
+    printed, log = capsys.readouterr()
+    assert "base-mdm (mixture-mdm-" in log and "pretraining 3 steps" in log
+    bases = sorted(p.name for p in base_cache.iterdir() if p.is_dir())
+    assert len(bases) == 2 and all(b.startswith("mixture-") for b in bases)
+    weights = {b: (base_cache / b / "model.safetensors").stat().st_mtime_ns for b in bases}
+    for objective in ("mdm", "arm"):
+        at_zero = json.loads((tmp_path / "a" / "chain_sum" / f"base-{objective}.json").read_text())
+        assert at_zero["n"] == 6 and 0 <= at_zero["accuracy"] <= 1
+        assert at_zero["base_steps"] == 3 and at_zero["base_task"] == "mixture"
+    report = json.loads((tmp_path / "a" / "report.json").read_text())["tasks"]["chain_sum"]
+    assert report["bases"]["equal_budget"] and "verdict" in report["bases"]
+    assert "the shared bases at step 0" in printed and "equal pretraining budgets" in printed
+    assert printed.splitlines()[2].startswith("On chain_sum, count scored ")
+
+    # another study with the same base spec trains no base
+    assert main(["study", "--config", "demo", f"output_dir={tmp_path / 'b'}", *MINI]) == 0
+    log = capsys.readouterr().err
+    assert "cached, reused" in log and "pretraining" not in log
+    assert weights == {b: (base_cache / b / "model.safetensors").stat().st_mtime_ns for b in bases}
+
+
+def test_the_report_opens_with_three_findings_and_says_when_bases_are_far_apart():
+    results = [
+        {
+            "task": "t",
+            "method": m,
+            "seed": s,
+            "evaluations": [{"step": 10, "accuracy": acc + 0.01 * s}],
+            "forward_tokens_per_step": 100,
+            "train_seconds": 1.0,
+            "estimator_variance": var,
+        }
+        for m, acc, var in (("arm", 0.5, 0.0), ("standard", 0.2, 0.04), ("ppots", 0.3, 0.01))
+        for s in (1, 2, 3)
+    ]
+    base = {"task": "t", "base_steps": 5, "base_sequences": 40, "base_task": "mixture"}
+    bases = [
+        {**base, "objective": "mdm", "accuracy": 0.10, "train_seconds": 2.0},
+        {**base, "objective": "arm", "accuracy": 0.30, "train_seconds": 2.0},
+    ]
+    report = build_report("s", results, [10], bases)
+    text = markdown(report).splitlines()
+    assert text[2] == (
+        "On t, ppots scored 32.0% against Standard's 22.0% after 10 steps: +10.0 points "
+        "(95% CI [10.0, 10.0] over 3 seeds). Its seed spread (std) was 1.0 points, against "
+        "Standard's 1.0, and the ARM's 1.0. Its estimator variance was 4.0x lower than "
+        "Standard's."
+    )
+    assert "far apart: the MDM base is 20.0 points weaker" in "\n".join(text)
+    assert gap_verdict(0.30, 0.33).startswith("close")
+
+
+def test_a_claim_is_exclusive_across_processes_and_released_when_its_holder_dies(tmp_path):
+    path = tmp_path / "base.claim"
+    code = (  # another process holding a flock on the file, as claim() takes it
+        "import fcntl, sys, time\nf = open(sys.argv[1], 'w')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print(True, flush=True)\ntime.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "True\n"
+        with claim(path, wait=False) as mine:
+            assert not mine
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim(path, wait=True) as mine:  # the killed holder's flock went with it
+        assert mine
+
+
+def test_a_base_another_process_pretrains_is_left_to_it_and_waited_for(tmp_path, monkeypatch):
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *MINI])
+    busy = Path(spec.base_dir("chain_sum", "mdm"))
+    taken, release = threading.Event(), threading.Event()
+
+    def other_process():  # holds the MDM base's claim, finishes that base, lets go
+        with claim(busy.parent / f".{busy.name}.claim", wait=False):
+            taken.set()
+            release.wait(10)
+            busy.mkdir(parents=True)
+            (busy / "model.safetensors").write_text("pretrained elsewhere")
+
+    trained = []
+
+    def train(config, callbacks):
+        trained.append(config.objective)
+        release.set()  # the other process ends while this one pretrains the ARM base
+        Path(config.output_dir).mkdir(parents=True)
+        (Path(config.output_dir) / "model.safetensors").write_text("weights")
+        return 1.0
+
+    monkeypatch.setattr(runner, "_train", train)
+    other = threading.Thread(target=other_process)
+    other.start()
+    taken.wait(10)
+    stream = io.StringIO()
+    with StudyProgress("s", 1, live=False, stream=stream) as progress:
+        runner.train_bases(spec, progress)
+    other.join()
+    assert trained == ["arm"]  # the busy MDM base was neither trained twice nor deleted
+    said = stream.getvalue()
+    assert "another process is pretraining it; waiting" in said and "cached, reused" in said
+    assert (busy / "model.safetensors").read_text() == "pretrained elsewhere"
+
+
+def test_the_shipped_finetune_studies_exclude_their_targets_and_validate(tmp_path):
+    small = [  # the shipped mixtures generate tens of thousands of items: checked as written
+        "base.data={parts: [{task: countdown, n_train: 50, n_test: 4}], "
+        "exclude: [chain_sum, mini_sudoku]}",
+        "task_options.mini_sudoku.n_train=200",
+    ]
+    for name in ("finetune", "finetune_gpu"):
+        written = yaml.safe_load(study_path(name).read_text())
+        assert set(written["base"]["data"]["exclude"]) >= set(written["tasks"])
+        assert not {p["task"] for p in written["base"]["data"]["parts"]} & {"gsm_symbolic"}
+        spec = load_study(study_path(name), [f"output_dir={tmp_path / name}", *small])
+        assert len(spec.tasks) >= 2 and {"arm", "standard", "clipped", "count"} <= set(spec.methods)
+        mdm, arm = (spec.base_config(spec.tasks[0], o) for o in ("mdm", "arm"))
+        assert (mdm.max_steps, mdm.per_device_train_batch_size, mdm.model_preset) == (
+            arm.max_steps,
+            arm.per_device_train_batch_size,
+            arm.model_preset,
+        )
+    assert len(load_study(study_path("finetune"), [f"output_dir={tmp_path}", *small]).seeds) == 5
