@@ -188,6 +188,11 @@ def test_the_report_opens_with_three_findings_and_says_when_bases_are_far_apart(
         "Standard's."
     )
     assert "far apart: the MDM base is 20.0 points weaker" in "\n".join(text)
+    assert "(base.mdm.max_steps=...) or the ARM base shorter" in "\n".join(text)
+    assert "(equal pretraining budgets)" in "\n".join(text)
+    bases[1] = {**bases[1], "base_sequences": 8, "accuracy": 0.12}
+    text = markdown(build_report("s", results, [10], bases))
+    assert "UNEQUAL pretraining budgets" in text and "+2.0 points, close" in text
     assert gap_verdict(0.30, 0.33).startswith("close")
 
 

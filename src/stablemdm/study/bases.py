@@ -121,8 +121,9 @@ def gap_verdict(mdm: float, arm: float) -> str:
     gap = 100 * (arm - mdm)
     if abs(gap) <= MATCH_POINTS:
         return f"close: within {MATCH_POINTS:.0f} points"
-    weaker = "mdm" if gap > 0 else "arm"
+    weaker, stronger = ("mdm", "arm") if gap > 0 else ("arm", "mdm")
     return (
-        f"far apart: the {weaker.upper()} base is {abs(gap):.1f} points weaker; pretrain it longer "
-        f"with base.{weaker}.max_steps=... (the report then lists the unequal budgets)"
+        f"far apart: the {weaker.upper()} base is {abs(gap):.1f} points weaker; match them by "
+        f"pretraining it longer (base.{weaker}.max_steps=...) or the {stronger.upper()} base "
+        f"shorter (base.{stronger}.max_steps=...), which the report lists as unequal budgets"
     )

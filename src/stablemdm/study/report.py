@@ -275,7 +275,7 @@ def bases_text(name: str, bases: Mapping[str, Any]) -> list[str]:
     budgets = (
         "equal pretraining budgets"
         if bases["equal_budget"]
-        else "UNEQUAL pretraining budgets: the weaker base was pretrained longer to match"
+        else "UNEQUAL pretraining budgets, set to match the bases' strength rather than their cost"
     )
     return [
         f"## {name}: the shared bases at step 0",
