@@ -536,7 +536,7 @@ def test_eval_records_may_go_beside_the_checkpoint_once(tmp_path):
 def test_a_study_resumes_in_its_own_folder_and_refuses_another_studys(tmp_path):
     spec = load_study(STUDY_FILE, [f"output_dir={tmp_path / 'study'}"])
     check_study_folder(spec, overwrite=False)  # new
-    (tmp_path / "study" / "chain_sum").mkdir(parents=True)
+    (tmp_path / "study" / spec.tasks[0]).mkdir(parents=True)
     check_study_folder(spec, overwrite=False)  # its own runs: a re-run resumes them
     (tmp_path / "study" / "report.json").write_text(json.dumps({"study": "other"}))
     with pytest.raises(ConfigError, match="holds the report of study 'other'"):
