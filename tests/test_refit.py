@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_objective import MASK, exact_rate_objective, toy  # noqa: F401 (toy is a fixture)
-from test_trainer import SMALL, _Kill, _losses
+from test_trainer import SMALL, _Kill, _losses, launch_two
 
 from stablemdm.errors import ConfigError
 from stablemdm.estimators.objective import Objective
@@ -211,12 +207,6 @@ def test_resume_after_a_refit_reproduces_the_uninterrupted_run(tmp_path):
     assert all(0 < r["ppots/ratio_to_optimal"] for r in refits)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_refit_alike_and_stratify_the_global_batch(tmp_path):
     """2 gloo processes x 2 micro-batches of 4: per optimizer step, the 16 rates hold one per
     stratum of the density they were drawn from, and both processes sample the same density,
@@ -258,19 +248,8 @@ def test_two_processes_refit_alike_and_stratify_the_global_batch(tmp_path):
         "ppots_refit_steps=2",
         "ddp_backend=gloo",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(script),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "[rank" in line or "Error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-60:])
+    drawn = [tmp_path / f"draws-{r}.jsonl" for r in (0, 1)]
+    launch_two(script, args, [tmp_path / "ddp", *drawn])
     draws = [
         [json.loads(line) for line in (tmp_path / f"draws-{r}.jsonl").read_text().splitlines()]
         for r in (0, 1)

@@ -4,6 +4,7 @@ folders, and clear errors that leave earlier output intact."""
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -175,6 +176,38 @@ def test_init_from_fine_tunes_a_saved_model(tmp_path):
     assert Transformer.from_pretrained(tmp_path / "arm").config.causal
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def launch_two(script: Path, args: list[str], clean: list[Path]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script args` (gloo, one thread each); asserts success.
+    Under pytest one process now and then aborts in C++ teardown after the run has finished
+    (TEARDOWN_ABORT; never seen in 16 direct launches): that launch alone is repeated once,
+    after deleting `clean`, so every other failure still fails the test."""
+    for attempt in (1, 2):
+        for path in clean:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            str(script),
+            *args,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or attempt == 2 or TEARDOWN_ABORT not in proc.stderr:
+            break
+    lines = [line for line in proc.stderr.splitlines() if "[rank" in line or "Error" in line]
+    assert proc.returncode == 0, "\n".join(lines[-60:])
+    return proc
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -213,19 +246,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         "ppots_sequences=3",
         "ddp_backend=gloo",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(script),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "[rank" in line or "Error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-60:])
+    launch_two(script, args, [tmp_path / "ddp"])
     p0, p1 = torch.load(tmp_path / "params-0.pt"), torch.load(tmp_path / "params-1.pt")
     assert torch.equal(p0, p1)
     assert sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint-*")) == ["checkpoint-3"]
