@@ -224,10 +224,6 @@ def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
-def _points(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def findings_text(name: str, task: Mapping[str, Any]) -> str:
     """Three plain sentences: the headline method's difference to Standard with its
     interval, its seed spread against Standard's and the ARM's, its estimator variance ratio."""
@@ -236,7 +232,7 @@ def findings_text(name: str, task: Mapping[str, Any]) -> str:
         return ""
     m, d, std = f["method"], f["difference"], f["std"]
     interval = (
-        f"95% CI [{_points(d['low'])}, {_points(d['high'])}] over {d['n']} seeds"
+        f"95% CI [{_pct(d['low'])}, {_pct(d['high'])}] over {d['n']} seeds"
         if d["low"] is not None
         else "one seed, no interval"
     )
@@ -245,10 +241,10 @@ def findings_text(name: str, task: Mapping[str, Any]) -> str:
         f"{_pct(f['mean'][REFERENCE])}% after {task['final_step']} steps: "
         f"{100 * d['mean']:+.1f} points ({interval})."
     )
-    arm = f", and the ARM's {_points(std['arm'])}" if "arm" in std else ""
+    arm = f", and the ARM's {_pct(std['arm'])}" if "arm" in std else ""
     second = (
-        f"Its seed spread (std) was {_points(std[m])} points, against Standard's "
-        f"{_points(std[REFERENCE])}{arm}."
+        f"Its seed spread (std) was {_pct(std[m])} points, against Standard's "
+        f"{_pct(std[REFERENCE])}{arm}."
     )
     ratio = f["variance_ratio"]
     if ratio is None:
