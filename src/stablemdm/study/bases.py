@@ -10,6 +10,7 @@ changed spec trains a new one beside it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,9 +25,6 @@ from ..tasks.registry import Task, get_task
 CACHE_ENV = "STABLEMDM_CACHE"
 OWN_KEYS = ("seed", "data", "mdm", "arm")  # base keys that are not config fields
 MATCH_POINTS = 5.0  # bases within this many accuracy points count as equally strong
-
-
-_LENGTHS: dict[str, int | None] = {}
 
 
 def cache_root(base_cache: str | None) -> Path:
@@ -100,13 +98,12 @@ def check_data(
 def base_length(data: Mapping[str, Any], where: str) -> int | None:
     """The base's max_length: the longest of the mixture and of its excluded targets
     (computed once per distinct `data`: every run's config asks for it)."""
-    key = json.dumps(data, sort_keys=True, default=str)
-    if key not in _LENGTHS:
-        _LENGTHS[key] = _longest(data, where)
-    return _LENGTHS[key]
+    return _longest(json.dumps(data, sort_keys=True, default=str), where)
 
 
-def _longest(data: Mapping[str, Any], where: str) -> int | None:
+@functools.cache
+def _longest(key: str, where: str) -> int | None:
+    data = json.loads(key)
     mixture = data_task(data, where)
     lengths = [mixture.max_length]
     for entry in data.get("exclude") or []:
