@@ -261,3 +261,51 @@ def test_a_study_killed_during_its_final_evaluation_only_evaluates_again(
     recorded = json.loads((run / "train_seconds.json").read_text())["train_seconds"]
     assert result["train_seconds"] == round(recorded, 1) > 0
     assert "holds a run that finished at step 4" in capsys.readouterr().err
+
+
+class _Killed(Exception):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+class _KilledAfter(StudyProgress):
+    """Progress whose run callback stops the study once the checkpoint of `step` is written."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__("s", 1, live=False, stream=io.StringIO())
+        self.kill_at = step
+
+    def start_run(self, label, steps):
+        watch = super().start_run(label, steps)
+        kill_at = self.kill_at
+
+        def on_save(args, state, control, **kwargs):
+            if state.global_step == kill_at:
+                raise _Killed
+
+        watch.on_save = on_save
+        return watch
+
+
+def _losses(run) -> list[tuple[int, float]]:
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def test_a_study_run_stopped_after_a_checkpoint_logs_the_losses_of_an_uninterrupted_one(
+    tmp_path, one_thread
+):
+    """The checkpoint at the first eval point (step 2) falls between log lines (steps 3, 6):
+    the resumed run must log the mean over steps 1-3 at step 3, as the uninterrupted one."""
+    small = [*MINI, "seeds=[3]", "methods=[standard]", "variance_draws=0"]
+    small += ["train.max_steps=6", "eval_points=[0.34,1.0]", "train.logging_steps=3"]
+    whole = load_study(study_path("demo"), [f"output_dir={tmp_path / 'whole'}", *small])
+    runner.run_study(whole, StudyProgress("s", 1, live=False, stream=io.StringIO()))
+    stopped = load_study(study_path("demo"), [f"output_dir={tmp_path / 'stopped'}", *small])
+    with pytest.raises(_Killed):
+        runner.run_study(stopped, _KilledAfter(2))
+    run = stopped.run_dir("chain_sum", "standard", 3)
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-2"]
+    runner.run_study(stopped, StudyProgress("s", 1, live=False, stream=io.StringIO()))
+    expected = _losses(whole.run_dir("chain_sum", "standard", 3))
+    assert [s for s, _ in expected] == [3, 6]
+    assert _losses(run) == expected

@@ -64,7 +64,10 @@ def train(
     config: StableMDMConfig, resume: bool | str = False, callbacks: list | None = None
 ) -> RunResult:
     """Train the configured model; `resume` is True (latest checkpoint) or a folder.
-    Extra `transformers.TrainerCallback`s may watch the run. The canvas lengths measured on
+    Extra `transformers.TrainerCallback`s may watch or steer the run: they run right after
+    the engine's flow callback, before the trainer's own, so a checkpoint one of them asks
+    for (the study's evaluation points) carries the log window and is refused on non-finite
+    weights like any other. The canvas lengths measured on
     the data and a Hugging Face model's resolved `shift_logits` are written into `config`
     (and so into config.yaml) before anything else. The output folder is locked for the run
     (`lock.output_lock`); a finished run is left as it is (`finished`)."""
@@ -148,7 +151,7 @@ def _run(
 
     if config.process_index == 0:
         save_config(config, Path(config.output_dir) / RUN_CONFIG)
-    trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective)
+    trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective, callbacks)
     _note_launch(trainer)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
@@ -169,7 +172,6 @@ def _run(
         EMACallback(trainer),
         *refits,
         *([watch] if watch is not None else []),
-        *(callbacks or []),
     ):
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -267,9 +269,11 @@ def _trainer(
     canvas: Canvas,
     train_data,
     objective: Objective,
+    callbacks: list | None = None,
 ) -> StableMDMTrainer:
     """The Trainer of a run: held-out loss at fixed draws (Standard, stratified) and, with
-    `eval_accuracy`, decoding accuracy on the test split."""
+    `eval_accuracy`, decoding accuracy on the test split; `callbacks` come right after the
+    engine's flow callback (`train`)."""
     eval_objective = Objective(
         mask_token_id=tokenizer.mask_token_id,
         kind=config.objective,
@@ -290,6 +294,7 @@ def _trainer(
         data_collator=collate,
         objective=objective,
         eval_objective=eval_objective,
+        callbacks=callbacks,
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # a bar on a terminal only
         trainer.add_callback(ProgressBar if sys.stderr.isatty() else LogLines)

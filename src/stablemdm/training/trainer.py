@@ -82,7 +82,7 @@ class StableMDMTrainer(Trainer):
         self._streak = 0  # non-finite steps in a row, up to now
         # the loss and skipped steps since the last log line, carried across a resume
         self.loss_window = LossWindow()
-        self.add_callback(TrainerHooks(self))  # after the engine's flow callback
+        self.add_callback(TrainerHooks(self))  # after every callback that may ask to save
         self.add_callback(self.loss_window)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -326,8 +326,9 @@ class StableMDMTrainer(Trainer):
 
 
 class TrainerHooks(TrainerCallback):
-    """The trainer's own uses of the engine's public events. Registered right after the
-    engine's flow callback, which sets `should_save`, and before the run's callbacks."""
+    """The trainer's own uses of the engine's public events. Registered after the engine's
+    flow callback and the callbacks given to the constructor (any of which may set
+    `should_save`), and before the run's other callbacks."""
 
     def __init__(self, trainer: StableMDMTrainer) -> None:
         self.trainer = trainer
