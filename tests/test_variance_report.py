@@ -195,6 +195,36 @@ def test_arm_has_no_mask_or_rate_noise(report_dir):
         assert abs(c["B"]) <= 4 * c["se_B"] + rounding
 
 
+def test_every_output_names_each_estimators_batch_equivalent(report_dir):
+    """variance.json, variance.md and the terminal give each method's batch equivalent:
+    Standard's gradient variance per sequence forward pass over the method's, with its SE."""
+    import io
+
+    from rich.console import Console
+
+    from stablemdm.variance.output import print_report
+
+    report = json.loads((report_dir / "variance.json").read_text())
+    equivalents = report["comparison"]["batch_equivalent"]
+    rows = {row["name"]: row for row in report["comparison"]["grad"]}
+    assert set(equivalents) == set(rows)
+    standard = rows["standard"]["variance_x_passes"]
+    for name, row in rows.items():
+        entry = equivalents[name]
+        assert entry["value"] == pytest.approx(standard / row["variance_x_passes"])
+        assert entry["variance_per_sequence_pass"] == row["variance_x_passes"]
+        assert entry["passes_per_sequence"] == (2 if name == "mirror" else 1)
+        assert entry["se"] > 0 or name == "standard"
+    assert equivalents["standard"] == {**equivalents["standard"], "value": 1.0, "se": 0.0}
+    markdown = (report_dir / "variance.md").read_text()
+    gradient = markdown.split("### Gradient")[-1].split("### Loss")[0]
+    assert "| batch equivalent |" in gradient and "Above 1 it beats scaling the batch" in gradient
+    assert "| ratio to standard |" in markdown.split("### Loss")[-1]
+    stream = io.StringIO()
+    print_report(report, Console(file=stream, width=200))
+    assert "batch equivalent" in stream.getvalue()
+
+
 # --- statistical properties on the toy model ------------------------------------------------
 
 
@@ -216,6 +246,40 @@ def test_comparison_ranks_count_mode_ahead_of_standard():
     recommendation = result["recommendation"]  # estimator=auto's first choice: the lowest
     assert recommendation["name"] == "count"
     assert recommendation["difference"] > 4 * recommendation["difference_se"]  # vs Standard
+
+
+def count_gradient_equivalent() -> float:
+    """Count mode's batch equivalent for the toy's gradient. Eligible position i owns the
+    table row i, so the gradient is the vector of (m_i / (L p)) g_i (Standard) or
+    (1{i in M} / k) g_i (count), with g_i = dc_i/d(row i): per row the variance is |g_i|^2
+    (E_t[1 / p_mask] - 1) / L^2 against |g_i|^2 (H_L - 1) / L^2, whatever the g_i. So the
+    ratio is (ln(1/eps) / (1 - eps) - 1) / (H_L - 1), about 1.25, where the loss's ratio
+    (`standard_variance` / `count_variance`) is many times larger."""
+    harmonic = sum(1.0 / k for k in range(1, L + 1))
+    return (math.log(1.0 / EPS) / (1.0 - EPS) - 1.0) / (harmonic - 1.0)
+
+
+def test_a_bigger_batch_is_no_better_estimator_per_sequence_pass():
+    """Standard's gradient variance per sequence forward pass (var x passes) at batch 4 and at
+    batch 8 agree within their SE, so Standard at 2B has batch equivalent 1 while its
+    minibatch variance halves; count mode's batch equivalent matches its closed form."""
+    data, _ = toy_data(16)
+    model = PositionTable(PROMPT + L)
+    objectives = {
+        "standard": Objective(mask_token_id=MASK_ID, eps=EPS),
+        "count": Objective(mask_token_id=MASK_ID, rate="count", eps=EPS),
+    }
+    feature = selection.GradientFeature(model, None, None, 0)
+    per_pass = {}
+    for batch in (4, 8):
+        result = vm.compare_methods(model, objectives, data, 800, batch, batch, feature)
+        row = next(r for r in result["grad"] if r["name"] == "standard")
+        per_pass[batch] = (row["variance_x_passes"], row["se"] * row["forward_passes"])
+        count = result["batch_equivalent"]["count"]
+        assert abs(count["value"] - count_gradient_equivalent()) < 4 * count["se"], count
+    (small, se_small), (large, se_large) = per_pass[4], per_pass[8]
+    assert abs(small - large) < 3 * math.hypot(se_small, se_large), per_pass
+    assert small / 4 > 1.5 * large / 8  # the minibatch variance itself does halve
 
 
 def test_nested_design_recovers_rate_noise_of_an_importance_weighted_sampler():

@@ -300,8 +300,12 @@ def compare_estimators(
     `results` maps name -> (draws `[R, P]` or `[R]`, forward passes per draw). Each row has
     name, variance, se, forward_passes, variance_x_passes, ratio_to_reference (reference
     variance*passes / this variance*passes, > 1 = more efficient) with its delta-method SE
-    ratio_se (independent draws assumed), and, when `floor` (C / n_sequences, the data-noise
-    floor an ARM would see) is given, gap_to_floor = variance / floor.
+    ratio_se (`ratio_with_se`, independent draws assumed), and, when `floor` (C / n_sequences,
+    the data-noise floor an ARM would see) is given, gap_to_floor = variance / floor.
+    variance_x_passes is the variance per sequence forward pass (a minibatch of n sequences
+    averages n of them), so for gradient draws against Standard, ratio_to_reference is the
+    estimator's batch equivalent: the Standard sequences one of its sequences is worth per
+    forward pass (> 1: it beats a bigger batch; < 1: a bigger batch is cheaper).
     """
     if reference not in results:
         raise ValueError(
@@ -329,9 +333,12 @@ def compare_estimators(
     ref = costs[reference]
     rows = []
     for cost in sorted(costs.values(), key=lambda c: c.efficiency):
-        ratio = ref.efficiency / cost.efficiency if cost.efficiency > 0 else float("inf")
-        rel_ref = ref.se / ref.variance if ref.variance > 0 else float("inf")
-        rel_this = cost.se / cost.variance if cost.variance > 0 else float("inf")
+        ratio, ratio_se = ratio_with_se(
+            ref.efficiency,
+            ref.se * ref.forward_passes,
+            cost.efficiency,
+            cost.se * cost.forward_passes,
+        )
         row = {
             "name": cost.name,
             "variance": cost.variance,
@@ -339,12 +346,24 @@ def compare_estimators(
             "forward_passes": cost.forward_passes,
             "variance_x_passes": cost.efficiency,
             "ratio_to_reference": ratio,
-            "ratio_se": 0.0 if cost is ref else ratio * float(np.hypot(rel_ref, rel_this)),
+            "ratio_se": 0.0 if cost is ref else ratio_se,
         }
         if floor is not None:
             row["gap_to_floor"] = cost.variance / floor
         rows.append(row)
     return rows
+
+
+def ratio_with_se(
+    reference: float, reference_se: float, value: float, value_se: float
+) -> tuple[float, float]:
+    """reference / value and its delta-method SE, ratio x hypot of the relative SEs, for two
+    independent estimates (conservative when they share draws and err alike). A value of 0
+    gives an infinite ratio."""
+    ratio = reference / value if value > 0 else math.inf
+    rel_ref = reference_se / reference if reference > 0 else math.inf
+    rel_value = value_se / value if value > 0 else math.inf
+    return ratio, ratio * float(np.hypot(rel_ref, rel_value))
 
 
 @dataclass(frozen=True)

@@ -259,9 +259,10 @@ def compare_methods(
     and masks (`selection.minibatch_draws`); the minibatch loss and its gradient feature go
     to `compare_estimators` with the method's forward passes per minibatch.
 
-    Returns {"loss": rows, "grad": rows, "recommendation": ...} (no "grad" without a
-    feature); `REFERENCE` must be among the objectives. Floors are C / batch of the loss and
-    of the gradient. The recommendation is `estimator: auto`'s rule (`recommend`).
+    Returns {"loss": rows, "grad": rows, "batch_equivalent": ..., "recommendation": ...}
+    (no "grad" or "batch_equivalent" without a feature); `REFERENCE` must be among the
+    objectives. Floors are C / batch of the loss and of the gradient. The recommendation is
+    `estimator: auto`'s rule (`recommend`).
     """
     measured: dict[str, MinibatchDraws] = {}
     for name, objective in objectives.items():
@@ -291,9 +292,26 @@ def compare_methods(
     if feature is not None:
         grads = {name: (m.grad, m.forward_passes) for name, m in measured.items()}
         result["grad"] = compare_estimators(grads, REFERENCE, grad_floor)
+        result["batch_equivalent"] = batch_equivalents(result["grad"], batch)
     unbiased = [name for name, objective in objectives.items() if objective.sampler.unbiased]
     result["recommendation"] = recommend(grads if feature is not None else losses, unbiased)
     return result
+
+
+def batch_equivalents(grad_rows: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """Per method, from the gradient rows of `compare_estimators` at `batch` sequences: its
+    batch equivalent (Standard's gradient variance per sequence forward pass / this one's,
+    with its delta-method SE: how many Standard sequences one sequence of it is worth at equal
+    compute), that variance per sequence-pass and the passes per sequence."""
+    return {
+        row["name"]: {
+            "value": row["ratio_to_reference"],
+            "se": row["ratio_se"],
+            "variance_per_sequence_pass": row["variance_x_passes"],
+            "passes_per_sequence": row["forward_passes"] / batch,
+        }
+        for row in grad_rows
+    }
 
 
 def recommend(

@@ -83,7 +83,19 @@ DECOMPOSITION_HEADER = [
 ]
 
 
-COMPARISON_HEADER = ["method", "passes", "variance", "var x passes", "ratio to standard", "/ floor"]
+def comparison_header(what: str) -> list[str]:
+    """The comparison table's columns; the gradient's ratio is the batch equivalent."""
+    ratio = "batch equivalent" if what == "grad" else "ratio to standard"
+    return ["method", "passes", "variance", "var x passes", ratio, "/ floor"]
+
+
+BATCH_EQUIVALENT = (
+    "batch equivalent = Standard's gradient variance per sequence forward pass / this "
+    "method's (var x passes: the minibatch variance times its forward passes, the same for "
+    "any batch size): how many Standard sequences one sequence of this estimator is worth at "
+    "equal compute. Above 1 it beats scaling the batch; below 1 a bigger Standard batch is "
+    "cheaper."
+)
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -120,9 +132,10 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "ratio > 1 means more variance reduction per forward pass than Standard; "
         "/ floor = variance / (C / n).",
         "### Gradient",
-        _markdown_table(COMPARISON_HEADER, _comparison_rows(report, "grad")),
+        _markdown_table(comparison_header("grad"), _comparison_rows(report, "grad")),
+        BATCH_EQUIVALENT,
         "### Loss",
-        _markdown_table(COMPARISON_HEADER, _comparison_rows(report, "loss")),
+        _markdown_table(comparison_header("loss"), _comparison_rows(report, "loss")),
         "## Per-rate curves (Standard, unweighted loss)",
         _markdown_table(
             ["t", "g(t)", "v(t)", "S(t)", "P-POTS fit", "a(t)", "b(t)"],
@@ -213,9 +226,10 @@ def print_report(report: Mapping[str, Any], console: Any = None) -> None:
     for what, title in (("grad", "gradient"), ("loss", "loss")):
         show(
             f"Equal-compute comparison: minibatch {title}",
-            COMPARISON_HEADER,
+            comparison_header(what),
             _comparison_rows(report, what),
         )
+    console.print(BATCH_EQUIVALENT, markup=False)
     if report["heavy_tail_warning"]:
         console.print(f"[bold yellow]warning:[/] {report['heavy_tail_warning']}")
     for note in report["notes"]:
@@ -345,6 +359,8 @@ def _plot_efficiency(report: Mapping[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yticks(y, [r["name"] for r in rows])
         ax.invert_yaxis()
-        ax.set_xlabel("Standard's variance x passes / this one's")
+        ax.set_xlabel(
+            "batch equivalent" if what == "grad" else "Standard's variance x passes / this one's"
+        )
         ax.set_title(f"minibatch {'gradient' if what == 'grad' else 'loss'}")
     figure.savefig(path, dpi=110)
