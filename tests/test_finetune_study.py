@@ -160,6 +160,15 @@ def test_a_miniature_finetune_study_pretrains_evaluates_at_step_zero_and_reuses(
     assert weights == {b: (base_cache / b / "model.safetensors").stat().st_mtime_ns for b in bases}
 
 
+def _noise(own: float, common: float | None) -> dict:
+    """A run's measured estimator noise (study.noise) with SEs a tenth of each figure."""
+
+    def at(g: float | None) -> dict | None:
+        return None if g is None else {"grad": g, "grad_se": g / 10, "loss": 1.0, "loss_se": 0.1}
+
+    return {"draws": 32, "batch": 16, "split": "train", "own": at(own), "common": at(common)}
+
+
 def test_the_report_opens_with_three_findings_and_says_when_bases_are_far_apart():
     results = [
         {
@@ -169,9 +178,13 @@ def test_the_report_opens_with_three_findings_and_says_when_bases_are_far_apart(
             "evaluations": [{"step": 10, "accuracy": acc + 0.01 * s}],
             "forward_tokens_per_step": 100,
             "train_seconds": 1.0,
-            "estimator_variance": var,
+            "estimator_noise": noise,
         }
-        for m, acc, var in (("arm", 0.5, 0.0), ("standard", 0.2, 0.04), ("ppots", 0.3, 0.01))
+        for m, acc, noise in (
+            ("arm", 0.5, _noise(0.01, None)),
+            ("standard", 0.2, _noise(0.04, 0.04)),
+            ("ppots", 0.3, _noise(0.01, 0.02)),
+        )
         for s in (1, 2, 3)
     ]
     base = {"task": "t", "base_steps": 5, "base_sequences": 40, "base_task": "mixture"}
@@ -184,8 +197,9 @@ def test_the_report_opens_with_three_findings_and_says_when_bases_are_far_apart(
     assert text[2] == (
         "On t, ppots scored 32.0% against Standard's 22.0% after 10 steps: +10.0 points "
         "(95% CI [10.0, 10.0] over 3 seeds). Its seed spread (std) was 1.0 points, against "
-        "Standard's 1.0, and the ARM's 1.0. Its estimator variance was 4.0x lower than "
-        "Standard's."
+        "Standard's 1.0, and the ARM's 1.0. On Standard's final models one sequence of its "
+        "gradient estimator was worth 2.00 ± 0.16 Standard sequences per forward pass (its batch "
+        "equivalent): it buys more than a bigger Standard batch at the same compute."
     )
     assert "far apart: the MDM base is 20.0 points weaker" in "\n".join(text)
     assert "(base.mdm.max_steps=...) or the ARM base shorter" in "\n".join(text)

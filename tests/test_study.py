@@ -4,6 +4,7 @@ killed one from its checkpoint, restarts one without a checkpoint, and loses not
 
 import io
 import json
+import math
 import re
 import shutil
 from types import SimpleNamespace
@@ -14,11 +15,15 @@ from scipy import stats as scipy_stats
 
 from stablemdm.cli import main
 from stablemdm.errors import ConfigError
-from stablemdm.study import runner
+from stablemdm.study import noise, runner
 from stablemdm.study.command import study_path
 from stablemdm.study.progress import StudyProgress
+from stablemdm.study.report import build_report, markdown
 from stablemdm.study.spec import load_study
 from stablemdm.study.stats import paired_difference, summary, worst_above_best
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.datasets import encode_split, resolve_canvas
+from stablemdm.training.saved import load_checkpoint
 
 MINI = [
     "tasks=[chain_sum]",
@@ -189,7 +194,12 @@ def test_a_miniature_study_reports_and_resumes(tmp_path, capsys):
         assert set(point["claims"]["count_ppots_mirror_matched"]) == {"worst_above_best_standard"}
     cost = task["cost"]["count_ppots_mirror_matched"]
     assert cost["forward_tokens"] == 4 * cost["forward_tokens_per_step"]
-    assert cost["estimator_variance"] > 0 and cost["train_seconds"] > 0
+    assert cost["train_seconds"] > 0
+    measured = cost["estimator_noise"]
+    assert measured["own"]["grad"] > 0 and measured["common"]["grad"] > 0
+    equivalent = measured["batch_equivalent"]
+    assert equivalent["se"] > 0 and equivalent["seeds"] == [3, 4]
+    assert task["cost"]["standard"]["estimator_noise"]["batch_equivalent"]["value"] == 1.0
     assert "| method | 3 | 4 | mean | std | min | max |" in printed.splitlines()
     for name in ("report.md", "chain_sum-seeds.png", "chain_sum-tokens.png", "chain_sum-loss.png"):
         assert (out / name).is_file()
@@ -224,6 +234,33 @@ def test_a_miniature_study_reports_and_resumes(tmp_path, capsys):
     for change, field in (("train.learning_rate=0.01", "learning_rate"), ("eval_points=[1]", "")):
         with pytest.raises(ConfigError, match=f"was run with other settings .{field or 'eval'}"):
             load_study(study_path("demo"), [*args[3:], change])
+
+
+def test_a_bigger_batch_is_no_better_estimator_in_the_study_report(tmp_path, one_thread):
+    """The estimator noise is the gradient's variance per sequence forward pass: on Standard's
+    final model, Standard at batch 16 has batch equivalent 1 (on main its loss variance at its
+    own batch was half Standard's), the per-sequence figure at batch 8 and 16 agree within
+    their SE while the minibatch variance halves, and the report's columns say so. eps = 0.1
+    keeps the 1/p_mask(t) tail short, so that the SEs are reliable."""
+    doubled = "{standard_2x: {per_device_train_batch_size: 16}}"
+    overrides = ["seeds=[3]", f"methods=[standard, {doubled}]", "variance_draws=64"]
+    overrides += ["eval_points=[1.0]", "train.max_steps=2", "train.eps=0.1"]
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *MINI, *overrides])
+    results, _ = runner.run_study(spec, StudyProgress("s", 2, live=False, stream=io.StringIO()))
+    report = build_report("s", results, spec.eval_steps())
+    cost = report["tasks"]["chain_sum"]["cost"]
+    assert cost["standard_2x"]["estimator_noise"]["batch_equivalent"]["value"] == pytest.approx(1)
+    text = markdown(report)
+    assert "| batch equivalent on Standard's model |" in text and "| 1.00 ± " in text
+
+    config = spec.run_config("chain_sum", "standard", 3)
+    model, tokenizer = load_checkpoint(spec.run_dir("chain_sum", "standard", 3) / "checkpoint-2")
+    task = get_task("chain_sum", **config.task_options)
+    data = encode_split(task, tokenizer, "train", resolve_canvas(config, task, tokenizer))
+    objective = noise.run_objective(config, tokenizer)
+    small, large = (noise.per_pass_noise(model, objective, data, 64, 3, n) for n in (8, 16))
+    assert abs(small["grad"] - large["grad"]) < 3 * math.hypot(small["grad_se"], large["grad_se"])
+    assert small["grad"] / 8 > 1.5 * large["grad"] / 16  # the minibatch variance does halve
 
 
 def _files(folder) -> dict[str, bytes]:

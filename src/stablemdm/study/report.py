@@ -1,7 +1,8 @@
 """The study report: the paper's Table 1 layout per task and evaluation point (one column per
 seed, then mean, std, min, max), paired differences to Standard with a 95% t interval, the
-worst-run-above-best-baseline check, cost and estimator noise per method; written as
-report.md, report.json and PNG figures, and printed."""
+worst-run-above-best-baseline check, cost and estimator noise per method (the gradient's
+variance per sequence forward pass and the batch equivalent, `noise`); written as report.md,
+report.json and PNG figures, and printed."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..estimators.selection import ratio_with_se
 from ..training.outputs import write_text
 from .bases import gap_verdict
+from .noise import NOISE
 from .plots import plot_task
-from .stats import paired_difference, summary, worst_above_best
+from .stats import mean_with_se, paired_difference, summary, worst_above_best
 
 REFERENCE = "standard"
 BASELINES = ("standard", "clipped")
 # set-level scores some tasks add to each evaluation (image tasks, evaluation.image_scoring)
+NOISE_COLUMNS = (  # what the two noise columns of the claims table compare
+    "the variance of the minibatch gradient per sequence forward pass (trace, times the "
+    "minibatch's forward passes: the same at any batch size) at each run's final model, mean "
+    "over seeds ± SE; and the batch equivalent ± SE: Standard's figure over the method's, both "
+    "on Standard's final model of each seed (the estimator alone differs): above 1 it beats "
+    "scaling Standard's batch, below 1 a bigger batch is cheaper."
+)
 EXTRA_METRICS = {
     "mean_prob": "mean probability of the prompted class (%)",
     "fid": "Frechet distance of the judge's features to the real test images (lower is better)",
@@ -91,7 +101,7 @@ def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, A
             "forward_tokens_per_step": per_step,
             "forward_tokens": per_step * steps[-1],
             "train_seconds": _mean([r["train_seconds"] for r in runs]),
-            "estimator_variance": _mean([r["estimator_variance"] for r in runs]),
+            NOISE: noise_report(runs, [r for r in results if r["method"] == REFERENCE]),
         }
     return {
         "steps": list(steps),
@@ -102,6 +112,45 @@ def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, A
     }
 
 
+def _mean_noise(measured: Mapping[int, Mapping[str, Any]], where: str) -> dict[str, Any] | None:
+    """Mean over seeds of the per-sequence-pass gradient and loss variances measured `where`
+    ("own": each run's final model; "common": Standard's), each with the SE of the mean."""
+    kept = {s: m[where] for s, m in measured.items() if m[where] is not None}
+    if not kept:
+        return None
+    out: dict[str, Any] = {"seeds": sorted(kept)}
+    for key in ("grad", "loss"):
+        out[key], out[f"{key}_se"] = mean_with_se(
+            {s: (e[key], e[f"{key}_se"]) for s, e in kept.items()}
+        )
+    return out
+
+
+def noise_report(runs: Sequence[Mapping], standard: Sequence[Mapping]) -> dict[str, Any] | None:
+    """A method's estimator noise over its seeds (`noise`), on its own final models and on
+    Standard's, and its batch equivalent: Standard's gradient variance per sequence forward
+    pass over the method's, both on Standard's final models of the seeds both have (with its
+    delta-method SE; 1 for Standard itself). None when nothing was measured."""
+    measured = {r["seed"]: r[NOISE] for r in runs if r.get(NOISE)}
+    if not measured:
+        return None
+    first = next(iter(measured.values()))
+    out = {"batch": first["batch"], "draws": first["draws"], "split": first["split"]}
+    out |= {where: _mean_noise(measured, where) for where in ("own", "common")}
+    reference = {r["seed"]: r[NOISE] for r in standard if r.get(NOISE)}
+    seeds = [s for s, m in measured.items() if m["common"] and s in reference]
+    out["batch_equivalent"] = None
+    if runs[0]["method"] == REFERENCE:
+        out["batch_equivalent"] = {"value": 1.0, "se": 0.0, "seeds": seeds}
+    elif seeds:
+        ours, theirs = (
+            _mean_noise({s: m[s] for s in seeds}, "common") for m in (measured, reference)
+        )
+        value, se = ratio_with_se(theirs["grad"], theirs["grad_se"], ours["grad"], ours["grad_se"])
+        out["batch_equivalent"] = {"value": value, "se": se, "seeds": seeds}
+    return out
+
+
 def headline_method(methods: Sequence[str]) -> str | None:
     """The method a report's first sentences are about: the first MDM method that is not a
     baseline (None when there is none)."""
@@ -110,22 +159,19 @@ def headline_method(methods: Sequence[str]) -> str | None:
 
 def findings(task: Mapping[str, Any], method: str | None) -> dict[str, Any] | None:
     """The three numbers a report opens with for `method` at the final point: its paired
-    difference to Standard, the seed spreads of it, Standard and the ARM, and Standard's
-    estimator variance over its own. None without the method or Standard."""
+    difference to Standard, the seed spreads of it, Standard and the ARM, and its batch
+    equivalent (`noise_report`). None without the method or Standard."""
     final = task["by_step"][str(task["final_step"])]
     table = final["table"]
     if method not in table or REFERENCE not in table:
         return None
-    variance = {m: task["cost"][m]["estimator_variance"] for m in (method, REFERENCE)}
-    ratio = None
-    if variance[method] and variance[REFERENCE] is not None:
-        ratio = variance[REFERENCE] / variance[method]
+    noise = task["cost"][method][NOISE]
     return {
         "method": method,
         "difference": final["paired_to_standard"][method],
         "std": {m: table[m]["std"] for m in (method, REFERENCE, "arm") if m in table},
         "mean": {m: table[m]["mean"] for m in (method, REFERENCE, "arm") if m in table},
-        "variance_ratio": ratio,
+        "batch_equivalent": noise and noise["batch_equivalent"],
     }
 
 
@@ -171,6 +217,19 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
+def _plus_minus(x: Mapping[str, float]) -> str:
+    return f"{x['value']:.2f} ± {x['se']:.2f}"
+
+
+def _versus_batch(equivalent: Mapping[str, float]) -> str:
+    """What a batch equivalent says, beyond 2 SE of 1 or not."""
+    if equivalent["value"] - 1 > 2 * equivalent["se"]:
+        return "it buys more than a bigger Standard batch at the same compute"
+    if 1 - equivalent["value"] > 2 * equivalent["se"]:
+        return "a bigger Standard batch is cheaper"
+    return "level with a bigger Standard batch within 2 SE"
+
+
 def _yes(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
@@ -202,14 +261,16 @@ def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
         "worst > best Clipped",
         "forward tokens",
         "train s",
-        "estimator variance",
+        "gradient variance per sequence-pass, own model",
+        "batch equivalent on Standard's model",
     ]
     rows = []
     for method in point["table"]:
         d = point["paired_to_standard"].get(method)
         diff = "-" if d is None else f"{100 * d['mean']:+.1f} [{_pct(d['low'])}, {_pct(d['high'])}]"
         claims, c = point["claims"][method], cost[method]
-        var = c["estimator_variance"]
+        noise = c[NOISE] or {}
+        own, equivalent = noise.get("own"), noise.get("batch_equivalent")
         rows.append(
             [
                 method,
@@ -218,7 +279,8 @@ def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
                 _yes(claims.get("worst_above_best_clipped")),
                 _count(c["forward_tokens"]),
                 f"{c['train_seconds']:.0f}",
-                "-" if var is None else f"{var:.3g}",
+                "-" if own is None else f"{own['grad']:.3g} ± {own['grad_se']:.2g}",
+                "-" if equivalent is None else _plus_minus(equivalent),
             ]
         )
     return _table(header, rows)
@@ -246,13 +308,14 @@ def findings_text(name: str, task: Mapping[str, Any]) -> str:
         f"Its seed spread (std) was {_pct(std[m])} points, against Standard's "
         f"{_pct(std[REFERENCE])}{arm}."
     )
-    ratio = f["variance_ratio"]
-    if ratio is None:
-        third = "Its estimator variance was not measured."
-    elif ratio >= 1:
-        third = f"Its estimator variance was {ratio:.1f}x lower than Standard's."
-    else:
-        third = f"Its estimator variance was {1 / ratio:.1f}x higher than Standard's."
+    equivalent = f["batch_equivalent"]
+    third = "Its batch equivalent was not measured."
+    if equivalent is not None:
+        third = (
+            f"On Standard's final models one sequence of its gradient estimator was worth "
+            f"{_plus_minus(equivalent)} Standard sequences per forward pass (its batch "
+            f"equivalent): {_versus_batch(equivalent)}."
+        )
     return " ".join((first, second, third))
 
 
@@ -295,7 +358,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             accuracy_table(final),
             "Method minus Standard on the same seeds (points, 95% t interval), the paper's "
             "third claim (worst run above the best baseline run), forward token positions, "
-            "mean training seconds and the estimator's variance at the final checkpoint:",
+            f"mean training seconds, and the estimator's noise: {NOISE_COLUMNS}",
             claims_table(final, task["cost"]),
         ]
         for key, by_step in task.get("metrics", {}).items():

@@ -5,7 +5,8 @@ decoded on the test split; `result.json` marks it finished. Re-running skips fin
 resumes a killed one from its latest checkpoint, restarts one that died before its first, and
 only evaluates one killed after its training ended (its training time as recorded then).
 With a `base`, the shared bases are pretrained first (or found in the cache) and decoded on
-every target at step 0.
+every target at step 0. Once every run is finished, each run's estimator noise is measured
+on its own and on Standard's final model (`noise`) and added to its result.json.
 The trainer's own log lines go to the run's `train.log` (they are in metrics.jsonl too).
 """
 
@@ -19,20 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, default_data_collator
+from transformers import TrainerCallback
 
-from ..data import TextTokenizer
 from ..evaluation.scoring import evaluate
-from ..rng import seeded_generator
-from ..tasks.registry import Task, get_task
-from ..training.auto import chosen_config
-from ..training.build import build_objective, build_sampler, load_density
+from ..tasks.registry import get_task
 from ..training.config import StableMDMConfig
-from ..training.datasets import encode_split, resolve_canvas
 from ..training.lock import claim
 from ..training.outputs import write_text
 from ..training.run import train
 from ..training.saved import load_checkpoint, objective_of
+from .noise import measure_noise
 from .progress import StudyProgress
 from .spec import RESULT, StudySpec
 
@@ -155,41 +152,6 @@ def evaluate_base(spec: StudySpec, task: str, objective: str, progress: StudyPro
     return result
 
 
-def estimator_variance(
-    model: torch.nn.Module,
-    tokenizer: TextTokenizer,
-    config: StableMDMConfig,
-    task: Task,
-    draws: int,
-) -> float | None:
-    """Variance of the run's minibatch loss over `draws` draws of rates and masks on one fixed
-    batch of the test split: the noise the estimator leaves at fixed data (0 for an ARM, whose
-    only randomness is the data; for estimator=auto, of its last choice). None when `draws` < 2."""
-    if draws < 2:
-        return None
-    if config.estimator == "auto":  # measure the estimator the run trained with last
-        config = chosen_config(config, Path(config.output_dir))
-    canvas = resolve_canvas(config, task, tokenizer)
-    data = encode_split(task, tokenizer, "test", canvas, config.per_device_train_batch_size)
-    batch = default_data_collator([data[i] for i in range(len(data))])  # [B, L] each
-    density = None
-    if config.sampler == "ppots":
-        density = load_density(Path(config.output_dir) / "ppots.json")
-    objective = build_objective(config, tokenizer, build_sampler(config, density))
-    model.eval()
-    with torch.no_grad():
-        losses = [
-            objective(
-                model,
-                batch,
-                seeded_generator(config.seed, "variance-rate", i),
-                seeded_generator(config.seed, "variance-mask", i),
-            ).loss.item()
-            for i in range(draws)
-        ]
-    return float(torch.tensor(losses, dtype=torch.float64).var())
-
-
 def forward_tokens_per_step(config: StableMDMConfig) -> int:
     """Token positions through the network per optimizer step: sequences (halved by
     compute-matched MIRROR) x forward passes per sequence (two for MIRROR) x length."""
@@ -237,7 +199,6 @@ def run_one(
             output_path=folder / f"eval-{step}.jsonl",
         )
         evaluations.append({"step": step, "accuracy": ev.accuracy, "n": ev.n, **ev.metrics})
-    progress.phase("estimator variance")
     result = {
         "task": task,
         "method": method,
@@ -248,9 +209,6 @@ def run_one(
         "train_seconds": round(seconds, 1),
         "forward_tokens_per_step": forward_tokens_per_step(config),
         "losses": training_losses(folder),
-        "estimator_variance": estimator_variance(
-            model, tokenizer, config, task_data, spec.variance_draws
-        ),
     }
     write_text(folder / RESULT, json.dumps(result, indent=1))
     return result
@@ -289,4 +247,5 @@ def run_study(
                 continue
             results.append(run_one(spec, task, method, seed, progress))
             progress.finish_run(label, results[-1])
+        measure_noise(spec, results, progress.say)
     return results, bases

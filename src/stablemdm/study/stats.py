@@ -1,6 +1,7 @@
 """The statistics of a multi-seed study (pure NumPy/SciPy): per-method summaries over seeds,
-paired differences to a baseline with a t confidence interval, and the paper's third claim
-(is the worst run of a method above the best run of a baseline?)."""
+paired differences to a baseline with a t confidence interval, the paper's third claim
+(is the worst run of a method above the best run of a baseline?), and the mean over seeds of
+measurements that carry their own SE."""
 
 from __future__ import annotations
 
@@ -42,3 +43,12 @@ def paired_difference(
 def worst_above_best(method: Mapping[int, float], baseline: Mapping[int, float]) -> bool:
     """The paper's third claim for one method: its worst run beats the baseline's best run."""
     return min(method.values()) > max(baseline.values())
+
+
+def mean_with_se(values: Mapping[int, tuple[float, float]]) -> tuple[float, float]:
+    """The mean over seeds of (estimate, SE) pairs and the SE of that mean, for independent
+    measurements: sqrt(sum SE^2) / n."""
+    if not values:
+        raise ValueError("mean of no runs")
+    x = np.asarray(list(values.values()), dtype=float)  # [n, 2]
+    return float(x[:, 0].mean()), float(np.sqrt((x[:, 1] ** 2).sum()) / len(x))
