@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
 from stablemdm.cli import main
@@ -22,6 +23,8 @@ from stablemdm.study.report import build_report, markdown
 from stablemdm.study.spec import load_study
 from stablemdm.study.stats import paired_difference, summary, worst_above_best
 from stablemdm.tasks.registry import get_task
+from stablemdm.training.build import build_model, build_sampler
+from stablemdm.training.checkpoints import SAMPLER_STATE
 from stablemdm.training.datasets import encode_split, resolve_canvas
 from stablemdm.training.saved import load_checkpoint
 
@@ -261,6 +264,22 @@ def test_a_bigger_batch_is_no_better_estimator_in_the_study_report(tmp_path, one
     small, large = (noise.per_pass_noise(model, objective, data, 64, 3, n) for n in (8, 16))
     assert abs(small["grad"] - large["grad"]) < 3 * math.hypot(small["grad_se"], large["grad_se"])
     assert small["grad"] / 8 > 1.5 * large["grad"] / 16  # the minibatch variance does halve
+
+
+def test_a_runs_noise_is_measured_with_the_sampler_its_checkpoint_holds(tmp_path):
+    """An EMA run's estimator is the density it learned (its checkpoint's sampler state), not
+    the uniform one a fresh EMA sampler starts from."""
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *MINI, "methods=[ema]"])
+    config = spec.run_config("chain_sum", "ema", 3)
+    _, tokenizer, _ = build_model(config, get_task("chain_sum", **config.task_options))
+    learned = build_sampler(config, None)
+    learned.observe(torch.tensor([0.02, 0.5, 0.9]), torch.tensor([9.0, 1.0, 0.1]))
+    learned.refresh()
+    torch.save(learned.state_dict(), tmp_path / SAMPLER_STATE)
+    t = torch.linspace(0.01, 0.99, 9, dtype=torch.float64)
+    fresh = noise.run_objective(config, tokenizer).sampler.density(t)
+    measured = noise.run_objective(config, tokenizer, tmp_path).sampler.density(t)
+    assert torch.equal(measured, learned.density(t)) and not torch.allclose(measured, fresh)
 
 
 def _files(folder) -> dict[str, bytes]:

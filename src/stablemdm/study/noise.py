@@ -28,9 +28,11 @@ from ..rng import seeded_generator
 from ..tasks.registry import get_task
 from ..training.auto import chosen_config
 from ..training.build import build_objective, build_sampler, load_density
+from ..training.checkpoints import SAMPLER_STATE
 from ..training.config import StableMDMConfig
 from ..training.datasets import TensorDataset, encode_split, resolve_canvas
 from ..training.outputs import write_text
+from ..training.resume import load_sampler_state
 from ..training.saved import load_checkpoint
 from .spec import RESULT, StudySpec
 
@@ -40,15 +42,22 @@ NOISE_BATCH = 16  # sequences per measured minibatch, the same for every method 
 REFERENCE = "standard"  # whose final model is the common checkpoint
 
 
-def run_objective(config: StableMDMConfig, tokenizer: TextTokenizer) -> Objective:
+def run_objective(
+    config: StableMDMConfig, tokenizer: TextTokenizer, checkpoint: Path | None = None
+) -> Objective:
     """The estimator a run trained with, as training built it: for estimator=auto its last
-    choice, with the P-POTS density the run fitted (its ppots.json)."""
-    if config.estimator == "auto":
+    choice, with the P-POTS density the run fitted (its ppots.json); a fixed estimator's
+    sampler as `checkpoint` holds it (an EMA's learned density, a refitted P-POTS)."""
+    fixed = config.estimator != "auto"
+    if not fixed:
         config = chosen_config(config, Path(config.output_dir))
     density = None
     if config.sampler == "ppots":
         density = load_density(Path(config.output_dir) / "ppots.json")
-    return build_objective(config, tokenizer, build_sampler(config, density))
+    objective = build_objective(config, tokenizer, build_sampler(config, density))
+    if fixed and checkpoint is not None and (checkpoint / SAMPLER_STATE).is_file():
+        load_sampler_state(objective.sampler, checkpoint)
+    return objective
 
 
 def per_pass_noise(
@@ -96,7 +105,7 @@ def run_noise(
     task_data = get_task(task, **config.task_options)
     canvas = resolve_canvas(config, task_data, tokenizer)
     data = encode_split(task_data, tokenizer, "train", canvas)
-    objective = run_objective(config, tokenizer)
+    objective = run_objective(config, tokenizer, final)
     own = per_pass_noise(model, objective, data, spec.variance_draws, seed)
     common = own if method == REFERENCE else None
     if common is None and config.objective == "mdm" and reference is not None:
