@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,12 @@ import yaml
 from stablemdm.cli import main
 from stablemdm.errors import ConfigError
 from stablemdm.study import runner
-from stablemdm.study.bases import check_data, gap_verdict
+from stablemdm.study.bases import cache_key, check_data, gap_verdict
 from stablemdm.study.command import study_path
 from stablemdm.study.progress import StudyProgress
 from stablemdm.study.report import build_report, markdown
 from stablemdm.study.spec import load_study
+from stablemdm.tasks.mixture import prompt_key
 from stablemdm.tasks.registry import get_task
 from stablemdm.training.lock import claim
 
@@ -144,6 +146,10 @@ def test_a_miniature_finetune_study_pretrains_evaluates_at_step_zero_and_reuses(
     bases = sorted(p.name for p in base_cache.iterdir() if p.is_dir())
     assert len(bases) == 2 and all(b.startswith("mixture-") for b in bases)
     weights = {b: (base_cache / b / "model.safetensors").stat().st_mtime_ns for b in bases}
+    for b in bases:  # each base folder says what it was trained on, and is named by its hash
+        record = json.loads((base_cache / b / "trained_on.json").read_text())
+        assert b.endswith(cache_key(record)) and record["stablemdm"] == version("stablemdm")
+        assert record["data"]["train"]["examples"] > 0 and record["config"]["max_steps"] == 3
     for objective in ("mdm", "arm"):
         at_zero = json.loads((tmp_path / "a" / "chain_sum" / f"base-{objective}.json").read_text())
         assert at_zero["n"] == 6 and 0 <= at_zero["accuracy"] <= 1
@@ -284,3 +290,174 @@ def test_the_shipped_finetune_studies_exclude_their_targets_and_validate(tmp_pat
             arm.model_preset,
         )
     assert len(load_study(study_path("finetune"), [f"output_dir={tmp_path}", *small]).seeds) == 5
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _sums(first: int, n: int) -> list[dict]:
+    """n addition items `i+first` (i = 0..n-1), as examples/jsonl holds them."""
+    return [
+        {"prompt": f"{i}+{first}", "response": f"{i}+{first}={i + first} #### {i + first}"}
+        for i in range(n)
+    ]
+
+
+OWN_TARGET = [  # a study on JSONL files at paths relative to the project folder
+    "tasks=[jsonl]",
+    "seeds=[1]",
+    "methods=[standard]",
+    "task_options={jsonl: {train: data/train.jsonl, test: data/test.jsonl}}",
+]
+
+
+def test_a_base_is_keyed_on_the_contents_of_its_data_not_their_paths(tmp_path, monkeypatch):
+    """Two projects with different data/train.jsonl under the same relative path, and one
+    file edited: each gets a base of its own (a base of its own data, and one on a mixture
+    with a JSONL part)."""
+    mixture = "base={max_steps: 3, data: {parts: [{task: jsonl, train: data/train.jsonl, "
+    mixture += "test: data/test.jsonl}, {task: countdown, n_train: 20, n_test: 2}], "
+    mixture += "exclude: [jsonl]}}"
+    keys = {}
+    for project, first in (("a", 100), ("b", 200)):
+        root = tmp_path / project
+        _write_jsonl(root / "data" / "train.jsonl", _sums(first, 30))
+        _write_jsonl(root / "data" / "test.jsonl", _sums(first + 50, 4))
+        monkeypatch.chdir(root)
+        for kind, base in (("own", "base={max_steps: 3}"), ("mixture", mixture)):
+            spec = load_study(study_path("demo"), ["output_dir=out", *OWN_TARGET, base])
+            keys[project, kind] = spec.base_dir("jsonl", "mdm")
+    assert keys["a", "own"] != keys["b", "own"] and keys["a", "mixture"] != keys["b", "mixture"]
+    rows = _sums(200, 30)
+    rows[3]["response"] = rows[3]["response"].replace("=", " = ")  # project b's file, edited
+    _write_jsonl(tmp_path / "b" / "data" / "train.jsonl", rows)
+    for kind, base in (("own", "base={max_steps: 3}"), ("mixture", mixture)):
+        edited = load_study(study_path("demo"), ["output_dir=out", *OWN_TARGET, base])
+        assert edited.base_dir("jsonl", "mdm") not in (keys["a", kind], keys["b", kind])
+
+
+def test_a_base_is_keyed_on_resolved_values(tmp_path):
+    """A field given at its default names the same base as the field left out."""
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *MINI])
+    same = load_study(study_path("demo"), [f"output_dir={tmp_path}", *MINI, "base.eos_fill=true"])
+    assert spec.base_config("chain_sum", "mdm").eos_fill is True
+    assert same.base_dir("chain_sum", "mdm") == spec.base_dir("chain_sum", "mdm")
+    record = spec.base_record("chain_sum", "mdm")
+    assert record["stablemdm"] == version("stablemdm") and record["config"]["max_steps"] == 3
+    mixture = get_task("mixture", **spec.base_data())
+    assert record["data"]["train"]["examples"] == len(mixture.examples("train"))
+
+
+@pytest.mark.filterwarnings("ignore:P-POTS")
+def test_a_changed_target_seed_decodes_the_bases_at_step_zero_again(tmp_path):
+    """The base does not change with the target's seed (its exclude entry is explicit), but
+    the test items do: step 0 is decoded again, on the new items."""
+    explicit = [*MINI, "base.data.exclude=[{task: chain_sum, n_train: 200, n_test: 8}]"]
+    spec = load_study(study_path("demo"), [f"output_dir={tmp_path}", *explicit])
+    progress = StudyProgress("s", 1, live=False, stream=io.StringIO())
+    runner.train_bases(spec, progress)
+    runner.evaluate_base(spec, "chain_sum", "mdm", progress)
+    records = tmp_path / "chain_sum" / "base-mdm.jsonl"
+    first = records.read_text()
+    reseeded = load_study(
+        study_path("demo"), [f"output_dir={tmp_path}", *explicit, "task_options.chain_sum.seed=5"]
+    )
+    assert reseeded.base_dir("chain_sum", "mdm") == spec.base_dir("chain_sum", "mdm")
+    result = runner.evaluate_base(reseeded, "chain_sum", "mdm", progress)
+    test = get_task("chain_sum", n_train=200, n_test=8, seed=5).examples("test")[:6]
+    decoded = [json.loads(x) for x in records.read_text().splitlines()]
+    assert [r["prompt"] for r in decoded] == [e.prompt for e in test]
+    assert records.read_text() != first
+    # a base that scores nothing carries its first outputs for the report
+    shown = [{k: r[k] for k in ("prompt", "output", "gold")} for r in decoded[:3]]
+    assert result.get("samples") == (shown if result["accuracy"] == 0 else None)
+
+
+def test_exclusion_compares_prompts_up_to_case_unicode_form_and_whitespace(tmp_path):
+    rows = [{"prompt": p, "response": "r"} for p in ("Q1 ", " q1", "q  2", "q3")]
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "test.jsonl", [{"prompt": "q9", "response": "r"}])
+    _write_jsonl(tmp_path / "target.jsonl", [{"prompt": p, "response": "r"} for p in ("q1", "q 2")])
+    part = {"task": "jsonl", "train": str(tmp_path / "train.jsonl")}
+    part["test"] = str(tmp_path / "test.jsonl")
+    target = {"task": "jsonl", "train": str(tmp_path / "target.jsonl")}
+    target["test"] = str(tmp_path / "target.jsonl")
+    mixture = get_task("mixture", parts=[part], exclude=[target])
+    assert mixture.excluded == 3 and [e.prompt for e in mixture.examples("train")] == ["q3"]
+    assert prompt_key(" \uff31\uff11\t") == "q1"  # full-width Q1: NFKC, case-folded, stripped
+    assert prompt_key("q\u00a0 \n1") == "q 1"
+
+
+def test_a_dataset_part_of_a_mixture_needs_its_lengths_in_one_line(tmp_path):
+    _write_jsonl(tmp_path / "d.jsonl", _sums(3, 10))
+    part = {
+        "task": "dataset",
+        "train": str(tmp_path / "d.jsonl"),
+        "test": str(tmp_path / "d.jsonl"),
+    }
+    with pytest.raises(ValueError, match="mixture part 0 dataset: .*give the part max_length"):
+        get_task("mixture", parts=[part, "countdown"])
+    mixture = get_task("mixture", parts=[{**part, "max_length": 24, "gen_length": 12}])
+    assert (mixture.max_length, mixture.gen_length) == (24, 12)
+    assert len(mixture.examples("train")) == 10
+
+
+def test_a_base_that_scores_nothing_is_shown_with_its_outputs():
+    base = {"task": "t", "base_steps": 5, "base_sequences": 40, "base_task": "mixture"}
+    samples = [{"prompt": "2+3", "output": "5 5 5 | 5", "gold": "5"}]
+    bases = [
+        {**base, "objective": "mdm", "accuracy": 0.4, "train_seconds": 2.0},
+        {**base, "objective": "arm", "accuracy": 0.0, "train_seconds": 2.0, "samples": samples},
+    ]
+    results = [
+        {
+            "task": "t",
+            "method": "standard",
+            "seed": 1,
+            "evaluations": [{"step": 10, "accuracy": 0.5}],
+            "forward_tokens_per_step": 100,
+            "train_seconds": 1.0,
+        }
+    ]
+    text = markdown(build_report("s", results, [10], bases))
+    assert "The ARM base scored nothing" in text and "The MDM base" not in text
+    assert "| `2+3` | `5 5 5 \\| 5` | `5` |" in text
+
+
+OWN_DATA_TINY = [  # the docs' own-data study at a size for a test
+    "seeds=[1]",
+    "methods=[arm,standard]",
+    "eval_points=[1.0]",
+    "eval_limit=3",
+    "variance_draws=0",
+    "train.max_steps=2",
+    "train.d_model=32",
+    "train.n_layers=1",
+    "train.per_device_train_batch_size=8",
+    "base.max_steps=2",
+]
+
+
+def test_the_own_data_study_of_the_docs_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """The YAML block of docs/study.md's "Your own data" (a JSONL target, a base on a JSONL
+    mixture excluding it) runs from the repository root, as the docs say."""
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    assert "exclude: [jsonl]" in " ".join(capsys.readouterr().out.split())
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "study.md").read_text().split("## Your own data", 1)[1]
+    study = tmp_path / "my_data.yaml"
+    study.write_text(docs.split("```yaml\n", 1)[1].split("```", 1)[0])
+    monkeypatch.chdir(root)
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(study), f"output_dir={out}", *OWN_DATA_TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "jsonl: the shared bases at step 0" in printed
+    base = json.loads((out / "jsonl" / "base-mdm.json").read_text())
+    assert base["base_task"] == "mixture" and base["n"] == 3
+    record = json.loads((Path(base["base"]) / "trained_on.json").read_text())
+    (excluded,) = record["config"]["task_options"]["exclude"]  # the target as the study runs it
+    assert excluded["task"] == "jsonl"
+    assert Path(root, excluded["test"]).resolve() == root / "examples" / "jsonl" / "test.jsonl"

@@ -4,27 +4,29 @@ checks that their pretraining data never holds a target's test items.
 A base is one MDM or one ARM pretrained before the fine-tunes, either on each target's own
 train split or, with `base.data`, on a mixture of other tasks shared by every target
 (`tasks.mixture`). Its folder is named by a hash of everything that decides its weights (the
-resolved config values), so any study or rerun asking for the same base reuses it and a
-changed spec trains a new one beside it.
+resolved config values, the contents of its data, the stablemdm version; `trained_on`), so
+any study or rerun asking for the same base reuses it, and a changed spec or data file trains
+a new one beside it. The folder's `trained_on.json` records what it was trained on.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..tasks.mixture import overlap, spec_of
-from ..tasks.registry import Task, get_task
+from ..tasks.mixture import Mixture, overlap
+from ..tasks.registry import SPLITS, Task, get_task
 
 CACHE_ENV = "STABLEMDM_CACHE"
 OWN_KEYS = ("seed", "data", "mdm", "arm")  # base keys that are not config fields
 MATCH_POINTS = 5.0  # bases within this many accuracy points count as equally strong
+TRAINED_ON = "trained_on.json"  # in a base folder: what the base was trained on
 
 
 def cache_root(base_cache: str | None) -> Path:
@@ -36,10 +38,30 @@ def cache_root(base_cache: str | None) -> Path:
     return Path(root) / "bases"
 
 
-def base_key(values: Mapping[str, Any]) -> str:
-    """A short hash of a base's config values (its cache key)."""
+def cache_key(values: Mapping[str, Any]) -> str:
+    """A short stable hash of `values`: a base's (of `trained_on`), a step-0 result's."""
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def examples_digest(task: Task, splits: Sequence[str] = SPLITS) -> dict[str, dict[str, Any]]:
+    """Per split, the count and a sha256 of the examples (prompt, response, answer): the
+    data's contents, whichever file, generator or option they came from."""
+    out = {}
+    for split in splits:
+        examples = task.examples(split)
+        digest = hashlib.sha256()
+        for e in examples:
+            digest.update(json.dumps([e.prompt, e.response, e.answer]).encode())
+        out[split] = {"examples": len(examples), "sha256": digest.hexdigest()}
+    return out
+
+
+def trained_on(config: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a base's weights: its resolved `config` values (less its folder), the
+    contents of its data (`examples_digest`), and the stablemdm version (its key, and its
+    trained_on.json)."""
+    return {"stablemdm": version("stablemdm"), "data": dict(data), "config": dict(config)}
 
 
 def data_task(data: Mapping[str, Any], where: str) -> Task:
@@ -95,20 +117,9 @@ def check_data(
     return mixture
 
 
-def base_length(data: Mapping[str, Any], where: str) -> int | None:
-    """The base's max_length: the longest of the mixture and of its excluded targets
-    (computed once per distinct `data`: every run's config asks for it)."""
-    return _longest(json.dumps(data, sort_keys=True, default=str), where)
-
-
-@functools.cache
-def _longest(key: str, where: str) -> int | None:
-    data = json.loads(key)
-    mixture = data_task(data, where)
-    lengths = [mixture.max_length]
-    for entry in data.get("exclude") or []:
-        name, options = spec_of(entry, "exclude")
-        lengths.append(getattr(get_task(name, **options), "max_length", None))
+def base_length(mixture: Mixture) -> int | None:
+    """The base's max_length: the longest of the mixture and of its excluded targets."""
+    lengths = [mixture.max_length, *(getattr(t, "max_length", None) for t in mixture.targets)]
     known = [n for n in lengths if n is not None]
     return max(known) if known else None
 

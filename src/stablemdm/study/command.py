@@ -37,7 +37,11 @@ def add_parsers(verbs) -> None:
         "settings, decode the test split at each evaluation point, and write report.md, "
         "report.json and figures into the study's output_dir. Re-running skips finished runs "
         "and resumes stopped ones. Shipped studies: "
-        + ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml"))),
+        + ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+        + ". Your own data: tasks: [jsonl] with task_options: {jsonl: {train: FILE, test: "
+        "FILE}}, and a shared base pretrained on your files with base: {max_steps: N, data: "
+        "{parts: [{task: jsonl, train: FILE, test: FILE}], exclude: [jsonl]}} (docs/study.md, "
+        "'Your own data', has a complete study file on examples/jsonl).",
     )
     study.add_argument("--config", required=True, help="a study file, or a shipped study's name")
     study.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[1,2]")

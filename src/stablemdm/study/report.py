@@ -20,6 +20,7 @@ from .stats import mean_with_se, paired_difference, summary, worst_above_best
 
 REFERENCE = "standard"
 BASELINES = ("standard", "clipped")
+SAMPLE_CHARS = 120  # of a base's output shown in the report
 # set-level scores some tasks add to each evaluation (image tasks, evaluation.image_scoring)
 NOISE_COLUMNS = (  # what the two noise columns of the claims table compare
     "the variance of the minibatch gradient per sequence forward pass (trace, times the "
@@ -341,7 +342,28 @@ def bases_text(name: str, bases: Mapping[str, Any]) -> list[str]:
         _table(["base", "accuracy (%)", "steps", "sequences", "seconds"], rows),
         f"Pretrained on {bases['mdm']['base_task']} ({budgets}). Gap at step 0 (ARM minus MDM): "
         f"{100 * bases['gap']:+.1f} points, {bases['verdict']}.",
+        *(line for kind in ("mdm", "arm") for line in _zero_samples(kind, bases[kind])),
     ]
+
+
+def _zero_samples(kind: str, base: Mapping[str, Any]) -> list[str]:
+    """A base that scored nothing: its first outputs beside the gold answers (a 0 may be a
+    failure of form, an answer that never ends, rather than of the task)."""
+    samples = base.get("samples")
+    if not samples:
+        return []
+    rows = [[_cell(s["prompt"]), _cell(s["output"]), _cell(s["gold"])] for s in samples]
+    return [
+        f"The {kind.upper()} base scored nothing: look at its outputs before matching the "
+        f"bases' budgets (its first {len(rows)}, with the gold answers):",
+        _table(["prompt", "output", "gold"], rows),
+    ]
+
+
+def _cell(text: str) -> str:
+    """`text` as one Markdown table cell, cut at SAMPLE_CHARS characters."""
+    text = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + "..."
+    return "`" + text.replace("\n", " ").replace("|", "\\|").replace("`", "'") + "`"
 
 
 def markdown(report: Mapping[str, Any]) -> str:

@@ -23,18 +23,20 @@ import torch
 from transformers import TrainerCallback
 
 from ..evaluation.scoring import evaluate
-from ..tasks.registry import get_task
+from ..tasks.registry import Task, get_task
 from ..training.config import StableMDMConfig
 from ..training.lock import claim
 from ..training.outputs import write_text
 from ..training.run import train
 from ..training.saved import load_checkpoint, objective_of
+from .bases import TRAINED_ON, cache_key, examples_digest
 from .noise import measure_noise
 from .progress import StudyProgress
 from .spec import RESULT, StudySpec
 
 TRAIN_LOG = "train.log"
 TRAIN_TIME = "train_seconds.json"  # the seconds the run's training took, once it ended
+ZERO_SAMPLES = 3  # outputs shown of a base that scores nothing at step 0
 
 
 class SaveAt(TrainerCallback):
@@ -76,8 +78,9 @@ def _recorded_seconds(folder: Path) -> float:
         return float(sum(r.get("train_runtime", 0.0) for r in records))
 
 
-def _pretrain(config: StableMDMConfig, progress: StudyProgress) -> None:
-    """Train one base unless its weights are there already."""
+def _pretrain(config: StableMDMConfig, record: dict, progress: StudyProgress) -> None:
+    """Train one base unless its weights are there already; `record` (what it is trained
+    on, `StudySpec.base_record`) goes into its folder as trained_on.json."""
     folder = Path(config.output_dir)
     label = f"base-{config.objective} ({folder.name})"
     if (folder / "model.safetensors").is_file():
@@ -85,6 +88,7 @@ def _pretrain(config: StableMDMConfig, progress: StudyProgress) -> None:
         return
     progress.say(f"{label}: pretraining {config.max_steps} steps (seed {config.seed})")
     seconds = _train(config, [progress.start_run(label, config.max_steps)])
+    write_text(folder / TRAINED_ON, json.dumps(record, indent=1))
     progress.say(f"{label}: pretrained in {seconds:.0f} s")
 
 
@@ -98,37 +102,43 @@ def train_bases(spec: StudySpec, progress: StudyProgress) -> None:
     A base another process is pretraining (a second study sharing the cache) is left to it:
     this one pretrains the others first, then waits for it (and pretrains it itself if that
     process stopped before finishing)."""
-    configs = [spec.base_config(t, o) for t in spec.base_tasks() for o in ("mdm", "arm")]
+    bases = [
+        (spec.base_config(t, o), spec.base_record(t, o))
+        for t in spec.base_tasks()
+        for o in ("mdm", "arm")
+    ]
     busy = []
-    for config in configs:
+    for config, record in bases:
         with claim(_claim_file(config), wait=False) as mine:
             if mine:
-                _pretrain(config, progress)
+                _pretrain(config, record, progress)
             else:
-                busy.append(config)
-    for config in busy:
+                busy.append((config, record))
+    for config, record in busy:
         progress.say(f"base-{config.objective}: another process is pretraining it; waiting")
         with claim(_claim_file(config), wait=True):
-            _pretrain(config, progress)
+            _pretrain(config, record, progress)
 
 
 def evaluate_base(spec: StudySpec, task: str, objective: str, progress: StudyProgress) -> dict:
     """The base's step-0 accuracy on `task`'s test items (what every run of `objective`
-    starts from), written to `output_dir/task/base-OBJECTIVE.json` and reused while the
-    base and eval_limit are the same."""
+    starts from), written to `output_dir/task/base-OBJECTIVE.json` and reused while its
+    key (`_step_zero_key`) is the same; a base that scores nothing shows a few outputs."""
     base = spec.base_config(task, objective)
     path = Path(spec.output_dir) / task / f"base-{objective}.json"
-    with contextlib.suppress(OSError, ValueError):
+    run = spec.run_config(task, next(iter(spec.methods)), spec.seeds[0])
+    target = get_task(task, **run.task_options)
+    key = _step_zero_key(spec, base, run, target)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         done = json.loads(path.read_text())
-        if done["base"] == base.output_dir and done["n_limit"] == spec.eval_limit:
+        if done.get("key") == key:
             return done
     progress.phase(f"{task}: decoding base-{objective} at step 0")
-    run = spec.run_config(task, next(iter(spec.methods)), spec.seeds[0])
     model, tokenizer = load_checkpoint(Path(base.output_dir), run.trust_remote_code)
     ev = evaluate(
         model,
         tokenizer,
-        get_task(task, **run.task_options),
+        target,
         "test",
         objective=objective,
         limit=spec.eval_limit,
@@ -147,9 +157,31 @@ def evaluate_base(spec: StudySpec, task: str, objective: str, progress: StudyPro
         "base_sequences": sequences,
         "base_task": base.task,
         "train_seconds": _recorded_seconds(Path(base.output_dir)),
+        "key": key,
     }
+    if ev.n_correct == 0:
+        result["samples"] = [
+            {k: r[k] for k in ("prompt", "output", "gold")} for r in ev.records[:ZERO_SAMPLES]
+        ]
     write_text(path, json.dumps(result, indent=1))
     return result
+
+
+def _step_zero_key(
+    spec: StudySpec, base: StableMDMConfig, run: StableMDMConfig, target: Task
+) -> str:
+    """What decides a base's step-0 result: the base (its folder names what it was trained
+    on), the target's name, options and test items, and how many are decoded, how long."""
+    return cache_key(
+        {
+            "base": base.output_dir,
+            "task": run.task,
+            "task_options": run.task_options,
+            "test": examples_digest(target, ("test",)),
+            "eval_limit": spec.eval_limit,
+            "gen_length": run.gen_length,
+        }
+    )
 
 
 def forward_tokens_per_step(config: StableMDMConfig) -> int:

@@ -17,8 +17,8 @@ evaluate, and an optional shared base model. Everything is validated before any 
 
 `base` takes config fields shared by both bases, `seed` (default 0), `mdm:` / `arm:` fields
 for one of them (a longer pretraining for the weaker), and `data:` (a `mixture` of other
-tasks, one base for every target; without it each target's base pretrains on its own train
-split).
+tasks, one base for every target; a bare task name in its `exclude` is that task with the
+study's task_options; without it each target's base pretrains on its own train split).
 
 `key=value` overrides reach any of these (`seeds=[1,2]`, `train.max_steps=50`).
 """
@@ -38,7 +38,7 @@ import yaml
 from ..errors import ConfigError
 from ..estimators.registry import ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS
 from ..estimators.registry import METHODS as ESTIMATORS
-from ..tasks.registry import available_tasks, get_task
+from ..tasks.registry import Task, available_tasks, get_task
 from ..training.config import StableMDMConfig
 from ..training.recipe import (
     config_from_values,
@@ -49,7 +49,15 @@ from ..training.recipe import (
     unused_options,
 )
 from .bases import OWN_KEYS as BASE_KEYS
-from .bases import base_key, base_length, cache_root, check_data
+from .bases import (
+    base_length,
+    cache_key,
+    cache_root,
+    check_data,
+    data_task,
+    examples_digest,
+    trained_on,
+)
 
 # every estimator of the variance tool, the ARM, MIRROR at a Standard step's compute, and
 # auto (measures the unbiased ones on the model being trained and trains with the best)
@@ -137,15 +145,52 @@ class StudySpec:
     train: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] | None = None
     base_cache: str | None = None
+    # the task each base trains on and its examples' digest, built once per spec (`_base_task`)
+    _data: dict[str, tuple[Task, dict]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def run_dir(self, task: str, method: str, seed: int) -> Path:
         return Path(self.output_dir) / task / method / f"seed-{seed}"
 
     def base_dir(self, task: str, objective: str) -> Path:
-        """The cached base of `objective` that `task` fine-tunes from (named by its spec)."""
+        """The cached base of `objective` that `task` fine-tunes from, named by what it is
+        trained on (`base_record`)."""
+        label = self._base_values(task, objective)["task"]
+        key = cache_key(self.base_record(task, objective))
+        return cache_root(self.base_cache) / f"{label}-{objective}-{key}"
+
+    def base_record(self, task: str, objective: str) -> dict[str, Any]:
+        """What that base is trained on (`bases.trained_on`: resolved config values, data
+        contents, version): its cache key and its folder's trained_on.json."""
         values = self._base_values(task, objective)
-        label = values["task"]
-        return cache_root(self.base_cache) / f"{label}-{objective}-{base_key(values)}"
+        where = self._base_where(task, objective)
+        resolved = _build(values, where).resolved()
+        config = {k: v for k, v in resolved.items() if k not in HARMLESS}
+        return trained_on(config, self._base_task(values)[1])
+
+    def _base_task(self, values: dict[str, Any]) -> tuple[Task, dict[str, Any]]:
+        """The task a base's config `values` train on and the digest of its examples, built
+        once per spec (a file edited since is read again by the next `load_study`)."""
+        memo = json.dumps([values["task"], values["task_options"]], sort_keys=True, default=str)
+        if memo not in self._data:
+            task = _task_of(values, "study file")
+            self._data[memo] = (task, examples_digest(task))
+        return self._data[memo]
+
+    def base_data(self) -> dict[str, Any] | None:
+        """`base.data`, each bare task name in its `exclude` given the study's task_options
+        for that task (the target as the study runs it)."""
+        data = (self.base or {}).get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("exclude"), list):
+            return data
+        exclude = [
+            {"task": e, **self.task_options[e]}
+            if isinstance(e, str) and e in self.task_options
+            else e
+            for e in data["exclude"]
+        ]
+        return {**data, "exclude": exclude}
 
     def max_steps(self) -> int:
         """Every run's budget in optimizer steps."""
@@ -176,8 +221,8 @@ class StudySpec:
     def _base_values(self, task: str, objective: str) -> dict[str, Any]:
         """The config values of a base, but its folder: the study's fields, the base's own
         (and its objective's), Standard's estimator for the MDM, seed 0 unless set."""
-        base = dict(self.base or {})
-        seed, data = base.pop("seed", 0), base.pop("data", None)
+        base = {k: v for k, v in (self.base or {}).items() if k != "data"}
+        seed, data = base.pop("seed", 0), self.base_data()
         own = {name: base.pop(name, None) or {} for name in ("mdm", "arm")}
         values = {**self.train, **ESTIMATOR_DEFAULTS, **base, **own[objective]}
         values.update(objective=objective, seed=seed, disable_tqdm=True)
@@ -187,15 +232,19 @@ class StudySpec:
         else:
             values.update(task="mixture", task_options=data)
             if values.get("max_length") is None:
-                values["max_length"] = base_length(data, "study file")
+                values["max_length"] = base_length(self._base_task(values)[0])
         return values
 
     def base_config(self, task: str, objective: str) -> StableMDMConfig:
         """The shared base of `objective` that `task` fine-tunes from."""
         values = self._base_values(task, objective)
         values["output_dir"] = str(self.base_dir(task, objective))
+        return _build(values, self._base_where(task, objective))
+
+    def _base_where(self, task: str, objective: str) -> str:
+        """How errors name a base."""
         where = "base" if (self.base or {}).get("data") else f"base of {task}"
-        return _build(values, f"{where} ({objective})")
+        return f"{where} ({objective})"
 
     def base_tasks(self) -> list[str]:
         """One target per distinct base: each task, or the first when base.data is shared."""
@@ -215,6 +264,17 @@ def _build(
         return config
     except ConfigError as err:
         raise ConfigError(f"study run {where}: {err}") from None
+
+
+def _task_of(values: dict[str, Any], where: str) -> Task:
+    """The task a config's values name (base.data's mixture with its own messages)."""
+    name = values["task"]
+    if name == "mixture":
+        return data_task(values["task_options"], where)
+    try:
+        return get_task(name, **values["task_options"])
+    except ValueError as err:
+        raise ConfigError(f"{where}: task_options of {name}: {err}") from None
 
 
 def _default(name: str) -> Any:
@@ -414,7 +474,7 @@ def check_bases(spec: StudySpec, where: str) -> None:
     for task in spec.base_tasks():
         for objective in ("mdm", "arm"):
             spec.base_config(task, objective)
-    data = spec.base.get("data")
+    data = spec.base_data()
     if data is not None:
         targets = {t: spec.task_options.get(t, {}) for t in spec.tasks}
         length = spec.base_config(spec.tasks[0], "mdm").max_length

@@ -7,11 +7,15 @@
 
 The training split is every part's training split; any item whose prompt is a test prompt of
 an `exclude` task is removed (counted in `excluded`), so a base never sees a target's test
-items. The test split is every part's test split, each item scored by its own part.
+items. Prompts are compared as `prompt_key` writes them: Unicode NFKC, case-folded, each run
+of whitespace one space, none at the ends. The test split is every part's test split, each
+item scored by its own part. Every part needs known lengths: a `dataset` part is given its
+`max_length` and `gen_length`.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,10 +49,26 @@ def build_part(entry: Any, where: str) -> Task:
     return task
 
 
+def prompt_key(prompt: str) -> str:
+    """What exclusion compares of a prompt: NFKC, case-folded, runs of whitespace as one
+    space, none at the ends (so "Q1 " is the prompt "q1")."""
+    return " ".join(unicodedata.normalize("NFKC", prompt).casefold().split())
+
+
 def overlap(examples: list[Example], tests: list[Example]) -> list[Example]:
-    """The examples whose prompt is the prompt of one of `tests` (exact match)."""
-    prompts = {e.prompt for e in tests}
-    return [e for e in examples if e.prompt in prompts]
+    """The examples whose prompt is the prompt of one of `tests` (as `prompt_key` writes it)."""
+    prompts = {prompt_key(e.prompt) for e in tests}
+    return [e for e in examples if prompt_key(e.prompt) in prompts]
+
+
+def _check_lengths(part: Task, where: str) -> None:
+    """A part's lengths must be known: a mixture measures none (a `dataset` part's lengths
+    are otherwise measured with the model's tokenizer)."""
+    if getattr(part, "max_length", None) is None or getattr(part, "gen_length", None) is None:
+        raise ValueError(
+            f"{where} {part.name}: its lengths are measured with the model's tokenizer, which a "
+            "mixture does not do; give the part max_length and gen_length (in the run's tokens)"
+        )
 
 
 @register_task("mixture")
@@ -59,19 +79,21 @@ class Mixture(Task):
         if not isinstance(parts, list) or not parts:
             raise ValueError("task 'mixture': parts must be a non-empty list of tasks")
         self.parts = [build_part(p, f"mixture part {i}") for i, p in enumerate(parts)]
-        excluded = [build_part(e, "mixture exclude") for e in exclude or []]
+        for i, part in enumerate(self.parts):
+            _check_lengths(part, f"mixture part {i}")
+        self.targets = [build_part(e, "mixture exclude") for e in exclude or []]
         for part in self.parts:
-            for other in excluded:
+            for other in self.targets:
                 if other.name in part.contaminates:
                     raise ValueError(
                         f"mixture part {part.name} is derived from {other.name}'s test items "
                         f"and cannot be pretrained on when {other.name} is a target"
                     )
-        tests = [e for task in excluded for e in task.examples("test")]
+        tests = [e for task in self.targets for e in task.examples("test")]
         train = [e for part in self.parts for e in part.examples("train")]
-        self.excluded = len(overlap(train, tests))
-        prompts = {e.prompt for e in tests}
-        self._train = [e for e in train if e.prompt not in prompts]
+        removed = {id(e) for e in overlap(train, tests)}
+        self.excluded = len(removed)
+        self._train = [e for e in train if id(e) not in removed]
         self._test = [(i, e) for i, part in enumerate(self.parts) for e in part.examples("test")]
         self.contaminates = frozenset().union(*(p.contaminates for p in self.parts))
         self.max_length = max(p.max_length for p in self.parts)
