@@ -381,3 +381,42 @@ def test_a_checkpoint_saved_before_a_field_existed_resumes(tmp_path):
     assert train(_config(run, "max_steps=4", "save_steps=2"), resume=True).global_step == 4
     with pytest.raises(ConfigError, match="estimator: 'fixed' -> 'auto'"):
         train(_config(run, "max_steps=6", "save_steps=2", "estimator=auto"), resume=True)
+
+
+class _Pickle:
+    """What a hostile checkpoint file holds: a pickle that, loaded unsafely, would create
+    `marker` (by running code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused_before_anything_is_written(
+    tmp_path, capsys
+):
+    """checkpoint-4's optimizer.pt, then its rng_state.pth, is a pickle that would run code:
+    `--resume` of it exits 2 with one line naming the file (no traceback), nothing in it
+    runs, and the run folder is byte-identical afterwards (config.yaml and metrics.jsonl
+    included)."""
+    from stablemdm.cli import main
+
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    train(_config(run, "max_steps=4", "save_steps=2"))
+    checkpoint = run / "checkpoint-4"
+    cli = ["train", *SMALL, "eval_strategy=no", "max_steps=6", "save_steps=2", f"output_dir={run}"]
+    for name in ("optimizer.pt", "rng_state.pth"):
+        own = (checkpoint / name).read_bytes()
+        torch.save({"state": _Pickle(marker)}, checkpoint / name)
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        assert main([*cli, "--resume", str(checkpoint)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert f"checkpoint {checkpoint} is corrupted: {name} cannot be read" in err
+        assert "more than tensors and plain data (exec), which only an unsafe load" in err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        assert not marker.exists()
+        (checkpoint / name).write_bytes(own)

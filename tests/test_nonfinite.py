@@ -175,3 +175,26 @@ def test_weights_that_become_infinite_are_never_published(tmp_path, capsys):
     assert f"--resume {run / 'checkpoint-1'}" in err
     assert [c.name for c in checkpoints(run)] == ["checkpoint-1"]
     assert not (run / "model.safetensors").exists()
+
+
+def test_a_saved_model_with_nonfinite_weights_is_never_loaded(tmp_path, capsys):
+    """A run whose final model.safetensors holds NaN: eval, generate, variance --checkpoint
+    and a new run with init_from= it (every command loading a saved model, as a study's
+    decoding does) exit 2 with one line naming the file and the tensor; nothing is written."""
+    run, new = tmp_path / "run", tmp_path / "new"
+    train(_config(run, "max_steps=2", "save_steps=2"))
+    name = _poison(run)
+    before = _snapshot(tmp_path)
+    commands = [
+        ["eval", str(run), "--limit", "2"],
+        ["generate", str(run), "--prompt", "1+2"],
+        ["variance", f"--checkpoint={run}", f"--output={tmp_path / 'report'}"],
+        ["train", *SMALL, "eval_strategy=no", f"init_from={run}", f"output_dir={new}"],
+    ]
+    for command in commands:
+        capsys.readouterr()
+        assert main(command) == 2, command
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in str(lines) and [x for x in lines if "error:" in x] == lines[-1:]
+        assert f"{run} holds non-finite weights (model.safetensors: {name} has NaN" in lines[-1]
+        assert _snapshot(tmp_path) == before

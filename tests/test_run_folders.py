@@ -206,3 +206,67 @@ def test_a_study_folder_in_use_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert f"study output_dir {out} is in use by another run (pid {os.getpid()}" in err
     assert "\n" not in err and list(out.iterdir()) == []
+
+
+# --- a model a run reads, or a checkpoint, is never its output_dir ---------------------------
+
+
+def _refused(args: list[str], capsys) -> str:
+    """The one error line `stablemdm train ARGS` is refused with (exit 2, no traceback; a
+    warning about the overrides may come before it)."""
+    capsys.readouterr()
+    assert main(["train", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [x for x in lines if "error:" in x] == lines[-1:] and "Traceback" not in str(lines)
+    return lines[-1]
+
+
+def test_a_checkpoint_or_a_model_being_read_is_never_an_output_dir(tmp_path, capsys):
+    """output_dir naming a checkpoint of a run (directly, through a symlink, or a folder
+    inside it), the folder model= or init_from= names, or a folder holding weights of any
+    kind is refused in one line, with --resume too where it would write there; every file
+    stays byte-identical and the run goes on with --resume."""
+    from stablemdm.models.toy import save_llama
+
+    run, hf, weights, link = (tmp_path / n for n in ("run", "hf", "weights", "link"))
+    train(_config(run, "max_steps=4", "save_steps=2"))
+    save_llama(hf)
+    weights.mkdir()
+    (weights / "pytorch_model.bin").write_bytes(b"weights of a model trained elsewhere")
+    (weights / "config.json").write_text("{}")
+    link.symlink_to(run / "checkpoint-4")
+    before = {f: snapshot(f) for f in (run, hf, weights)}
+    checkpoint = f"is checkpoint-4 of the run in {run}"
+    cases = [
+        ([f"output_dir={run / 'checkpoint-4'}"], checkpoint),
+        ([f"output_dir={run / 'checkpoint-4'}", "max_steps=6", "--resume"], checkpoint),
+        ([f"output_dir={link}"], f"output_dir {link} (a link to {run / 'checkpoint-4'}) "),
+        ([f"output_dir={link}", "--resume", str(run / "checkpoint-2")], checkpoint),
+        ([f"output_dir={run / 'checkpoint-4' / 'new'}"], "lies inside checkpoint-4 of the run"),
+        ([f"init_from={run}", f"output_dir={run}"], f"is the folder init_from={run} names"),
+        ([f"model={hf}", "add_mask_token=true", f"output_dir={hf}"], f"model={hf} names"),
+        ([f"model={hf}", "add_mask_token=true", f"output_dir={hf}", "--resume"], "model="),
+        ([f"output_dir={weights}"], "holds a saved model (pytorch_model.bin)"),
+    ]
+    for extra, message in cases:
+        assert message in _refused([*ARGS, "max_steps=4", "save_steps=2", *extra], capsys)
+        assert {f: snapshot(f) for f in (run, hf, weights)} == before, extra
+    assert link.is_symlink()
+    train(_config(run, "max_steps=6", "save_steps=2"), resume=True)
+    assert max(_steps(run)) == 6 and (run / "checkpoint-6").is_dir()
+
+
+def test_an_eval_output_inside_the_run_says_what_may_be_written_there(tmp_path, capsys):
+    """`eval --output` inside the checkpoint folder it reads is refused naming the one kind
+    of file allowed there (eval-*.jsonl directly in it); such a file is written."""
+    run = tmp_path / "run"
+    train(_config(run, "max_steps=2", "save_steps=2"))
+    checkpoint = run / "checkpoint-2"
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--limit", "2", "--output", f"{checkpoint}/x.txt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is inside {checkpoint}, which this command reads" in err and "\n" not in err
+    assert f"or name it eval-*.jsonl directly in {checkpoint}" in err
+    own = checkpoint / "eval-mine.jsonl"
+    assert main(["eval", str(checkpoint), "--limit", "2", "--output", str(own)]) == 0
+    assert len(own.read_text().splitlines()) == 2

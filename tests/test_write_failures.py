@@ -1,19 +1,26 @@
 """A write that fails for want of room, as it really happens: a file-size limit (`ulimit -f`)
 and a full file system (a small tmpfs), under which torch and safetensors raise their own
-errors (RuntimeError, SafetensorError), not OSError. Training ends with one line naming what
-is intact and the way on, and leaves no tmp-checkpoint-N. docs/reliability.md lists these."""
+errors (RuntimeError, SafetensorError), not OSError, and an output_dir made read-only.
+Training ends with one line naming what is intact and the way on, and leaves no
+tmp-checkpoint-N. Written files get the mode the umask gives, whatever wrote them.
+docs/reliability.md lists these."""
 
 import hashlib
 import os
 import resource
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_trainer import SMALL
+from test_variance_hf import DESIGN
 
 from stablemdm.training.checkpoints import checkpoints, leftovers, missing_files
 from stablemdm.training.recipe import load_config
@@ -124,3 +131,87 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert f"the previous checkpoint, {run / 'checkpoint-1'}, is intact" in line
     assert [p.name for p in checkpoints(copy)] == ["checkpoint-1"] and not leftovers(copy)
     assert missing_files(copy / "checkpoint-1") == []
+
+
+# A run whose output_dir turns read-only after step 3: root, who may write anywhere, also
+# drops to the `nobody` user then (the folder's files stay root's).
+READ_ONLY_AFTER_STEP_3 = """
+import os, sys
+from transformers import TrainerCallback
+import stablemdm.training.run as run
+
+class ReadOnly(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.chmod(args.output_dir, 0o555)
+            if os.geteuid() == 0:
+                os.seteuid(65534)
+
+train = run.train
+run.train = lambda config, resume=False, callbacks=None: train(config, resume, [ReadOnly()])
+from stablemdm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_folder_made_read_only_mid_run_names_the_checkpoint_not_the_lock(tmp_path):
+    """output_dir becomes read-only after step 3: saving checkpoint-4 fails, and the one line
+    names that write and checkpoint-2, not the lock file the run could not remove on its way
+    out; once the folder is writable again, --resume takes the lock over and finishes."""
+    base = Path(tempfile.mkdtemp(prefix="stablemdm-read-only-"))  # not under pytest's 0o700
+    os.chmod(base, 0o755)
+    run = base / "run"
+    args = [*ARGS, "max_steps=6", "save_steps=2", "logging_steps=10", f"output_dir={run}"]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_AFTER_STEP_3, "train", *args],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        line = _the_one_line(done.stderr)
+        assert f"cannot write {run / 'checkpoint-4'}: Permission denied" in line
+        assert f"the previous checkpoint, {run / 'checkpoint-2'}, is intact: make {run} " in line
+        assert "stablemdm.lock" not in line
+        assert [p.name for p in checkpoints(run)] == ["checkpoint-2"] and not leftovers(run)
+        os.chmod(run, 0o755)
+        assert train(load_config(None, args), resume=True).global_step == 6
+    finally:
+        os.chmod(run, 0o755)
+        shutil.rmtree(base)
+
+
+def _modes(*paths: Path) -> dict[str, int]:
+    """Every file under `paths` (or each path, for a file) with its permission bits."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return {str(f): stat.S_IMODE(f.stat().st_mode) for f in files}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_outputs_follow_the_umask(tmp_path, umask, capsys):
+    """Under umask 022 (or 027) every file of a trained run (checkpoints and final model,
+    model.safetensors and trainer_state.json included), an eval record, a density, a
+    variance report and a sample grid gets mode 644 (or 640), as a file open() makes:
+    colleagues reading the folder can read the run."""
+    from stablemdm.cli import main
+    from stablemdm.evaluation.image_scoring import save_grid
+
+    run, density, report = tmp_path / "run", tmp_path / "density.json", tmp_path / "variance"
+    before = os.umask(umask)
+    try:
+        train(load_config(None, [*ARGS, "max_steps=2", "save_steps=1", f"output_dir={run}"]))
+        assert main(["eval", str(run), "--limit", "2"]) == 0
+        small = ["ppots_sequences=2", "ppots_rates=4", "ppots_masks=2"]
+        assert main(["fit-t", *SMALL, *small, "--output", str(density)]) == 0
+        assert main(["variance", *SMALL, *small, *DESIGN, f"--output={report}"]) == 0
+        grid = save_grid(np.zeros((2, 4, 4)), np.array([0, 1]), ["a", "b"], tmp_path / "g.png")
+    finally:
+        os.umask(before)
+    modes = _modes(run, density, report, grid)
+    assert {run / "model.safetensors", run / "checkpoint-2" / "model.safetensors"} <= set(
+        map(Path, modes)
+    )
+    assert {str(run / "eval-chain_sum-test.jsonl"), str(report / "variance.json")} <= set(modes)
+    assert {f: m for f, m in modes.items() if m != 0o666 & ~umask} == {}

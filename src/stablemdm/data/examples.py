@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
+
+from .atomic import replaced_atomically
 
 MAX_ERRORS_SHOWN = 20
 
@@ -106,19 +107,11 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 def write_jsonl(path: str | Path, records: Iterable[Mapping]) -> None:
     """Write one JSON object per line, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class TextTokenizer(Protocol):

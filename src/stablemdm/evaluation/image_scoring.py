@@ -13,14 +13,14 @@ one row per class.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from ..data.atomic import replaced_atomically
 
 JUDGE_HIDDEN = 64  # hidden units of the judge; its activations are the Frechet features
 JUDGE_MAX_ITER = 1000
@@ -149,14 +149,8 @@ def save_grid(
                 ax.imshow(images[picks[j]], cmap="gray", vmin=0.0, vmax=1.0)
         axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.6 / fig.get_figwidth(), right=0.99, top=0.99, bottom=0.01)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replaced_atomically(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

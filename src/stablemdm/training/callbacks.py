@@ -96,20 +96,21 @@ class RefitCallback(TrainerCallback):
 class MetricsCallback(TrainerCallback):
     """Appends every log line to `<output_dir>/metrics.jsonl` (main process only), with the
     fields `extra()` adds (estimator=auto: the estimator the line's steps were trained with).
-    A resumed run first drops what it will log again (`restart`), once training has begun,
-    when the checkpoint has been loaded: a refused resume leaves metrics.jsonl untouched."""
+    `begin()` runs once training has begun, when a resumed run's checkpoint has been loaded
+    (the run's config.yaml, and dropping what a resumed run will log again): a refused
+    resume leaves the run folder untouched."""
 
     def __init__(
         self,
-        restart: Callable[[], None] | None = None,
+        begin: Callable[[], None] | None = None,
         extra: Callable[[], dict] | None = None,
     ) -> None:
-        self.restart = restart
+        self.begin = begin
         self.extra = extra
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.restart is not None:
-            self.restart()
+        if state.is_world_process_zero and self.begin is not None:
+            self.begin()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

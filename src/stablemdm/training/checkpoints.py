@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..data.atomic import follow_umask
 from ..estimators.registry import METHODS, UNBIASED_METHODS
 from .recipe import load_yaml
 
@@ -134,7 +135,9 @@ def _sync(folder: Path) -> None:
 
 def publish(staged: Path, final: Path) -> None:
     """Rename the finished `staged` folder to `final` (a checkpoint saved again at the same
-    step, after resuming from an earlier one, replaces the old folder)."""
+    step, after resuming from an earlier one, replaces the old folder), its files given the
+    mode the umask gives (safetensors writes its own private)."""
+    follow_umask(p for p in staged.rglob("*") if p.is_file())
     _sync(staged)
     if final.exists():
         discard(final, then=lambda: staged.rename(final))

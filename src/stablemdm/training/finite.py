@@ -1,8 +1,10 @@
 """Finite weights only: a checkpoint or final model holding NaN or infinity is never used.
 
 `--resume` refuses a checkpoint whose saved weights are not finite (naming it and the first
-bad tensor), no checkpoint is written while the weights are not finite, and a run whose
-weights end non-finite does not publish them as its final model. See docs/reliability.md.
+bad tensor), and so does every command that loads a saved model (`saved.load_checkpoint`:
+`eval`, `generate`, `variance`, `init_from`, a study's decoding); no checkpoint is written
+while the weights are not finite, and a run whose weights end non-finite does not publish
+them as its final model. See docs/reliability.md.
 """
 
 from __future__ import annotations

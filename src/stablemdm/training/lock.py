@@ -6,7 +6,9 @@ releases it when the holder dies however it dies (SIGKILL, OOM, a lost node). A 
 in the folder is refused with one line naming the holder. A lock file nobody holds (its run
 crashed) is taken over, said on stderr; one naming another host is refused instead, because
 a run on another machine may be alive without this machine seeing its lock, and the line
-says how to remove it. The holder deletes the file when it ends. See docs/reliability.md.
+says how to remove it. The holder deletes the file when it ends; where it cannot (the folder
+became read-only) the file stays for the next run to take over, and the run's own error is the
+one reported. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -145,8 +147,10 @@ def claim(path: str | Path, wait: bool) -> Iterator[bool]:
 
 
 def release(path: Path, fd: int) -> None:
-    """Delete the lock file, then let go of it."""
-    with contextlib.suppress(FileNotFoundError):
+    """Delete the lock file, then let go of it. A file that cannot be deleted (the folder
+    became read-only) stays, never hiding the error a failed run ends with: the lock itself
+    goes with the descriptor, so the next run takes the file over."""
+    with contextlib.suppress(OSError):
         os.unlink(path)
     os.close(fd)
 

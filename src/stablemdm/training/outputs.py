@@ -15,30 +15,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
-import os
 import re
 import resource
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..data.atomic import replaced_atomically
 from ..errors import ConfigError
 from .config import StableMDMConfig
 
 UNCHANGED = "nothing was written"
 
-# files of a saved model, its tokenizer or a checkpoint: no command's output, so never
-# replaced, even with --overwrite (an output path naming one is a slip)
-PROTECTED = (
+# files holding a model's weights (or a shard index): a folder with one is a saved model
+WEIGHTS = (
     "*.safetensors",
     "*.bin",
     "*.pt",
     "*.pth",
     "*.gguf",
     "*.ckpt",
-    "*.model",
     "*.safetensors.index.json",
+)
+
+# files of a saved model, its tokenizer or a checkpoint: no command's output, so never
+# replaced, even with --overwrite (an output path naming one is a slip)
+PROTECTED = (
+    *WEIGHTS,
+    "*.model",
     "config.json",
     "generation_config.json",
     "adapter_config.json",
@@ -61,6 +65,14 @@ def _protected(path: Path) -> bool:
     if re.search(r"checkpoint-\d+$", path.parent.name):
         return not fnmatch.fnmatch(path.name, "eval-*.jsonl")
     return path.name == "ppots.json" and (path.parent / "config.yaml").is_file()
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The names of the files directly in `folder` that hold weights (`WEIGHTS`)."""
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in WEIGHTS)]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -96,9 +108,15 @@ def check_output_file(
     for folder in _present(reads):
         own = allowed_in_reads and fnmatch.fnmatch(path.name, allowed_in_reads)
         if _inside(path, folder) and not (own and path.parent.resolve() == folder.resolve()):
+            there = (
+                f", or name it {allowed_in_reads} directly in {folder} (the only files this "
+                "command writes into a folder it reads)"
+                if allowed_in_reads
+                else ""
+            )
             raise ConfigError(
-                f"{flag} {path} is inside {folder}, which this command reads; write elsewhere "
-                f"(refused even with --overwrite; {UNCHANGED})"
+                f"{flag} {path} is inside {folder}, which this command reads; write elsewhere"
+                f"{there} (refused even with --overwrite; {UNCHANGED})"
             )
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file path ({UNCHANGED})")
@@ -220,21 +238,16 @@ def disk_full(path: Path, cause: str = _CAUSES[errno.ENOSPC]) -> ConfigError:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix) to write to; renamed onto `path` when the
-    block ends without error, removed otherwise. A full disk (or a file-size limit) becomes a
+    """A temporary path beside `path` (same suffix) to write to; renamed onto `path`, with the
+    mode the umask gives, when the block ends without error, removed otherwise
+    (`data.atomic.replaced_atomically`). A full disk (or a file-size limit) becomes a
     `ConfigError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
-    )
-    os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        cause = write_failure(err, path.parent) if isinstance(err, Exception) else None
+        with replaced_atomically(path) as tmp:
+            yield tmp
+    except Exception as err:
+        cause = write_failure(err, path.parent)
         if cause is not None:
             raise disk_full(path, cause) from err
         raise

@@ -3,15 +3,20 @@ complete checkpoint, and checking that a resumed config changed only what may ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import safe_globals
 
 from ..errors import ConfigError
 from .checkpoints import (
@@ -28,8 +33,9 @@ from .checkpoints import (
     step_of,
 )
 from .config import StableMDMConfig
-from .finished import finished_step
+from .finished import FINISHED, finished_step
 from .finite import nonfinite_tensor
+from .outputs import weight_files
 from .recipe import load_yaml
 
 # fields that may differ between a run and its resumption: cadence, length, how processes
@@ -57,9 +63,51 @@ RESUMABLE_CHANGES = {
 }
 
 
+UNCHANGED = "nothing there was changed"
+
+
+def check_output_dir(config: StableMDMConfig) -> None:
+    """Refuse, with --resume too and before anything is built, an output_dir whose run would
+    destroy a model: the folder of a model this run reads (model=, init_from=,
+    tokenizer_name=), or a checkpoint of a run (or a folder inside one). Symlinks are
+    resolved."""
+    out = Path(config.output_dir).resolve()
+    named = str(config.output_dir)
+    if os.path.realpath(named) != os.path.abspath(named):
+        named += f" (a link to {out})"
+    for field in ("model", "init_from", "tokenizer_name"):
+        value = getattr(config, field)
+        if value and Path(value).is_dir() and Path(value).resolve() == out:
+            raise ConfigError(
+                f"output_dir {named} is the folder {field}={value} names, which this run "
+                f"reads: a run there would replace its files; choose another output_dir "
+                f"({UNCHANGED})"
+            )
+    checkpoint = next((p for p in (out, *out.parents) if _is_checkpoint(p)), None)
+    if checkpoint is not None:
+        where = "is" if checkpoint == out else "lies inside"
+        raise ConfigError(
+            f"output_dir {named} {where} {checkpoint.name} of the run in {checkpoint.parent}: a "
+            f"run there would replace that checkpoint's files and the run could no longer "
+            f"resume from it; choose another output_dir (to continue that run: "
+            f"output_dir={checkpoint.parent} --resume {checkpoint}; {UNCHANGED})"
+        )
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a run's checkpoint-N (a trainer state, no log of its own: a run
+    folder that happens to be named checkpoint-N has its metrics.jsonl)."""
+    return (
+        step_of(folder) is not None
+        and (folder / FINISHED).is_file()
+        and not (folder / METRICS).is_file()
+    )
+
+
 def prepare_output(config: StableMDMConfig, resume: bool) -> None:
-    """Create the output folder and refuse to overwrite an earlier run unless resuming; a
-    folder whose run stopped before its first complete checkpoint is reused (said on stderr)."""
+    """Create the output folder and refuse to overwrite an earlier run or a saved model
+    unless resuming; a folder whose run stopped before its first complete checkpoint is
+    reused (said on stderr)."""
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -68,10 +116,12 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"output_dir {out} is not writable: {err.strerror}") from err
-    if resume or not (checkpoints(out) or leftovers(out) or (out / METRICS).exists()):
+    weights = weight_files(out)
+    used = checkpoints(out) or leftovers(out) or (out / METRICS).exists() or weights
+    if resume or not used:
         return
     latest = latest_complete(out)[0]
-    if latest is not None or any((out / n).is_file() for n in MODEL_FILES):
+    if latest is not None or weights:
         raise ConfigError(f"output_dir {out} {_what_is_there(out, latest)}")
     if config.process_index == 0:
         print(
@@ -83,30 +133,34 @@ def prepare_output(config: StableMDMConfig, resume: bool) -> None:
 
 
 def _holds_a_run(out: Path) -> bool:
-    """Whether `out` holds a complete checkpoint or a finished run's model (a plain re-run
-    there is refused)."""
-    return latest_complete(out)[0] is not None or any((out / n).is_file() for n in MODEL_FILES)
+    """Whether `out` holds a complete checkpoint or a saved model (a plain re-run there is
+    refused)."""
+    return latest_complete(out)[0] is not None or bool(weight_files(out))
 
 
 def _what_is_there(out: Path, latest: Path | None) -> str:
-    """The refusal of a plain re-run in a folder holding a run: what the run is (finished or
-    stopped) and the way on."""
+    """The refusal of a plain re-run in a folder holding a run or a model: what it is
+    (a finished or stopped run, a saved model) and the way on."""
     step = finished_step(out)
     if latest is None:
-        what = f"a run that finished at step {step}" if step is not None else "a saved model"
+        what = (
+            f"a run that finished at step {step}"
+            if step is not None
+            else f"a saved model ({', '.join(weight_files(out))})"
+        )
         return (
             f"holds {what}, with no checkpoint to continue from; choose another output_dir "
-            "(nothing there was changed)"
+            f"({UNCHANGED})"
         )
     if step is not None:
         return (
             f"holds a run that finished at step {step}; choose another output_dir for a new run, "
             f"or raise max_steps above {step} and pass --resume to train this one further from "
-            f"{latest.name} (nothing there was changed)"
+            f"{latest.name} ({UNCHANGED})"
         )
     return (
         f"holds a stopped run (latest complete checkpoint {latest.name}); pass --resume to "
-        "continue it, or choose another output_dir (nothing there was changed)"
+        f"continue it, or choose another output_dir ({UNCHANGED})"
     )
 
 
@@ -126,17 +180,22 @@ def find_checkpoint(config: StableMDMConfig, resume: bool | str) -> Path:
 
 def damaged_file(folder: Path) -> str | None:
     """`NAME (why)` for the first file of a checkpoint that cannot be read (None when all
-    can): the trainer state, run config, weights, optimizer, scheduler, RNG and sampler
-    states and the density. Torch files are checked as archives, so a truncated optimizer.pt
-    of gigabytes costs a read of its directory only."""
+    can): the trainer state, run config, weights, and every torch file the engine or the
+    run loads on resume (optimizer, scheduler, scaler, RNG and sampler states, `*.bin`
+    weights and FSDP states), loaded as the resume loads them: without running code (a
+    pickle holding more than tensors and plain data is refused) and memory-mapped, so an
+    optimizer.pt of gigabytes costs a read of its pickle and its directory only. Then the
+    density."""
+    torch_files = [
+        p
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".pt", ".pth", ".bin") and p.name != TRAINING_ARGS_NAME  # not loaded
+    ]
     checks = [
         ("trainer_state.json", lambda p: json.loads(p.read_text())),
         (RUN_CONFIG, _mapping),
         (MODEL_FILES[0], _safetensors),
-        ("optimizer.pt", _archive),
-        ("scheduler.pt", _archive),
-        *((p.name, _archive) for p in sorted(folder.glob("rng_state*.pth"))),
-        (SAMPLER_STATE, lambda p: torch.load(p, weights_only=True)),
+        *((p.name, _torch_file) for p in torch_files),
         (PPOTS_FILE, lambda p: json.loads(p.read_text())),
     ]
     for name, check in checks:
@@ -144,9 +203,24 @@ def damaged_file(folder: Path) -> str | None:
             try:
                 check(folder / name)
             except Exception as err:  # any parse failure means the same thing to the user
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                return f"{name} cannot be read ({type(err).__name__}{': ' * bool(reason)}{reason})"
+                return f"{name} cannot be read ({_why(err)})"
     return None
+
+
+def _why(err: Exception) -> str:
+    """Why a file did not load, in a few words: the Python object a pickle would have built
+    (the part of torch's long message that matters), else the error's first line."""
+    unsafe = _UNSAFE_GLOBAL.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if unsafe is not None:
+        return (
+            f"it holds more than tensors and plain data ({unsafe.group(1)}), which only an "
+            "unsafe load would build: it was not loaded, and nothing in it ran"
+        )
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}{': ' * bool(reason)}{reason}"
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # in torch's refusal of a pickle
 
 
 def _mapping(path: Path) -> None:
@@ -159,12 +233,17 @@ def _safetensors(path: Path) -> None:
         list(f.keys())
 
 
-def _archive(path: Path) -> None:
-    """A file torch.save wrote: a zip archive whose directory (at its end) is intact."""
+def _torch_file(path: Path) -> None:
+    """Load a file torch.save wrote as resuming does (weights_only; the RNG state with the
+    numpy types the engine allows), after checking its zip directory (at the file's end)
+    covers every entry: a truncated file is named as such."""
     with zipfile.ZipFile(path) as archive:
         size = path.stat().st_size
         if any(i.header_offset + i.compress_size > size for i in archive.infolist()):
             raise ValueError("it is shorter than its directory says")
+    allowed = safe_globals() if path.name.startswith("rng_state") else contextlib.nullcontext()
+    with allowed:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def _problem(folder: Path) -> str | None:

@@ -16,6 +16,7 @@ import torch
 from transformers.trainer_callback import ProgressCallback
 
 from ..data import TextTokenizer
+from ..data.atomic import follow_umask
 from ..errors import ConfigError
 from ..estimators.objective import Objective
 from ..estimators.ppots import PPOTS
@@ -43,7 +44,13 @@ from .finished import FINISHED, finished_at, mark_finished, publish_final, reach
 from .finite import check_final_weights
 from .lock import output_lock
 from .recipe import save_config
-from .resume import _restart_metrics, find_checkpoint, load_sampler_state, prepare_output
+from .resume import (
+    _restart_metrics,
+    check_output_dir,
+    find_checkpoint,
+    load_sampler_state,
+    prepare_output,
+)
 from .trainer import StableMDMTrainer
 
 AUTO_DATA = 4096  # estimator=auto on a streamed task: sequences its measurements draw from
@@ -72,6 +79,7 @@ def train(
     (and so into config.yaml) before anything else. The output folder is locked for the run
     (`lock.output_lock`); a finished run is left as it is (`finished`)."""
     _check_launch(config)
+    check_output_dir(config)
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
     check_scorer(task, tokenizer, task.examples("test"))
@@ -149,8 +157,6 @@ def _run(
             auto.save(folder)
         save_config(config, folder / RUN_CONFIG)
 
-    if config.process_index == 0:
-        save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective, callbacks)
     _note_launch(trainer)
     builtin = isinstance(model, Transformer)
@@ -164,11 +170,17 @@ def _run(
 
         refits.append(RefitCallback(trainer, density, refit, config.ppots_refit_steps))
     trainer.checkpoint_extras = lambda folder: save_extras(folder, with_model=builtin)
-    # a resumed run drops what it logs again once training begins: a resume refused before
-    # (here or by the engine's loading) leaves metrics.jsonl as it was
-    restart = (lambda: _restart_metrics(config, checkpoint)) if checkpoint is not None else None
+
+    def begin() -> None:
+        """Write config.yaml and drop from metrics.jsonl what a resumed run logs again, once
+        training begins: a resume refused before (here or by the engine's loading of the
+        checkpoint) leaves the run folder as it was."""
+        save_config(config, Path(config.output_dir) / RUN_CONFIG)
+        if checkpoint is not None:
+            _restart_metrics(config, checkpoint)
+
     for callback in (
-        MetricsCallback(restart, watch.fields if watch is not None else None),
+        MetricsCallback(begin, watch.fields if watch is not None else None),
         EMACallback(trainer),
         *refits,
         *([watch] if watch is not None else []),
@@ -180,6 +192,7 @@ def _run(
         trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         save_extras(Path(config.output_dir), with_model=builtin)
+        follow_umask(Path(config.output_dir).glob("*.safetensors"))  # written private
         mark_finished(trainer, Path(config.output_dir))
     return RunResult(Path(config.output_dir), trainer.state.global_step, trainer.state.log_history)
 

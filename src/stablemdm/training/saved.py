@@ -16,6 +16,7 @@ from ..data.tokenizer import CharTokenizer
 from ..errors import ConfigError
 from ..models.transformer import MODEL_TYPE, Transformer
 from .checkpoints import RUN_CONFIG
+from .finite import nonfinite_parameter, nonfinite_tensor
 from .recipe import describe_yaml_error, load_yaml
 
 MODEL_CONFIG = "config.json"
@@ -95,9 +96,10 @@ def load_checkpoint(
     """A saved model and its tokenizer: a built-in run (the default character tokenizer if
     none is saved) or a Hugging Face model trained by stablemdm (full weights or LoRA), with
     the image tokens and codebook of an image task when the folder holds them. A missing or
-    corrupted file is a `ConfigError` naming it and another checkpoint to use. A model's own
-    code runs only with `trust_remote_code`, which comes from the person running the command,
-    never from the folder (its config.yaml may say anything)."""
+    corrupted file, or weights that are not finite, is a `ConfigError` naming it and another
+    checkpoint to use. A model's own code runs only with `trust_remote_code`, which comes
+    from the person running the command, never from the folder (its config.yaml may say
+    anything)."""
     from safetensors import SafetensorError
 
     from ..models.hf import MissingBaseModel
@@ -114,6 +116,7 @@ def load_checkpoint(
         )
     try:
         model, tokenizer = _load_checkpoint(folder, trust_remote_code)
+        _check_finite(model, folder)
         return model, with_image_tokens(tokenizer, folder)
     except MissingBaseModel:  # every checkpoint of the run needs the same base
         raise
@@ -147,6 +150,18 @@ def _load_checkpoint(folder: Path, trust_remote_code: bool) -> tuple[torch.nn.Mo
     model = Transformer.from_pretrained(folder)
     has_tokenizer = (folder / "tokenizer.json").is_file()
     return model, CharTokenizer.from_pretrained(folder) if has_tokenizer else CharTokenizer()
+
+
+def _check_finite(model: torch.nn.Module, folder: Path) -> None:
+    """Refuse a loaded model whose weights hold NaN or infinity (`finite`: such a model is
+    never used), naming the file and the tensor when the folder's own files show it."""
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        where = nonfinite_tensor(folder) or bad
+        raise ConfigError(
+            f"{folder} holds non-finite weights ({where} has NaN or infinite values), which "
+            "no command uses"
+        )
 
 
 def objective_of(model: torch.nn.Module) -> str:

@@ -25,6 +25,7 @@ exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from collections.abc import Callable
@@ -262,13 +263,10 @@ class StableMDMTrainer(Trainer):
             self._write_checkpoint(model, trial, staged, final)
         except Exception as err:
             shutil.rmtree(staged, ignore_errors=True)  # give the space back
-            cause = write_failure(err, run_dir)
-            if cause is None:
+            failure = _save_failure(err, run_dir, final)
+            if failure is None:
                 raise
-            raise ConfigError(
-                f"{cause} while writing {final} (the unfinished {staged.name} was removed); "
-                f"{_way_forward(run_dir, make_room(cause))}"
-            ) from err
+            raise failure from err
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish(staged, final)
@@ -347,6 +345,24 @@ class TrainerHooks(TrainerCallback):
             control.should_save = False
 
     on_epoch_end = on_step_end
+
+
+def _save_failure(err: Exception, run_dir: Path, final: Path) -> ConfigError | None:
+    """The one-line error of a checkpoint save that failed for want of room (a full disk, a
+    file-size limit) or of permission (output_dir made read-only), or None for any other
+    failure."""
+    staged = f"the unfinished {STAGING}{final.name} was removed"
+    cause = write_failure(err, run_dir)
+    if cause is not None:
+        return ConfigError(
+            f"{cause} while writing {final} ({staged}); {_way_forward(run_dir, make_room(cause))}"
+        )
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ConfigError(
+            f"cannot write {final}: {err.strerror} ({err.filename}); "
+            f"{_way_forward(run_dir, f'make {run_dir} writable')}"
+        )
+    return None
 
 
 def _way_forward(run_dir: Path, remedy: str) -> str:
