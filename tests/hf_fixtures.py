@@ -3,13 +3,21 @@
 The tokenizers are character level (a BPE with no merges) over printable ASCII, so any task
 text encodes; they carry the special tokens of the model families they stand in for.
 `wordpiece_tokenizer` is a real BERT-style WordPiece (punctuation split off, '##' pieces),
-which decodes text with other spacing than it was written in.
+which decodes text with other spacing than it was written in. `llada_model` and
+`custom_code_model` are model folders with their own code (tests/fixtures).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+
+LLADA_CODE = Path(__file__).parent / "fixtures" / "tiny_llada"
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 CHAT_TEMPLATE = (
@@ -93,3 +101,27 @@ def wordpiece_tokenizer(lowercase: bool = False) -> PreTrainedTokenizerFast:
         mask_token="[MASK]",
         clean_up_tokenization_spaces=True,  # as bert-base-uncased's tokenizer_config.json
     )
+
+
+def llada_model(folder: Path, conditions_on_t: bool = False) -> Path:
+    """The custom-code LLaDA mimic of tests/fixtures (its config.json's auto_map names its
+    modules), with seeded weights and a tokenizer carrying LLaDA's `<|mdm_mask|>`."""
+    tok = llama_tokenizer(chat=True, mask=True)
+    return custom_code_model(
+        LLADA_CODE, folder, tok, vocab_size=len(tok), conditions_on_t=conditions_on_t
+    )
+
+
+def custom_code_model(
+    code: Path, folder: Path, tokenizer: PreTrainedTokenizerFast, **values: object
+) -> Path:
+    """The custom-code model folder `code` (of tests/fixtures) copied to `folder`, with
+    `values` in its config.json, seeded weights and `tokenizer`."""
+    shutil.copytree(code, folder)
+    values = {**json.loads((folder / "config.json").read_text()), **values}
+    (folder / "config.json").write_text(json.dumps(values))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    torch.manual_seed(0)
+    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

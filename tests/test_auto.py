@@ -419,10 +419,8 @@ def test_the_default_interval_keeps_measurements_to_their_budget(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["estimator=auto", "masking=mirror"], "remove masking='mirror'"),
         (["estimator=auto", "auto_candidates=[clipped]"], "clipped is biased"),
         (["estimator=auto", "auto_candidates=[count, cont]"], "unknown method 'cont'"),
-        (["estimator=auto", "ppots_refit_steps=10"], "refits the P-POTS density at each"),
         (["estimator=auto", "auto_batch=5"], "auto_batch must be even"),
         (["estimator=auto", "auto_draws=2"], "auto_draws must be >= 3"),
         (["estimator=auto", "auto_every=-1"], "auto_every must be >= 0"),

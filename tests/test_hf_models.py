@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import bert_tokenizer, llama_tokenizer
+from hf_fixtures import bert_tokenizer, llada_model, llama_tokenizer
 from transformers import (
-    AutoConfig,
-    AutoModel,
     BertConfig,
     BertForMaskedLM,
     LlamaConfig,
@@ -36,8 +34,6 @@ from stablemdm.models.hf import (
     load_trained,
     resolve_mask_token_id,
 )
-
-FIXTURE = Path(__file__).parent / "fixtures" / "tiny_llada"
 
 
 def _llama(folder: Path, attn: str = "sdpa") -> Path:
@@ -98,21 +94,6 @@ def _modernbert(folder: Path) -> Path:
     return folder
 
 
-def _llada(folder: Path, conditions_on_t: bool = False) -> Path:
-    """The custom-code LLaDA mimic of tests/fixtures, with seeded weights and a tokenizer
-    carrying LLaDA's `<|mdm_mask|>`."""
-    shutil.copytree(FIXTURE, folder)
-    tok = llama_tokenizer(chat=True, mask=True)
-    values = json.loads((folder / "config.json").read_text())
-    values.update(vocab_size=len(tok), conditions_on_t=conditions_on_t)
-    (folder / "config.json").write_text(json.dumps(values))
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    torch.manual_seed(0)
-    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -121,8 +102,8 @@ def folders(tmp_path_factory):
         "llama_eager": _llama(root / "llama_eager", "eager"),
         "bert": _bert(root / "bert"),
         "modernbert": _modernbert(root / "modernbert"),
-        "llada": _llada(root / "llada"),
-        "llada_t": _llada(root / "llada_t", conditions_on_t=True),
+        "llada": llada_model(root / "llada"),
+        "llada_t": llada_model(root / "llada_t", conditions_on_t=True),
     }
 
 
@@ -261,6 +242,48 @@ def test_a_hub_name_never_reaches_the_network_unless_asked(tmp_path):
     assert lines[2] == "exit 2" and "downloads nothing unless asked" in done.stderr
     assert all(float(x.split()[1]) < 5 for x in (lines[1], lines[3])), done.stdout
     assert not (tmp_path / "run").exists()
+
+
+NO_SOCKET = """
+import socket
+from stablemdm.models.hf import load_hf_model
+tried = []
+def refuse(*args, **kwargs):
+    tried.append(args[:2])
+    raise OSError("this test allows no network")
+socket.getaddrinfo = socket.socket.connect = socket.create_connection = refuse
+for name in ("nobody/no-such-model", "someone/tiny-llama"):
+    try:
+        model, _, spec = load_hf_model(name, objective="arm")
+        print("loaded", spec.kind, model.name_or_path)
+    except Exception as err:
+        print(type(err).__name__, err)
+print("network calls", tried)
+"""
+
+
+def test_a_hub_name_is_looked_up_in_the_cache_without_the_network(folders, tmp_path):
+    """Without HF_HUB_OFFLINE (as a user runs it) and with every socket refused: an uncached
+    Hub name is the policy's one line and a cached one loads from its snapshot folder, and
+    neither attempts a network call (huggingface_hub's own calls, local_files_only=True
+    too, fetch a registry from the Hub for their request headers)."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hf" / "hub" / "models--someone--tiny-llama"
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(folders["llama"], cache / "snapshots" / ("0" * 40))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB", "HF_HOME"))}
+    env["HF_HOME"] = str(tmp_path / "hf")  # its own cache, and no cached registry
+    done = subprocess.run(
+        [sys.executable, "-c", NO_SOCKET], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ConfigError model nobody/no-such-model is neither"), done
+    assert lines[1] == "loaded causal someone/tiny-llama", done
+    assert lines[2] == "network calls []", done
 
 
 def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path):

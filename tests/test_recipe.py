@@ -1,12 +1,15 @@
 """Recipes and overrides as a user types them: string fields take the literal text, an ARM
-over a method recipe drops the estimator fields with a note, and every shipped recipe loads
-without warnings about its own keys."""
+or estimator=auto over a method recipe drops the estimator fields it decides with a note,
+and every shipped recipe loads without warnings about its own keys."""
 
 from pathlib import Path
 
 import pytest
 
 from stablemdm.cli import main
+from stablemdm.errors import ConfigError
+from stablemdm.estimators.registry import ESTIMATOR_DEFAULTS
+from stablemdm.training.config import AUTO_CHOSEN, StableMDMConfig
 from stablemdm.training.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,33 @@ def test_an_arm_over_a_method_recipe_ignores_its_estimator_fields(recipe, capsys
     if recipe.stem != "standard":
         assert len(err) == 1 and err[0].startswith("stablemdm: note: objective=arm")
         assert str(recipe) in err[0]
+
+
+@pytest.mark.parametrize("recipe", METHODS, ids=lambda p: p.stem)
+def test_auto_over_a_method_recipe_ignores_what_auto_chooses_with_a_note(recipe, capsys):
+    """`--config recipes/methods/X.yaml estimator=auto` trains auto (the command line cannot
+    remove a key of the recipe): the fields auto chooses are dropped, and named in one note."""
+    own = load_config(recipe)
+    capsys.readouterr()
+    config = load_config(recipe, ["estimator=auto"])
+    assert config.estimator == "auto"
+    assert all(getattr(config, k) == ESTIMATOR_DEFAULTS.get(k, 0) for k in AUTO_CHOSEN)
+    notes = [x for x in capsys.readouterr().err.splitlines() if "note" in x]
+    chosen = [
+        f"{k}={getattr(own, k)}" for k in AUTO_CHOSEN if getattr(own, k) != getattr(config, k)
+    ]
+    if chosen:
+        assert len(notes) == 1 and notes[0].startswith("stablemdm: note: estimator=auto chooses")
+        assert all(c in notes[0] for c in chosen) and str(recipe) in notes[0]
+    else:
+        assert notes == []
+
+
+def test_auto_over_estimator_fields_is_still_refused_in_python(tmp_path):
+    with pytest.raises(ConfigError, match="remove masking='mirror'"):
+        StableMDMConfig(output_dir=str(tmp_path), estimator="auto", masking="mirror")
+    with pytest.raises(ConfigError, match="refits the P-POTS density at each"):
+        StableMDMConfig(output_dir=str(tmp_path), estimator="auto", ppots_refit_steps=10)
 
 
 def test_an_arm_over_a_method_recipe_trains(tmp_path, capsys):

@@ -4,14 +4,12 @@ tool on it, a codebook from another run refused, and a multimodal custom-code mo
 `model=`."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import llama_tokenizer
-from transformers import AutoConfig, AutoModel
+from hf_fixtures import custom_code_model, llama_tokenizer
 
 from stablemdm.cli import main
 from stablemdm.data import encode_examples
@@ -292,18 +290,11 @@ def test_an_image_folder_task_trains(tmp_path):
 def _mmada(folder: Path, codebook_size: int) -> Path:
     """The multimodal custom-code fixture: a Llama-like text tokenizer with LLaDA's mask token
     and `<img_0>` ... image tokens appended, one embedding over both."""
-    shutil.copytree(FIXTURE, folder)
     tok = llama_tokenizer(chat=False, mask=True)
     text_size = len(tok)
     tok.add_tokens([f"<img_{k}>" for k in range(codebook_size)])
-    values = json.loads((folder / "config.json").read_text())
-    values.update(llm_vocab_size=text_size, codebook_size=codebook_size)
-    (folder / "config.json").write_text(json.dumps(values))
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    torch.manual_seed(0)
-    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    values = {"llm_vocab_size": text_size, "codebook_size": codebook_size}
+    return custom_code_model(FIXTURE, folder, tok, **values)
 
 
 def test_a_multimodal_hf_model_trains_and_decodes_through_model(tmp_path, capsys):

@@ -31,6 +31,7 @@ from .training.outputs import (
     write_text,
 )
 from .training.recipe import field_help, load_config, parse_override
+from .training.remote_code import add_trust_remote_code, allow_remote_code
 
 DESCRIPTION = "stablemdm: train masked diffusion language models with low gradient variance."
 
@@ -80,16 +81,6 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def add_trust_remote_code(p: argparse.ArgumentParser) -> None:
-    """`--trust-remote-code`: the only way a command that reads a saved model runs its code."""
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the code a Hugging Face model folder ships (its auto_map); only for a "
-        "folder you trust: a trust_remote_code in the folder's own files is never used",
-    )
-
-
 def _add_train(verbs: Any) -> None:
     """`stablemdm train`: a recipe, overrides and --resume."""
     train = verbs.add_parser(
@@ -97,7 +88,8 @@ def _add_train(verbs: Any) -> None:
         help="train an MDM or ARM from a recipe",
         description="Train from a YAML recipe with key=value overrides; the resolved config "
         "is written to <output_dir>/config.yaml, so `stablemdm train --config "
-        "<output_dir>/config.yaml` re-runs it. For several processes: `torchrun "
+        "<output_dir>/config.yaml` re-runs it (add --trust-remote-code for a model that ships "
+        "its own code: a saved config cannot allow that). For several processes: `torchrun "
         "--nproc_per_node N -m stablemdm.cli train ...` (CPU or GPU), or `accelerate launch "
         "--config_file configs/accelerate/{ddp_gpu,fsdp,deepspeed_zero2}.yaml -m stablemdm.cli "
         "train ...` on GPUs.",
@@ -114,6 +106,7 @@ def _add_train(verbs: Any) -> None:
         metavar="CHECKPOINT",
         help="continue a stopped run: the latest checkpoint in output_dir, or the folder given",
     )
+    add_trust_remote_code(train)
 
 
 def _add_decoding_options(p: argparse.ArgumentParser) -> None:
@@ -202,6 +195,7 @@ def _add_fit(verbs: Any) -> None:
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     fit.add_argument("--output", required=True, help="where to write the density (JSON)")
     _add_overwrite(fit, "the density file")
+    add_trust_remote_code(fit)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -255,6 +249,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
         resume, overrides = True, [resume, *overrides]  # `--resume key=value`: an override
     config = load_config(args.config, overrides)
+    allow_remote_code(config, args.config, overrides, args.trust_remote_code)
     _preflight(config, bool(resume))
     result = train(config, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -452,6 +447,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .training.build import build_model, fit_density
 
     config = load_config(args.config, [*args.overrides, "sampler=ppots"])
+    allow_remote_code(config, args.config, args.overrides, args.trust_remote_code)
     files, folders = config_inputs(config, args.config)
     out = check_output_file(args.output, overwrite=args.overwrite, inputs=files, reads=folders)
     task = get_task(config.task, **config.task_options)

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..estimators.losses import adapter, unwrap
+from .hub import first_line, hub_options, local_source, not_found
 
 ModelKind = Literal["masked_lm", "diffusion", "causal"]
 KINDS = ("masked_lm", "diffusion", "causal")
@@ -194,42 +195,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 TOKENIZER_FILES += ("vocab.txt", "spiece.model", "merges.txt")
 
 
-def hub_options(allow_downloads: bool) -> dict[str, bool]:
-    """What every `from_pretrained` gets: local files only (a folder, or the local Hugging
-    Face cache) unless downloads are allowed, so that a name the machine lacks fails at once
-    with the policy's message instead of reaching the network (docs/hf.md)."""
-    return {"local_files_only": not allow_downloads}
-
-
-def _is_local(name: str) -> bool:
-    """Whether `name` is meant as a folder: it exists, or it is written as a path."""
-    return Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-
-
-def _not_found(name: str, allow_downloads: bool, err: Exception) -> ConfigError:
-    """The one line for a model that could not be found, saying what the policy allowed."""
-    from huggingface_hub import constants
-
-    if _is_local(name):
-        return ConfigError(f"model folder {name} does not exist")
-    if not allow_downloads:
-        return ConfigError(
-            f"model {name} is neither a local folder nor in the local Hugging Face cache, and "
-            "stablemdm downloads nothing unless asked: set allow_downloads=true to fetch it "
-            "from the Hub, or give model=FOLDER"
-        )
-    if constants.HF_HUB_OFFLINE:
-        return ConfigError(
-            f"model {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so "
-            "it was not downloaded despite allow_downloads=true; unset HF_HUB_OFFLINE"
-        )
-    return ConfigError(f"model {name} could not be fetched from the Hub: {_first_line(err)}")
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _load_config(
     name: str, trust_remote_code: bool, gguf_file: str | None, allow_downloads: bool = False
 ) -> Any:
@@ -237,8 +202,9 @@ def _load_config(
     config.json, or needed custom code."""
     from transformers import AutoConfig
 
-    path = Path(name) / "config.json"
-    if Path(name).is_dir() and gguf_file is None:
+    source = local_source(name, allow_downloads, (gguf_file or "config.json",))
+    path = Path(source) / "config.json"
+    if Path(source).is_dir() and gguf_file is None:
         if not path.is_file():
             raise ConfigError(f"model folder {name} holds no config.json (not a model folder?)")
         try:
@@ -249,7 +215,7 @@ def _load_config(
             ) from None
     try:
         return AutoConfig.from_pretrained(
-            name,
+            source,
             trust_remote_code=trust_remote_code,
             gguf_file=gguf_file,
             **hub_options(allow_downloads),
@@ -257,11 +223,12 @@ def _load_config(
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(
-                f"model {name} ships its own code: set trust_remote_code=true to run it"
+                f"model {name} ships its own code, which runs only if you allow it: pass "
+                "--trust-remote-code (or set trust_remote_code=true in a recipe you wrote)"
             ) from None
-        if Path(name).is_dir():
-            raise ConfigError(f"cannot read the config of {name}: {_first_line(err)}") from None
-        raise _not_found(name, allow_downloads, err) from None
+        if Path(source).is_dir():
+            raise ConfigError(f"cannot read the config of {name}: {first_line(err)}") from None
+        raise not_found(name, allow_downloads, err) from None
 
 
 def load_tokenizer(
@@ -274,7 +241,8 @@ def load_tokenizer(
     folder and the files it lacks, or the file that failed."""
     from transformers import AutoTokenizer
 
-    folder = Path(name)
+    source = local_source(name, allow_downloads, (gguf_file,) if gguf_file else TOKENIZER_FILES)
+    folder = Path(source)
     if folder.is_dir() and gguf_file is None:
         if not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(
@@ -284,7 +252,7 @@ def load_tokenizer(
             )
     try:
         return AutoTokenizer.from_pretrained(
-            name,
+            source,
             trust_remote_code=trust_remote_code,
             gguf_file=gguf_file,
             **hub_options(allow_downloads),
@@ -292,14 +260,15 @@ def load_tokenizer(
     except (OSError, ValueError, TypeError) as err:
         if "trust_remote_code" in str(err):
             raise ConfigError(
-                f"the tokenizer of {name} ships its own code: set trust_remote_code=true"
+                f"the tokenizer of {name} ships its own code, which runs only if you allow it: "
+                "pass --trust-remote-code (or set trust_remote_code=true in a recipe you wrote)"
             ) from None
         if folder.is_dir():
             raise ConfigError(
-                f"cannot load the tokenizer in {name}: {_first_line(err)}; check its tokenizer "
+                f"cannot load the tokenizer in {name}: {first_line(err)}; check its tokenizer "
                 "files or set tokenizer_name=..."
             ) from None
-        raise _not_found(name, allow_downloads, err) from None
+        raise not_found(name, allow_downloads, err) from None
 
 
 def _damaged_weights(name: str) -> str:
@@ -311,7 +280,7 @@ def _damaged_weights(name: str) -> str:
             with safe_open(str(path), "pt") as f:
                 list(f.keys())
         except (SafetensorError, OSError) as err:
-            return f"{path} is not a readable safetensors file ({_first_line(err)})"
+            return f"{path} is not a readable safetensors file ({first_line(err)})"
     return ""
 
 
@@ -331,6 +300,7 @@ def _load_model(
     import transformers
     from safetensors import SafetensorError
 
+    source = local_source(name, allow_downloads, (gguf_file or "config.json",))
     auto = {"masked_lm": "AutoModelForMaskedLM", "causal": "AutoModelForCausalLM"}
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
     if config is not None:
@@ -340,12 +310,12 @@ def _load_model(
         options["quantization_config"] = transformers.GgufConfig(gguf_file, dequantize=True)
     try:
         model = getattr(transformers, auto.get(kind, "AutoModel")).from_pretrained(
-            name, **options, **hub_options(allow_downloads)
+            source, **options, **hub_options(allow_downloads)
         )
     except (OSError, SafetensorError) as err:
-        if not Path(name).is_dir():
-            raise _not_found(name, allow_downloads, err) from None
-        damaged = _damaged_weights(name) or _first_line(err)
+        if not Path(source).is_dir():
+            raise not_found(name, allow_downloads, err) from None
+        damaged = _damaged_weights(source) or first_line(err)
         raise ConfigError(
             f"cannot load the weights of {name}: {damaged}; restore the weights from where "
             "the model came from"
@@ -353,6 +323,7 @@ def _load_model(
     quantizer = getattr(model, "hf_quantizer", None)
     if gguf_file is not None and quantizer is not None:  # nothing is quantized any more
         quantizer.remove_quantization_config(model)
+    model.name_or_path = model.config.name_or_path = name  # a Hub name, not its cache folder
     return model
 
 

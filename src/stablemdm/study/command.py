@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..training.lock import LOCK, output_lock
+from ..training.remote_code import add_trust_remote_code, allow_remote_code
 from .report import build_report, markdown, write_report
 from .runner import run_study
 from .spec import StudySpec, load_study
@@ -60,6 +61,7 @@ def add_parsers(verbs) -> None:
             action="store_true",
             help="write into an output_dir that holds files of something other than this study",
         )
+        add_trust_remote_code(verb)
 
 
 def check_study_folder(spec: StudySpec, overwrite: bool) -> None:
@@ -89,9 +91,27 @@ def check_study_folder(spec: StudySpec, overwrite: bool) -> None:
         )
 
 
+def check_remote_code(spec: StudySpec, path: Path, overrides: list[str]) -> None:
+    """The code a study's models ship runs only as `remote_code.allow_remote_code` allows
+    (a study file inside a run or model folder cannot allow it); checked once per model,
+    before anything is loaded."""
+    configs = [spec.run_config(spec.tasks[0], m, spec.seeds[0]) for m in spec.methods]
+    if spec.base is not None:
+        configs += [spec.base_config(spec.tasks[0], o) for o in ("mdm", "arm")]
+    seen = set()
+    for config in configs:
+        if (config.model, config.tokenizer_name, config.trust_remote_code) not in seen:
+            seen.add((config.model, config.tokenizer_name, config.trust_remote_code))
+            allow_remote_code(config, path, overrides, False)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Run the study named by the arguments and report it."""
-    spec = load_study(study_path(getattr(args, "config", None) or "demo"), args.overrides)
+    path = study_path(getattr(args, "config", None) or "demo")
+    trust = ["train.trust_remote_code=true"] if args.trust_remote_code else []
+    overrides = [*args.overrides, *trust]
+    spec = load_study(path, overrides)
+    check_remote_code(spec, path, overrides)
     check_study_folder(spec, args.overwrite)
     with output_lock(spec.output_dir, what="study output_dir"):
         results, bases = run_study(spec)

@@ -37,8 +37,8 @@ from ..training.saved import load_checkpoint
 from .spec import RESULT, StudySpec
 
 NOISE = "estimator_noise"  # its key in a run's result.json
-NOISE_BATCH = 16  # sequences per measured minibatch, the same for every method (even: MIRROR
-# at a Standard step's compute masks half of them twice)
+NOISE_BATCH = 32  # sequences per measured minibatch, the same for every method: auto's (even:
+# MIRROR at a Standard step's compute masks half of them twice)
 REFERENCE = "standard"  # whose final model is the common checkpoint
 
 

@@ -92,6 +92,7 @@ METHOD_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # one folder name
 RESULT = "result.json"  # in a run folder: the run is finished
 # config fields a finished or checkpointed run may differ in from the study's current config
 HARMLESS = ("output_dir", "logging_steps", "disable_tqdm", "report_to", "dataloader_num_workers")
+HARMLESS += ("trust_remote_code",)  # a permission (`remote_code`), not a setting of the run
 MEASURED = ("max_length", "gen_length")  # measured on the data when the study leaves them unset
 
 

@@ -728,3 +728,8 @@ ESTIMATOR_FIELDS = frozenset(
     | {"compute_matched", "estimator"}
     | {name for name in _OWN_FIELDS if name.startswith(("ppots_", "ema_", "isad_", "auto_"))}
 )
+
+
+# what estimator=auto decides itself (`recipe.load_config` drops these fields under it, so
+# auto can be trained over any method recipe; `_check_auto` refuses them otherwise)
+AUTO_CHOSEN = (*(k for k in ESTIMATOR_DEFAULTS if k != "estimator"), "ppots_refit_steps")

@@ -69,16 +69,19 @@ def last_finite_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def way_on(run_dir: Path) -> str:
-    """What is intact after non-finite weights or steps, and how to continue."""
+def way_on(run_dir: Path, trust_remote_code: bool = False) -> str:
+    """What is intact after non-finite weights or steps, and how to continue (a run whose
+    model runs its own code continues only with --trust-remote-code: `remote_code`)."""
     last = last_finite_checkpoint(run_dir)
     if last is None:
         return (
             f"no finite checkpoint was written; start again in {run_dir} with a lower learning_rate"
         )
+    flag = " --trust-remote-code" if trust_remote_code else ""
     return (
         f"the last finite checkpoint, {last}, is intact; continue it with a lower learning_rate: "
         f"stablemdm train --config {run_dir / 'config.yaml'} learning_rate=<lower> --resume {last}"
+        f"{flag}"
     )
 
 
@@ -91,6 +94,7 @@ def check_final_weights(trainer) -> None:
     run_dir = Path(trainer.args.output_dir)
     raise FloatingPointError(
         f"the weights after step {trainer.state.global_step} are not finite ({bad} holds NaN or "
-        f"infinity), so no final model was written to {run_dir}; {way_on(run_dir)} "
+        f"infinity), so no final model was written to {run_dir}; "
+        f"{way_on(run_dir, trainer.args.trust_remote_code)} "
         "(docs/reliability.md)"
     )

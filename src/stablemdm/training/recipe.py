@@ -16,7 +16,14 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ..errors import ConfigError
-from .config import _OVERRIDDEN, _OWN_FIELDS, ESTIMATOR_FIELDS, METHOD_OPTIONS, StableMDMConfig
+from .config import (
+    _OVERRIDDEN,
+    _OWN_FIELDS,
+    AUTO_CHOSEN,
+    ESTIMATOR_FIELDS,
+    METHOD_OPTIONS,
+    StableMDMConfig,
+)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -201,22 +208,28 @@ def _default(name: str) -> Any:
 
 
 def drop_estimator_fields(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
-    """Under objective=arm, remove the fields that draw rates and masks (`ESTIMATOR_FIELDS`)
-    from `values`, so an ARM trains over any method recipe; returns one note naming those
-    set to something other than their default (no note when there are none)."""
-    if values.get("objective") != "arm":
+    """Remove from `values` the fields the objective or estimator decides itself, so an ARM
+    or estimator=auto trains over any method recipe: under objective=arm all that draw rates
+    and masks (`ESTIMATOR_FIELDS`), under estimator=auto those auto chooses (`AUTO_CHOSEN`);
+    returns one note naming those set to something other than their default (none when
+    there are none)."""
+    if values.get("objective") == "arm":
+        fields, why = ESTIMATOR_FIELDS, "objective=arm draws no rates or masks"
+        then = "the ARM trains with the defaults"
+    elif values.get("estimator") == "auto":
+        fields, then = AUTO_CHOSEN, "auto_candidates=[...] narrows its choice"
+        why = (
+            "estimator=auto chooses rate, sampler, scheme, masking and compute_matched (and "
+            "refits P-POTS at each measurement) itself"
+        )
+    else:
         return []
-    named = [k for k in values if k in ESTIMATOR_FIELDS and values[k] != _default(k)]
+    named = [k for k in values if k in fields and values[k] != _default(k)]
     settings = ", ".join(f"{k}={values[k]}" for k in named)
     where = ", ".join(sorted({sources.get(k, "config") for k in named}))
-    for key in [k for k in values if k in ESTIMATOR_FIELDS]:
+    for key in [k for k in values if k in fields]:
         del values[key]
-    if not named:
-        return []
-    return [
-        f"objective=arm draws no rates or masks: ignoring {settings} (from {where}); the ARM "
-        "trains with the defaults"
-    ]
+    return [f"{why}: ignoring {settings} (from {where}); {then}"] if named else []
 
 
 def unused_options(
@@ -278,11 +291,16 @@ def suggest(key: str, known: typing.Iterable[str]) -> str:
     return f"; did you mean {', '.join(close[:3])}?" if close else ""
 
 
+# the first line of a run's saved config: a model's code never runs because it says so
+SAVED_MARK = "# The resolved config of a stablemdm run"
+
+
 def save_config(config: StableMDMConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically."""
+    """Write the resolved config as YAML, atomically, under `SAVED_MARK`."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.resolved(), sort_keys=True))
+    mark = f"{SAVED_MARK} (its trust_remote_code needs --trust-remote-code to run code)\n"
+    tmp.write_text(mark + yaml.safe_dump(config.resolved(), sort_keys=True))
     tmp.replace(path)
 
 

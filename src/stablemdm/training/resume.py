@@ -60,6 +60,7 @@ RESUMABLE_CHANGES = {
     "dataloader_num_workers",
     "ddp_backend",
     "resume_from_checkpoint",
+    "trust_remote_code",  # a permission (`remote_code`), not a setting of the run
 }
 
 

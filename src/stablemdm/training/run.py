@@ -250,12 +250,21 @@ def _launched_with(name: str) -> bool:
 
 
 def _check_launch(config: StableMDMConfig) -> None:
-    """Refuse FSDP for the built-in transformer before anything is built: FSDP is for
-    Hugging Face models too large for one device (configs/accelerate/fsdp.yaml)."""
+    """Refuse before anything is built: FSDP for the built-in transformer (FSDP is for
+    Hugging Face models too large for one device: configs/accelerate/fsdp.yaml), and a
+    DeepSpeed precision the run does not ask for (the Trainer would refuse it on every rank)."""
     if _launched_with("FSDP") and config.model is None:
         raise ConfigError(
             "FSDP (configs/accelerate/fsdp.yaml) shards Hugging Face models (model=PATH); train "
             "the built-in transformer with DDP: torchrun, or configs/accelerate/ddp_gpu.yaml"
+        )
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if _launched_with("DEEPSPEED") and precision != "no" and not (config.bf16 or config.fp16):
+        flag = "fp16" if precision == "fp16" else "bf16"
+        raise ConfigError(
+            f"accelerate asks DeepSpeed for mixed_precision {precision}, which the run must ask "
+            f"for too: add {flag}=true, or launch with mixed_precision 'no' (as "
+            "configs/accelerate/deepspeed_zero2.yaml does: DeepSpeed then follows the run)"
         )
 
 

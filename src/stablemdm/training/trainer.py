@@ -173,7 +173,8 @@ class StableMDMTrainer(Trainer):
         step, run_dir = self.state.global_step + 1, Path(self.args.output_dir)
         return (
             f"{self._streak} steps in a row up to step {step} had a non-finite loss or gradient "
-            f"(max_nonfinite_steps={self.args.max_nonfinite_steps}); {way_on(run_dir)} "
+            f"(max_nonfinite_steps={self.args.max_nonfinite_steps}); "
+            f"{way_on(run_dir, self.args.trust_remote_code)} "
             "(docs/reliability.md)"
         )
 
