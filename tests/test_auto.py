@@ -315,16 +315,19 @@ SMALL = [
     "ppots_counts=4",
     "max_steps=6",
     "save_steps=3",
+    "auto_budget=extra",  # measurements on top: these tests are about the choice (see test_compute)
 ]
 
 
 class _Kill(TrainerCallback):
-    """Stops the process (an exception out of train) after step `at`."""
+    """Stops the process (an exception out of train) after step `at`, once every callback of
+    that step's end (auto's measurement among them) has run: before the next step begins.
+    Extra callbacks run before the trainer's own, so `on_step_end` would kill it too early."""
 
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.at:
             raise KeyboardInterrupt("killed")
 

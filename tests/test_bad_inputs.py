@@ -8,10 +8,14 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +24,7 @@ from hypothesis import strategies as st
 from stablemdm.cli import describe_error, main
 from stablemdm.data import DataError, Example, canvas_lengths, length_cap, read_jsonl
 from stablemdm.data.examples import OUTLIER_FACTOR, OUTLIER_MIN_EXAMPLES
+from stablemdm.data.images import read_png
 from stablemdm.data.tokenizer import DEFAULT_ALPHABET, CharTokenizer
 from stablemdm.errors import ConfigError
 from stablemdm.models.transformer import ModelConfig, Transformer
@@ -28,6 +33,7 @@ from stablemdm.study.spec import load_study
 from stablemdm.tasks.registry import get_task
 from stablemdm.training.config import StableMDMConfig
 from stablemdm.training.datasets import encode_split, resolve_canvas
+from stablemdm.training.memory import check_attention_memory
 from stablemdm.training.outputs import check_output_file, write_text
 from stablemdm.training.recipe import load_config, parse_override, save_config
 
@@ -35,6 +41,11 @@ GOOD = '{"prompt": "1+1", "response": "2"}\n'
 STUDY = (
     "name: s\noutput_dir: {tmp}/study\ntasks: [chain_sum]\nseeds: [1]\nmethods: [standard]\n"
     "task_options: {chain_sum: {n_train: 20, n_test: 4}}\ntrain: {max_steps: 2}\n"
+)
+# a "billion laughs" in a list field: six levels of nine aliases of the level below stand
+# for 9**6 values in a 300-byte file (nine levels would stand for 387 million)
+LAUGHS = "isad_tokens: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], {}]\n".format(
+    ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6))
 )
 FILES = {
     "good.jsonl": GOOD * 3,
@@ -63,6 +74,10 @@ FILES = {
     "study_negative_seed.yaml": STUDY.replace("seeds: [1]", "seeds: [1, -1]"),
     "study_method_list.yaml": STUDY.replace("[standard]", "[standard, [ppots]]"),
     "study_renamed.yaml": STUDY.replace("[standard]", "{standard: {sampler: ppots}}"),
+    # hostile inputs: each must be refused in one line without exhausting memory
+    "laughs.yaml": LAUGHS,
+    "long_value.yaml": f"auto_candidates: [{', '.join(map(str, range(5000)))}]\n",
+    "deep.jsonl": GOOD + "[" * 200_000 + "]" * 200_000 + "\n",
 }
 STUDY_FILE = Path(__file__).resolve().parents[1] / "src/stablemdm/studies/demo.yaml"
 JSONL = "task=jsonl"
@@ -119,6 +134,17 @@ CASES = [
     ("yaml-duplicate", ["train", "--config", "{tmp}/dup.yaml"], "line 3, column 1: duplicate"),
     ("yaml-invalid", ["train", "--config", "{tmp}/invalid.yaml"], "invalid.yaml: not valid YAML"),
     ("yaml-not-mapping", ["train", "--config", "{tmp}/list.yaml"], "not list"),
+    (
+        "yaml-alias-bomb",
+        ["train", "--config", "{tmp}/laughs.yaml"],
+        "laughs.yaml: not valid YAML: its aliases (*name) stand for more than 10,000 values",
+    ),
+    (
+        "yaml-long-value",
+        ["train", "--config", "{tmp}/long_value.yaml"],
+        "auto_candidates=[0, 1, 2, 3, ...] has the wrong type",
+    ),
+    ("yaml-nested-deep", ["train", "task_options=" + "[" * 5000 + "]" * 5000], "nested too deep"),
     # data
     ("data-malformed", ["train", JSONL, _opts("bad.jsonl")], "bad.jsonl:2: invalid JSON"),
     ("data-not-object", ["train", JSONL, _opts("notobject.jsonl")], "notobject.jsonl:2:"),
@@ -135,8 +161,20 @@ CASES = [
         "bad.jsonl: line 2: invalid JSON",
     ),
     ("data-yaml-spacing", ["train", JSONL, "task_options={train:x}"], "space after ':'"),
+    ("data-nested-deep", ["train", JSONL, _opts("deep.jsonl")], "deep.jsonl:2: nested too deep"),
+    (
+        "data-dataset-nested-deep",
+        ["train", "task=dataset", _opts("deep.jsonl")],
+        "deep.jsonl: line 2: nested too deep",
+    ),
+    (
+        "data-png-bomb",
+        ["train", "task=image_folder_t2i", "task_options={path: {tmp}/bomb}"],
+        "bomb/a/0.png: Image size (900000000 pixels) exceeds limit of 178956970 pixels",
+    ),
     ("data-prompts-file", ["generate", "{ckpt}", "--file", "{tmp}/prompts.jsonl"], ":2:"),
     ("data-prompts-missing", ["generate", "{ckpt}", "--file", "{tmp}/no.txt"], "no.txt"),
+    ("data-prompts-deep", ["generate", "{ckpt}", "--file", "{tmp}/deep.jsonl"], "deep.jsonl:2:"),
     # tokenizers
     ("tokenizer-isad-char", ["train", "masking=isad", "isad_tokens=['\u00e9']"], "alphabet"),
     ("tokenizer-no-mask", ["train", "model={llama}", SMALL], "has no mask token"),
@@ -310,7 +348,22 @@ def workspace(tmp_path) -> Path:
     ):
         folder = _checkpoint(tmp_path / name)
         (folder / damaged).write_bytes((folder / damaged).read_bytes()[:40])
+    for label in ("a", "b"):  # two classes of one 30,000 x 30,000 PNG each
+        (tmp_path / "bomb" / label).mkdir(parents=True)
+        (tmp_path / "bomb" / label / "0.png").write_bytes(_png_header(30_000, 30_000))
     return tmp_path
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a grey image of `width` x `height` and holds no pixels: what a
+    decompression bomb shows before it is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        check = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + check
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -332,17 +385,24 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     if any("{llama_" in a for a in argv):
         places.update(request.getfixturevalue("damaged_llamas"))
     argv = [_fill(a, **places) for a in argv]
+    assert expected in refused_in_one_line(argv, workspace, capsys)
+
+
+def refused_in_one_line(argv: list[str], workspace: Path, capsys) -> str:
+    """The one error line of `stablemdm ARGV`, which must exit 2 without a traceback and leave
+    `workspace` as it was (train, fit-t and variance write to `workspace/run`)."""
     if argv[0] in ("train", "fit-t", "variance"):
-        argv.append(f"output_dir={workspace / 'run'}")
+        argv = [*argv, f"output_dir={workspace / 'run'}"]
     before = snapshot(workspace)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if ": error: " in line]
-    assert "Traceback" not in err and len(errors) == 1, err
-    assert errors[0] == err.strip().splitlines()[-1], err
-    assert expected in errors[0], errors[0]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert errors[0] == err.strip().splitlines()[-1], err[-2000:]
+    assert len(errors[0]) < 1000, errors[0][:2000]
     assert snapshot(workspace) == before
+    return errors[0]
 
 
 def test_the_catalogue_is_at_least_forty_cases_over_every_area():
@@ -471,7 +531,7 @@ def test_one_overlong_example_does_not_inflate_every_sequence(tmp_path, capsys):
     rows.append({"prompt": "9" * 300, "response": "7" * 400})  # one pasted log, say
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     task = get_task("jsonl", train=str(tmp_path / "train.jsonl"), test=str(tmp_path / "test.jsonl"))
-    assert task.gen_length == 3 and task.max_length == 5 + 3 and task.dropped == 1
+    assert task.gen_length == 3 and task.max_length == 5 + 3
     assert len(task.notes) == 2 and "set gen_length=401 to keep them" in task.notes[0]
     assert "longest prompt (with <sep>) is 301 tokens" in task.notes[1]
     config = load_config(None, ["task=jsonl", f"output_dir={tmp_path / 'run'}"])
@@ -495,6 +555,30 @@ def test_measured_canvas_lengths_warn_about_an_outlier():
         "max_length=93 to keep them"
     ]
     assert canvas_lengths(examples[:18] + examples[-1:], tokenizer) == (93, 2)  # too few to cap
+
+
+@pytest.mark.parametrize("given", [[], ["max_length=20"]], ids=["measured", "max_length-given"])
+def test_following_the_length_warnings_keeps_the_long_example(given, tmp_path, capsys):
+    """Each warning's `set ... to keep them`, applied literally on the command line, keeps
+    every example, whether the lengths were measured or one was given."""
+    rows = [{"prompt": f"{i}+1", "response": str(i + 1)} for i in range(29)]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    rows.append({"prompt": "9" * 300, "response": "7" * 400})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    options = f"task_options={{train: {tmp_path}/train.jsonl, test: {tmp_path}/test.jsonl}}"
+    base = [JSONL, options, f"output_dir={tmp_path / 'run'}", *given]
+
+    def train_rows(overrides: list[str]) -> tuple[int, str]:
+        config = load_config(None, [*base, *overrides])
+        task = get_task("jsonl", **config.task_options)
+        canvas = resolve_canvas(config, task, CharTokenizer())
+        return len(encode_split(task, CharTokenizer(), "train", canvas)), capsys.readouterr().err
+
+    kept, err = train_rows([])
+    advice = re.findall(r"set (.+?) to keep them", err)
+    assert kept == 29 and advice and "1 of 30 train examples" in err, err
+    kept, err = train_rows([setting for text in advice for setting in text.split()])
+    assert kept == 30 and "warning" not in err and "do not fit" not in err, err
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -542,3 +626,68 @@ def test_a_study_resumes_in_its_own_folder_and_refuses_another_studys(tmp_path):
     with pytest.raises(ConfigError, match="holds the report of study 'other'"):
         check_study_folder(spec, overwrite=False)
     check_study_folder(spec, overwrite=True)
+
+
+# --- hostile inputs ----------------------------------------------------------------------------
+
+
+def test_a_png_over_the_decompression_bomb_limit_is_refused_not_decoded(tmp_path, monkeypatch):
+    """Between Pillow's limit and twice it Pillow only warns and decodes; refused here too."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8), "L").save(tmp_path / "grey.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 16 pixels: over it, under twice it
+    with pytest.raises(DataError, match=r"grey.png: Image size \(16 pixels\) exceeds limit"):
+        read_png(tmp_path / "grey.png")
+
+
+@pytest.fixture
+def capped_memory():
+    """This process's address space capped 2 GiB above what it holds, for the test only: a
+    regression that reads without end then fails the test, not the machine."""
+    import psutil
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + 2**31, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize("task", ["jsonl", "dataset"])
+def test_a_device_as_the_data_file_is_refused_before_it_is_read(
+    task, workspace, capsys, capped_memory
+):
+    """/dev/zero, named directly or through a link, never ends: read whole, it exhausted
+    memory."""
+    (workspace / "zero.jsonl").symlink_to("/dev/zero")
+    for train in ("/dev/zero", workspace / "zero.jsonl"):
+        options = f"task_options={{train: {train}, test: {workspace / 'good.jsonl'}}}"
+        line = refused_in_one_line(["train", f"task={task}", options], workspace, capsys)
+        assert line.endswith(
+            "is not a regular file (a device, pipe or socket): point at a data file"
+        )
+        assert "zero" in line
+
+
+def test_prompts_too_long_for_the_memory_are_refused_before_training(
+    workspace, monkeypatch, capsys
+):
+    """Three 10,000-character prompts: the attention of a batch of 32 needs at least
+    2 layers x 32 x 10003^2 x 4 bytes = 23.9 GiB, refused against 8 GiB available."""
+    rows = [{"prompt": str(i) * 10_000, "response": str(i)} for i in range(3)]
+    (workspace / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setattr("stablemdm.training.memory.available_memory", lambda: 8 * 2**30)
+    options = f"task_options={{train: {workspace}/long.jsonl, test: {workspace}/long.jsonl}}"
+    line = refused_in_one_line(["train", JSONL, options, "use_cpu=true"], workspace, capsys)
+    assert "max_length=10003 with per_device_train_batch_size=32 needs at least 23.9 GiB" in line
+    assert "more than the 8.0 GiB available: lower per_device_train_batch_size" in line
+
+
+@pytest.mark.parametrize("gib, warned", [(100, False), (50, True)])
+def test_attention_taking_a_third_of_the_memory_is_warned_about(gib, warned, monkeypatch, capsys):
+    monkeypatch.setattr("stablemdm.training.memory.available_memory", lambda: gib * 2**30)
+    config = load_config(None, ["use_cpu=true"])
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=8, mask_token_id=7))
+    check_attention_memory(config, model, 10_003)  # 23.9 GiB, as above
+    err = capsys.readouterr().err
+    assert ("training may run out of memory" in err) == warned, err

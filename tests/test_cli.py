@@ -50,6 +50,8 @@ def test_every_shipped_recipe_trains(recipe, tmp_path):
     overrides = TINY if task not in own_data else [o for o in TINY if o != SMALL_DATA]
     if task == "gsm8k":
         overrides = [*overrides, "bf16=false", "per_device_train_batch_size=2", "n_heads=2"]
+    if config.estimator == "auto":  # 2 steps cannot pay for a measurement: on top of them
+        overrides = [*overrides, "auto_budget=extra"]
     out = tmp_path / "run"
     assert main(["train", "--config", str(recipe), *overrides, f"output_dir={out}"]) == 0
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
@@ -300,3 +302,25 @@ def test_an_arm_generates_past_its_training_length(tmp_path, capsys):
     assert len(line) > limit  # character tokenizer: one token per character
     assert main(["generate", str(out), "--prompt", "1" * (limit + 1)]) == 2
     assert "longer than the" in capsys.readouterr().err
+
+
+def test_a_canvas_longer_than_the_models_positions_is_one_line(tmp_path, capsys):
+    """A tiny BERT with 64 positions. Before training (max_length) and before decoding (eval
+    --gen-length): one line naming the model's positions and the option that fixes it, not a
+    traceback from inside the model."""
+    from test_hf_models import _bert
+
+    short_bert, run = _bert(tmp_path / "bert64"), tmp_path / "run"
+    base = ["train", f"model={short_bert}", SMALL_DATA, "per_device_train_batch_size=4"]
+    base += ["max_steps=1", "disable_tqdm=true"]
+    assert main([*base, "max_length=80", f"output_dir={tmp_path / 'long'}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the sequences are 80 tokens" in line and "the model has 64 positions" in line
+    assert "max_position_embeddings" in line and "set max_length" in line
+    assert not (tmp_path / "long").exists()
+    assert main([*base, f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--gen-length", "60", "--limit", "2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "more than the 64 the model has (max_position_embeddings" in line
+    assert "lower --gen-length" in line and not list(run.glob("eval-*"))

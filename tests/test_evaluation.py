@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from stablemdm.data import Example
+from stablemdm.errors import ConfigError
 from stablemdm.evaluation.scoring import EvalResult, default_block_length, evaluate
 
 PAD, MASK, EOS, SEP = 0, 1, 2, 3
@@ -189,3 +191,36 @@ def test_default_block_length(gen_length, expected):
 def test_rejects_bad_options(overrides, message):
     with pytest.raises(ValueError, match=message):
         evaluate(Constant(), StandInTokenizer(), CopyTask(), **overrides)
+
+
+def test_gold_responses_longer_than_the_canvas_are_counted_in_one_warning(capsys):
+    """gen_length=4: 'gfedcba' (7 letters) cannot be written in the canvas, so even the
+    oracle misses it; one warning says so before decoding, with the length that fits."""
+    result = evaluate(CopyOracle(causal=False), StandInTokenizer(), CopyTask(), gen_length=4)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("stablemdm: warning: 1 of 5 gold responses are longer than the")
+    assert "gen_length=4" in line and "needs 8 tokens" in line and "--gen-length" in line
+    assert result.n_correct == 4 and not result.records[2]["correct"]
+    evaluate(CopyOracle(causal=False), StandInTokenizer(), CopyTask(), gen_length=8)
+    assert capsys.readouterr().err == ""
+
+
+class Positions(Constant):
+    """`Constant` with a config that bounds its positions, as a real model's does."""
+
+    def __init__(self, positions: int):
+        super().__init__()
+        self.config = SimpleNamespace(max_position_embeddings=positions)
+
+
+def test_a_canvas_longer_than_the_models_positions_is_refused_before_decoding():
+    """The longest prompt ('gfedcba' and <sep>: 8 tokens) and a canvas of 8 need 16
+    positions; a model with 12 is refused in one line naming the limit and the fix."""
+    model = Positions(12)
+    with pytest.raises(ConfigError) as err:
+        evaluate(model, StandInTokenizer(), CopyTask(), gen_length=8)
+    message = str(err.value)
+    assert "\n" not in message and model.calls == 0
+    assert "need 16 positions, more than the 12 the model has" in message
+    assert "max_position_embeddings" in message and "lower --gen-length to 4" in message
+    assert evaluate(Positions(16), StandInTokenizer(), CopyTask(), gen_length=8).n == 5

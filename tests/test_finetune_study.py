@@ -33,7 +33,7 @@ MINI = [
     "methods=[arm,standard,count]",
     "eval_points=[1.0]",
     "eval_limit=6",
-    "variance_draws=2",
+    "variance_draws=3",
     "train.max_steps=2",
     "train.per_device_train_batch_size=8",
     "train.d_model=32",
@@ -157,7 +157,9 @@ def test_a_miniature_finetune_study_pretrains_evaluates_at_step_zero_and_reuses(
     report = json.loads((tmp_path / "a" / "report.json").read_text())["tasks"]["chain_sum"]
     assert report["bases"]["equal_budget"] and "verdict" in report["bases"]
     assert "the shared bases at step 0" in printed and "equal pretraining budgets" in printed
-    assert printed.splitlines()[2].startswith("On chain_sum, count scored ")
+    assert printed.splitlines()[2].startswith(
+        "On chain_sum after 2 steps, count (at Standard's compute)"
+    )
 
     # another study with the same base spec trains no base
     assert main(["study", "--config", "demo", f"output_dir={tmp_path / 'b'}", *MINI]) == 0
@@ -201,9 +203,10 @@ def test_the_report_opens_with_three_findings_and_says_when_bases_are_far_apart(
     report = build_report("s", results, [10], bases)
     text = markdown(report).splitlines()
     assert text[2] == (
-        "On t, ppots scored 32.0% against Standard's 22.0% after 10 steps: +10.0 points "
-        "(95% CI [10.0, 10.0] over 3 seeds). Its seed spread (std) was 1.0 points, against "
-        "Standard's 1.0, and the ARM's 1.0. On Standard's final models one sequence of its "
+        "On t after 10 steps, ppots (compute not counted) scored 32.0% against Standard's "
+        "22.0%: +10.0 points (95% CI [10.0, 10.0] over 3 seeds); the study has no equal-compute "
+        "Standard (standard_matched). Its seed spread (std) was 1.0 points, against Standard's "
+        "1.0, the ARM's 1.0. On Standard's final models one sequence of its "
         "gradient estimator was worth 2.00 ± 0.16 Standard sequences per forward pass (its batch "
         "equivalent): it buys more than a bigger Standard batch at the same compute."
     )

@@ -72,6 +72,25 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(dead, dead + np.r_[shift, 0, 0, 0]) == pytest.approx(5.25)
 
 
+def test_frechet_distance_of_non_commuting_covariances():
+    """Covariances that do not commute, where tr((S_a S_b)^(1/2)) and the wrong
+    tr(S_a^(1/2) S_b^(1/2)) differ: the distance matches scipy's matrix square root of
+    S_a S_b, and is far from what the wrong formula gives."""
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(1)
+    turn = np.array([[1.0, 1.0], [-1.0, 1.0]]) / np.sqrt(2)  # 45 degrees
+    a = rng.normal(size=(500, 2)) * [3.0, 0.3]  # elongated along the first axis
+    b = (rng.normal(size=(500, 2)) * [3.0, 0.3]) @ turn + [0.5, -1.0]  # along the diagonal
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert np.abs(cov_a @ cov_b - cov_b @ cov_a).max() > 10
+    base = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+    expected = base - 2 * np.trace(sqrtm(cov_a @ cov_b)).real
+    wrong = base - 2 * np.trace(sqrtm(cov_a) @ sqrtm(cov_b)).real
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert abs(wrong - expected) > 0.2 * expected
+
+
 def test_scored_records_and_the_grid(task, tmp_path):
     """Records of perfect outputs (the gold canvases) and of broken ones are judged, and the
     grid has one row per class."""

@@ -132,6 +132,17 @@ def test_self_check_names_the_example_the_decoded_text_and_the_cause():
         check_scorer(Strict(), CharTokenizer(), wrong)
 
 
+@pytest.mark.parametrize("bad", [1, 100, 199])
+def test_self_check_reads_every_item_it_will_score(bad):
+    """One wrong gold answer among 200 items is found wherever it is (the check used to read
+    32 evenly spaced items, so wrong answers on the other 168 rows passed)."""
+    examples = [Example("q", f"steps #### {n}", str(n), f"strict #{n}") for n in range(200)]
+    examples[bad] = Example("q", f"steps #### {bad}", "wrong", f"strict #{bad}")
+    with pytest.raises(ConfigError, match=rf"strict #{bad},.*rejects this gold response"):
+        check_scorer(Strict(), CharTokenizer(), examples)
+    check_scorer(Strict(), CharTokenizer(), examples[:bad] + examples[bad + 1 :])
+
+
 def _jsonl(tmp_path: Path) -> list[str]:
     """A task whose answers are words with capitals, which an uncased tokenizer lowercases."""
     data = tmp_path / "capitals.jsonl"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hf_fixtures import custom_code_model, llama_tokenizer
+from PIL import Image
 
 from stablemdm.cli import main
 from stablemdm.data import encode_examples
@@ -68,6 +69,20 @@ def test_grey_quantiser_spells_one_token_per_pixel():
     task = get_task("digits_t2i", quantiser="grey", codebook_size=4, patch=1)
     assert task.gen_length == 65
     assert task.tokenizer_for(None).vocab_size == 100 + 4
+
+
+def test_a_grey_codebook_is_refused_for_another_split():
+    """The grey levels are the same for every split, but a model trained on seed 0's train
+    images must not be judged on seed 1's test and judge images, which hold many of them."""
+    grey = dict(quantiser="grey", codebook_size=4, patch=1)
+    first, other = (get_task("digits_t2i", seed=seed, **grey) for seed in (0, 1))
+    seen = {image.tobytes() for image in first.real_images("train")[0]}
+    held_out = [*other.real_images("test")[0], *other.real_images("classifier")[0]]
+    assert sum(image.tobytes() in seen for image in held_out) > 300
+    trained = first.tokenizer_for(None)  # what a run on seed 0 saves
+    with pytest.raises(ConfigError, match=r"codebook \(grey, 4 codes.* is from another run"):
+        other.tokenizer_for(trained)
+    assert get_task("digits_t2i", seed=0, **grey).tokenizer_for(trained) is trained
 
 
 class _Recorder(torch.nn.Module):
@@ -177,6 +192,7 @@ def test_a_tiny_run_trains_decodes_scores_and_draws(tmp_path, capsys):
     )
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["n"] == 12 and "fid" in printed and "mean_prob" in printed
+    assert printed["grid"] == str(out / "eval-digits_t2i-test.png")  # the result names it
     assert (out / "eval-digits_t2i-test.png").is_file()
 
 
@@ -235,6 +251,32 @@ def test_the_variance_tool_runs_on_image_tokens(tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "variance" / "variance.json").read_text())
     assert {"standard", "ppots_mirror", "count"} <= set(report["decomposition"])
+
+
+def test_generate_draws_an_image_runs_outputs_as_a_png(tmp_path, capsys):
+    """`generate --png` on an image run: whole canvases, sampled at the task's temperature
+    (two draws for one prompt differ), drawn one row per distinct prompt; refused in one
+    line for a text run and for an existing file without --overwrite."""
+    out, png = tmp_path / "run", tmp_path / "samples.png"
+    train(load_config(None, [*TINY, "max_steps=1", "save_steps=1", f"output_dir={out}"]))
+    capsys.readouterr()
+    prompts = ["a handwritten 3", "a handwritten 3", "a handwritten 7"]
+    argv = ["generate", str(out), *(f"--prompt={p}" for p in prompts), f"--png={png}"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    task = get_task("digits_t2i", codebook_size=16)
+    assert len(lines) == 3 and all(task.extract(line) for line in lines)
+    assert lines[0] != lines[1]
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+    assert main(argv) == 2
+    assert "--png" in capsys.readouterr().err and png.is_file()
+    text = tmp_path / "text"
+    train(load_config(None, [*TINY[2:], "max_steps=1", "save_steps=1", f"output_dir={text}"]))
+    capsys.readouterr()
+    assert main(["generate", str(text), "--prompt=1+2", f"--png={tmp_path / 'x.png'}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--png draws the images of a text-to-image run" in line
 
 
 def test_a_codebook_from_another_run_is_refused(tmp_path, capsys):

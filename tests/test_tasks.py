@@ -11,6 +11,7 @@ from stablemdm.tasks.registry import (
     Task,
     available_tasks,
     final_number,
+    fits,
     get_task,
     normalize_number,
     normalize_text,
@@ -216,7 +217,7 @@ def test_jsonl_task(tmp_path):
     )
     _write(tmp_path / "test.jsonl", [{"prompt": "5+5", "response": "steps #### 10"}])
     task = get_task("jsonl", train=tmp_path / "train.jsonl", test=tmp_path / "test.jsonl")
-    assert task.gen_length == 41 and task.max_length == 5 + 41 and task.dropped == 0
+    assert task.gen_length == 41 and task.max_length == 5 + 41
     (example,) = task.examples("test")
     assert task.score("other steps ####  10 ", example) and task.score("10", example)
     assert not task.score("steps #### 11", example) and not task.score("", example)
@@ -227,7 +228,8 @@ def test_jsonl_task(tmp_path):
         max_length=20,
         gen_length=14,
     )
-    assert small.dropped == 1 and len(small.examples("train")) == 2
+    train = small.examples("train")  # all kept: the run leaves out what does not fit its lengths
+    assert len(train) == 3 and [fits(e, 20, 14) for e in train] == [True, True, False]
     with pytest.raises(DataError, match=r"test.jsonl:1.*raise max_length"):
         get_task(
             "jsonl",

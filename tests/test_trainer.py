@@ -214,9 +214,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _trained_passes(folder: Path) -> int:
+    """The training forward passes a run's compute.json counts (training.compute)."""
+    return json.loads((folder / "compute.json").read_text())["phases"]["train"]["forward"]
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     """Two gloo processes train P-POTS+StraTS+MIRROR, hold identical parameters and write one
-    checkpoint, which one process then resumes (a smaller global batch, the same weights)."""
+    checkpoint, which one process then resumes (a smaller global batch, the same weights);
+    the compute counted is both processes' passes, carried into the resumed run."""
     script = tmp_path / "ddp.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -253,9 +259,11 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     fresh = Transformer.from_pretrained(tmp_path / "ddp" / "checkpoint-3")
     flat = torch.cat([p.detach().flatten() for p in fresh.parameters()])
     assert torch.equal(flat, p0)
+    passes = 2 * 8  # MIRROR: two per sequence; both processes' are counted, and carried
+    assert _trained_passes(tmp_path / "ddp") == 2 * 3 * passes
     args = [a.replace("max_steps=3", "max_steps=4") for a in args if a != "ddp_backend=gloo"]
     resumed = train(load_config(None, args), resume=True)
-    assert resumed.global_step == 4
+    assert resumed.global_step == 4 and _trained_passes(tmp_path / "ddp") == 7 * passes
     assert [r["step"] for r in resumed.log_history if "loss" in r][-1] == 4
     assert all(math.isfinite(r["loss"]) for r in resumed.log_history if "loss" in r)
 

@@ -179,6 +179,13 @@ def _add_generate(verbs: Any) -> None:
     gen.add_argument("checkpoint", help="a run's output folder or checkpoint-N folder")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--file", help="prompts file: .txt (one per line) or .jsonl ('prompt' field)")
+    gen.add_argument(
+        "--png",
+        metavar="PATH",
+        help="an image run (text-to-image): also draw the generated images as a PNG grid, "
+        "one row per distinct prompt",
+    )
+    _add_overwrite(gen, "the --png file")
     _add_decoding_options(gen)
 
 
@@ -264,20 +271,18 @@ def _task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The task `eval` scores: `--task`, else the one the run trained on (its config.yaml),
     with the run's task_options when it is the run's task, each `--task-option` replacing
     one."""
-    from .training.saved import saved_run_config
+    from .training.saved import run_task_options, saved_run_config
 
     if not Path(args.checkpoint).is_dir():
         raise ConfigError(f"checkpoint folder {args.checkpoint} does not exist")
-    saved = saved_run_config(args.checkpoint)
-    name = args.task or saved.get("task")
+    name = args.task or saved_run_config(args.checkpoint).get("task")
     if name is None:
         raise ConfigError(
             f"no --task given, and {args.checkpoint} has no config.yaml naming the task it was "
             "trained on; pass --task NAME"
         )
-    options = dict(saved.get("task_options") or {}) if name == saved.get("task") else {}
-    options.update(parse_override(o) for o in args.task_option)
-    return name, options
+    given = dict(parse_override(o) for o in args.task_option)
+    return name, run_task_options(args.checkpoint, name, given)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -325,6 +330,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "n": result.n,
                 "n_correct": result.n_correct,
                 "records": output,
+                **({"grid": str(result.grid)} if result.grid else {}),
                 "seconds": round(time.perf_counter() - start, 1),
             }
         )
@@ -348,7 +354,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             if path.suffix == ".jsonl":
                 try:
                     prompts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
                     raise ConfigError(
                         f"{path}:{n}: expected a JSON object with a 'prompt' field"
                     ) from err
@@ -365,14 +371,15 @@ def _room(
     """(gen_length, the ARM's context) for `generate`: --gen-length, else the run's. An MDM's
     canvas must fit the length it was trained on; an ARM generates past it on a window of
     its latest tokens (`generate_arm`), so only each prompt must fit its context."""
-    limit = saved.get("max_length") or getattr(model.config, "max_seq_len", None)
+    from .models.hf import max_positions
+
+    positions = (max_positions(model) or (None,))[0]
+    limit = saved.get("max_length") or positions
     gen_length = args.gen_length or saved.get("gen_length")
     if gen_length is None:
         gen_length = max(8, (limit or 0) - max(map(len, ids)))
     if causal:
-        context = getattr(model.config, "max_seq_len", None) or getattr(
-            model.config, "max_position_embeddings", None
-        )
+        context = positions
         too_long = [i + 1 for i, x in enumerate(ids) if context and len(x) > context]
         if too_long:
             raise ConfigError(
@@ -390,55 +397,111 @@ def _room(
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from .data import Example
     from .evaluation.decoding import generate
     from .training.saved import load_checkpoint, objective_of, saved_run_config
 
     model, tokenizer = load_checkpoint(args.checkpoint, args.trust_remote_code)
     prompts = _read_prompts(args)
+    task = _image_task(args.checkpoint, tokenizer)
+    png = _png_output(args, task)
     ids = [
         tokenizer.encode_prompt(Example(p, "", "", source=f"prompt {i + 1}"))
         for i, p in enumerate(prompts)
     ]
     causal = objective_of(model) == "arm"
     gen_length, context = _room(model, ids, saved_run_config(args.checkpoint), args, causal)
-    generator = torch.Generator().manual_seed(args.seed)
+    options = _generation_options(args, tokenizer, task, causal, gen_length, context)
+    texts = []
+    for start in range(0, len(ids), args.batch_size):
+        out = generate(model, ids[start : start + args.batch_size], **options)
+        for tokens in out:
+            texts.append(tokenizer.decode(tokens))
+            print(texts[-1])
+    if png is not None:
+        _save_png(png, task, prompts, texts)
+    return 0
+
+
+def _generation_options(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    task: Any,
+    causal: bool,
+    gen_length: int,
+    context: int | None,
+) -> dict[str, Any]:
+    """`generate`'s keyword arguments for an ARM (`causal`, on a window of `context` tokens)
+    or an MDM, with an image task's canvas constraint and sampling temperature by default."""
+    import torch
+
+    temperature = args.temperature
+    if temperature is None:
+        temperature = getattr(task, "temperature", 0.0)
     common = {
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "temperature": args.temperature or 0.0,
-        "generator": generator,
+        "temperature": temperature,
+        "generator": torch.Generator().manual_seed(args.seed),
+        "canvas_tokens": task.canvas_tokens(tokenizer) if task is not None else None,
     }
-    for start in range(0, len(ids), args.batch_size):
-        chunk = ids[start : start + args.batch_size]
-        if causal:
-            out = generate(
-                model,
-                chunk,
-                objective="arm",
-                max_new_tokens=gen_length,
-                context_length=context,
-                **common,
-            )
-        else:
-            steps = args.steps or gen_length
-            block = args.block_length or gen_length
-            out = generate(
-                model,
-                chunk,
-                objective="mdm",
-                mask_token_id=tokenizer.mask_token_id,
-                gen_length=gen_length,
-                steps=steps,
-                block_length=block,
-                remasking=args.remasking,
-                **common,
-            )
-        for tokens in out:
-            print(tokenizer.decode(tokens))
-    return 0
+    if causal:
+        arm = {"max_new_tokens": gen_length, "context_length": context}
+        return {"objective": "arm", **arm, **common}
+    return {
+        "objective": "mdm",
+        "mask_token_id": tokenizer.mask_token_id,
+        "gen_length": gen_length,
+        "steps": args.steps or gen_length,
+        "block_length": args.block_length or gen_length,
+        "remasking": args.remasking,
+        **common,
+    }
+
+
+def _image_task(checkpoint: str, tokenizer: Any) -> Any:
+    """The text-to-image task of an image run (its tokenizer carries a codebook), built from
+    its config.yaml (its canvas constraint and sampling temperature decode `generate`'s
+    prompts as `eval` decodes the task's), or None."""
+    from .data.image_tokens import ImageTokenizer
+    from .tasks.registry import get_task
+    from .training.saved import run_task_options, saved_run_config
+
+    name = saved_run_config(checkpoint).get("task")
+    if not isinstance(tokenizer, ImageTokenizer) or name is None:
+        return None
+    task = get_task(name, **run_task_options(checkpoint, name))
+    task.tokenizer_for(tokenizer)  # the run's codebook is the task's
+    return task
+
+
+def _png_output(args: argparse.Namespace, task: Any) -> Path | None:
+    """`generate --png`: the checked PNG path, refused before decoding unless the run is an
+    image run."""
+    if args.png is None:
+        return None
+    if task is None:
+        raise ConfigError(
+            f"--png draws the images of a text-to-image run; {args.checkpoint} is not one (no "
+            "codebook.json, or no config.yaml naming its task)"
+        )
+    return check_output_file(
+        args.png, overwrite=args.overwrite, reads=[args.checkpoint], flag="--png"
+    )
+
+
+def _save_png(path: Path, task: Any, prompts: list[str], texts: list[str]) -> None:
+    """The images `texts` spell, one row per distinct prompt (positions without an image
+    token blank), written to `path`."""
+    import numpy as np
+
+    from .evaluation.image_scoring import save_grid
+
+    rows = list(dict.fromkeys(prompts))
+    labels = np.asarray([rows.index(p) for p in prompts])
+    images = np.stack([task.image_of(text) for text in texts])
+    save_grid(images, labels, rows, path, per_class=max(np.bincount(labels)))
+    print(f"stablemdm: {len(texts)} images drawn in {path}", file=sys.stderr)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

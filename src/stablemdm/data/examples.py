@@ -35,6 +35,33 @@ class Example:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
+def check_data_file(path: Path, folder_ok: bool = False) -> None:
+    """DataError unless `path` is a regular file (or, if `folder_ok`, a folder): refused
+    before a byte is read, since reading a device or pipe such as /dev/zero never ends."""
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_file() or (folder_ok and path.is_dir()):
+        return
+    what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+    raise DataError(f"{path} is {what}: point at a data file")
+
+
+def json_object(line: str) -> dict:
+    """The JSON object on one line of a JSONL file; DataError saying why it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(
+            "nested too deeply to read (more arrays and objects inside each other than "
+            "Python's JSON reader allows)"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def map_jsonl(path: str | Path, parse: Callable[[dict, str], T]) -> list[T]:
     """Apply `parse(record, source)` to every JSON object line of `path` (blank lines skipped).
 
@@ -42,11 +69,10 @@ def map_jsonl(path: str | Path, parse: Callable[[dict, str], T]) -> list[T]:
     as one DataError with one `path:line: problem` entry per bad line.
     """
     path = Path(path)
+    check_data_file(path)
     try:
         # lines end at "\n" only: U+2028 and friends are legal inside a JSON string
         lines = path.read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read data file {path}: {err}") from None
     results: list[T] = []
@@ -56,15 +82,7 @@ def map_jsonl(path: str | Path, parse: Callable[[dict, str], T]) -> list[T]:
             continue
         where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            errors.append(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
-            continue
-        if not isinstance(record, dict):
-            errors.append(f"{where}: expected a JSON object, got {type(record).__name__}")
-            continue
-        try:
-            results.append(parse(record, where))
+            results.append(parse(json_object(line), where))
         except DataError as err:
             errors.append(f"{where}: {err}")
     if errors:
@@ -168,6 +186,36 @@ def cap_note(what: str, lengths: Sequence[int], cap: int, setting: str) -> str |
     )
 
 
+def measured_lengths(
+    prompts: Sequence[int],
+    responses: Sequence[int],
+    max_length: int | None = None,
+    gen_length: int | None = None,
+    notes: list[str] | None = None,
+) -> tuple[int, int]:
+    """(max_length, gen_length) with each one not given measured from the prompt (with
+    `<sep>`) and response (with `<eos>`) lengths: the canvas holds the longest response, the
+    row the longest prompt plus the canvas, each under `length_cap`'s outlier rule. Its
+    warnings (appended to `notes`) advise settings under which every example fits: setting
+    all that they name keeps the examples they set aside."""
+    keep_gen = max(responses) if gen_length is None else gen_length
+    keep_max = max(prompts) + keep_gen
+    found: list[str | None] = []
+    if gen_length is None:
+        gen_length = length_cap(responses)
+        setting = f"gen_length={keep_gen}"
+        if max_length is not None and max_length < keep_max:  # the row must grow with it
+            setting += f" max_length={keep_max}"
+        found.append(cap_note("response (with <eos>)", responses, gen_length, setting))
+    if max_length is None:
+        head = length_cap(prompts)
+        max_length = head + gen_length
+        found.append(cap_note("prompt (with <sep>)", prompts, head, f"max_length={keep_max}"))
+    if notes is not None:
+        notes.extend(n for n in found if n)
+    return max_length, gen_length
+
+
 def canvas_lengths(
     examples: Sequence[Example],
     tokenizer: TextTokenizer,
@@ -175,25 +223,12 @@ def canvas_lengths(
     gen_length: int | None = None,
     notes: list[str] | None = None,
 ) -> tuple[int, int]:
-    """(max_length, gen_length) with each one not given measured on `examples`: the canvas
-    holds the longest response + `<eos>`, the row the longest prompt plus the canvas, each
-    under the outlier rule of `length_cap` (its warnings are appended to `notes`)."""
+    """`measured_lengths` of `examples` as `tokenizer` encodes them."""
     if not examples:
         raise DataError("no examples to measure max_length and gen_length on")
-    found: list[str | None] = []
-    if gen_length is None:
-        responses = [len(tokenizer.encode_response(e)) for e in examples]
-        gen_length = length_cap(responses)
-        setting = f"gen_length={max(responses)}"
-        found.append(cap_note("response (with <eos>)", responses, gen_length, setting))
-    if max_length is None:
-        prompts = [len(tokenizer.encode_prompt(e)) for e in examples]
-        head = length_cap(prompts)
-        max_length = head + gen_length
-        setting = f"max_length={max(prompts) + gen_length}"
-        found.append(cap_note("prompt (with <sep>)", prompts, head, setting))
-    if notes is not None:
-        notes.extend(n for n in found if n)
+    prompts = [len(tokenizer.encode_prompt(e)) for e in examples]
+    responses = [len(tokenizer.encode_response(e)) for e in examples]
+    max_length, gen_length = measured_lengths(prompts, responses, max_length, gen_length, notes)
     if gen_length >= max_length:
         raise DataError(
             f"gen_length {gen_length} leaves no room for a prompt in max_length {max_length}; "

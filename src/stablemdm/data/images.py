@@ -13,6 +13,7 @@ Colour images are converted to grey; every image must have the same size.
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,13 +73,22 @@ def load_digits_set() -> ImageSet:
 
 
 def read_png(path: Path) -> np.ndarray:
-    """A PNG as a grey `[H, W]` float32 array in [0, 1]; DataError naming the file."""
+    """A PNG as a grey `[H, W]` float32 array in [0, 1]; DataError naming the file, also for
+    an image over Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`), which is
+    refused before it is decoded rather than merely warned about."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (
+        OSError,
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
         raise DataError(f"cannot read the image {path}: {err}") from None
 
 

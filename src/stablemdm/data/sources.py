@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,7 +12,15 @@ from typing import Any
 
 import torch
 
-from .examples import DataError, Example, TextTokenizer, encode_examples, fits
+from .examples import (
+    DataError,
+    Example,
+    TextTokenizer,
+    check_data_file,
+    encode_examples,
+    fits,
+    json_object,
+)
 
 
 class EncodedStream(torch.utils.data.IterableDataset):
@@ -86,8 +93,7 @@ def load_records(path: str | Path, *, split: str = "train", streaming: bool = Fa
     import datasets
 
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
+    check_data_file(path, folder_ok=True)
     try:
         if path.is_dir():
             if streaming:
@@ -132,11 +138,9 @@ def _bad_json_line(path: Path) -> str | None:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            return f"line {n}: invalid JSON ({err.msg} at column {err.colno})"
-        if not isinstance(record, dict):
-            return f"line {n}: expected a JSON object, got {type(record).__name__}"
+            json_object(line)
+        except DataError as err:
+            return f"line {n}: {err}"
     return None
 
 

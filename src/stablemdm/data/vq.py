@@ -166,7 +166,8 @@ def fit_codebook(
     images: np.ndarray, kind: str, size: int, patch: int, seed: int = 0, about: str = ""
 ) -> Codebook:
     """A codebook of `size` codes fitted on `images` `[N, H, W]`: k-means over their p x p
-    patches (scikit-learn, seeded), or `size` evenly spaced grey levels of single pixels."""
+    patches (scikit-learn, seeded), or `size` evenly spaced grey levels of single pixels.
+    Either kind's fingerprint covers `images` (the training split it was made for)."""
     if kind not in QUANTISERS:
         raise ConfigError(f"unknown quantiser {kind!r}; choose one of {list(QUANTISERS)}")
     if size < 2:
@@ -177,7 +178,9 @@ def fit_codebook(
         if patch != 1:
             raise ConfigError(f"quantiser=grey quantises single pixels: set patch=1, not {patch}")
         centers = np.linspace(0.0, 1.0, size)[:, None]
-        key = fingerprint(kind=kind, size=size, shape=shape)
+        # the levels are fixed, but a model trained on these images must not be read with
+        # another split (whose test and judge images would hold its training images)
+        key = fingerprint(kind=kind, size=size, shape=shape, images=images)
         return Codebook(kind, 1, shape, centers, key, about or f"{size} grey levels")
     from sklearn.cluster import KMeans
 

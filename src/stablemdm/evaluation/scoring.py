@@ -8,6 +8,7 @@ same settings reproduces the records.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -17,13 +18,11 @@ import torch
 from ..data import DataError, Example, TextTokenizer, write_jsonl
 from ..errors import ConfigError
 from ..estimators.losses import Model
+from ..models.hf import max_positions
 from .decoding import GENERATORS, generate
 from .image_scoring import image_scorer
 
 MAX_BLOCK_LENGTH = 32
-
-
-SELF_CHECK_SAMPLE = 32  # gold responses the scorer self-check round-trips
 
 
 class ScoredTask(Protocol):
@@ -41,31 +40,24 @@ class ScoredTask(Protocol):
 class EvalResult:
     """Accuracy over `n` items and one record per item (index, source, prompt, output,
     extracted, gold, correct); `metrics` holds a task's set-level scores (image tasks:
-    mean_prob, fid, valid; see image_scoring)."""
+    mean_prob, fid, valid; see image_scoring) and `grid` the PNG of an image task's samples
+    (when records were written)."""
 
     accuracy: float
     n: int
     n_correct: int
     records: list[dict]
     metrics: dict[str, float | None] = field(default_factory=dict)
+    grid: Path | None = None
 
 
-def check_scorer(
-    task: ScoredTask,
-    tokenizer: TextTokenizer,
-    examples: list[Example],
-    sample: int = SELF_CHECK_SAMPLE,
-) -> None:
-    """The scorer self-check: `sample` gold responses spread over `examples`, encoded and
-    decoded as a model's output is, must all score; otherwise one ConfigError names the
-    example, the decoded text and the likely cause (a tokenizer whose decoding the task's
-    answer rule cannot read would score every model 0%). Responses that cannot be encoded
-    are left to the checks of training."""
-    for example in examples[:: max(1, len(examples) // sample)][:sample]:
-        try:
-            ids = tokenizer.encode_response(example)
-        except (DataError, ValueError):
-            continue
+def check_scorer(task: ScoredTask, tokenizer: TextTokenizer, examples: list[Example]) -> None:
+    """The scorer self-check: the gold response of every one of `examples`, encoded and
+    decoded as a model's output is, must score (no model runs: it costs one encoding per
+    item); otherwise one ConfigError names the example, the decoded text and the likely
+    cause (a tokenizer whose decoding the task's answer rule cannot read would score every
+    model 0%). Responses that cannot be encoded are left to the checks of training."""
+    for example, ids in _gold_ids(tokenizer, examples):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not task.score(text, example):
             raise ConfigError(
@@ -74,6 +66,52 @@ def check_scorer(
                 f"extracts {task.extract(text)!r}, gold {example.answer!r}); likely cause: "
                 f"{_likely_cause(task, tokenizer, example, ids, text)}"
             )
+
+
+def _gold_ids(tokenizer: TextTokenizer, examples: list[Example]) -> list[tuple[Example, list[int]]]:
+    """Each example with its gold response's token ids (and `<eos>`), as a model would have
+    to write it; responses that cannot be encoded are left out (training refuses them)."""
+    out = []
+    for example in examples:
+        try:
+            out.append((example, tokenizer.encode_response(example)))
+        except (DataError, ValueError):
+            continue
+    return out
+
+
+def canvas_note(tokenizer: TextTokenizer, examples: list[Example], gen_length: int) -> str | None:
+    """A warning when gold responses are longer than the `gen_length` canvas (those items
+    cannot score, whatever the model), saying how many and the length that fits them all."""
+    needs = [len(ids) for _, ids in _gold_ids(tokenizer, examples)]  # with <eos>
+    over = sum(n - 1 > gen_length for n in needs)
+    if not over:
+        return None
+    return (
+        f"{over} of {len(examples)} gold responses are longer than the canvas of "
+        f"gen_length={gen_length} and cannot score: the longest needs {max(needs)} tokens "
+        f"with its <eos>; raise --gen-length (gen_length) to {max(needs)}"
+    )
+
+
+def check_positions(
+    model: Model, tokenizer: TextTokenizer, examples: list[Example], gen_length: int
+) -> None:
+    """ConfigError, before decoding, when the longest prompt and a canvas of `gen_length`
+    need more positions than the model has (its max_seq_len or max_position_embeddings)."""
+    bound = max_positions(model)
+    if bound is None:
+        return
+    limit, name = bound
+    prompt, example = max((len(tokenizer.encode_prompt(e)), e.source) for e in examples)
+    if prompt + gen_length <= limit:
+        return
+    fix = f"lower --gen-length to {limit - prompt} or less" if prompt < limit else "shorten it"
+    raise ConfigError(
+        f"the longest prompt ({example}, {prompt} tokens) and a canvas of gen_length="
+        f"{gen_length} need {prompt + gen_length} positions, more than the {limit} the model "
+        f"has ({name} in its config): {fix}"
+    )
 
 
 def _tail(text: str, width: int = 80) -> str:
@@ -149,14 +187,14 @@ def evaluate(
     default_block_length(gen_length)`, `temperature` = the task's `temperature` if it has one
     (image tasks sample), else 0 (greedy); for "arm", `max_new_tokens = gen_length` (`steps`,
     `block_length`, `remasking` unused). `device`, when given, moves the model there first.
-    `self_check` runs `check_scorer` on the examples first (a caller that ran it may skip it).
+    Before decoding: `_check_inputs` (the scorer self-check and the canvas warning, which a
+    caller that ran them may skip with `self_check=False`; the model's positions).
     """
     examples = _examples(task, split, objective, limit, batch_size)
     images = image_scorer(task, tokenizer)  # None for a text task
     tokenizer = tokenizer if images is None else images.tokenizer
-    if self_check:
-        check_scorer(task, tokenizer, examples)
     gen_length = task.gen_length if gen_length is None else gen_length
+    _check_inputs(model, task, tokenizer, examples, gen_length, self_check)
     if temperature is None:
         temperature = getattr(task, "temperature", 0.0)
     options = _decoding_options(objective, tokenizer, gen_length, steps, block_length, remasking)
@@ -180,14 +218,32 @@ def evaluate(
         )
         records += _records(task, tokenizer, batch, outputs, start)
 
-    metrics = {}
+    metrics, grid = {}, None
     if images is not None:
         grid = None if output_path is None else Path(output_path).with_suffix(".png")
         metrics = images.score(records, grid)
     if output_path is not None:
         write_jsonl(output_path, records)
     n_correct = sum(r["correct"] for r in records)
-    return EvalResult(n_correct / len(records), len(records), n_correct, records, metrics)
+    return EvalResult(n_correct / len(records), len(records), n_correct, records, metrics, grid)
+
+
+def _check_inputs(
+    model: Model,
+    task: ScoredTask,
+    tokenizer: TextTokenizer,
+    examples: list[Example],
+    gen_length: int,
+    self_check: bool,
+) -> None:
+    """What `evaluate` checks before decoding: the scorer and the canvas's room for the gold
+    responses (with `self_check`), and the model's positions."""
+    if self_check:
+        check_scorer(task, tokenizer, examples)
+        note = canvas_note(tokenizer, examples, gen_length)
+        if note:
+            print(f"stablemdm: warning: {note}", file=sys.stderr)
+    check_positions(model, tokenizer, examples, gen_length)
 
 
 def _examples(

@@ -62,6 +62,21 @@ def adapter_spec(model: Any) -> AdapterSpec | None:
     return AdapterSpec.from_dict(values) if values else None
 
 
+# config fields that bound the sequence length: the built-in model's, then Hugging Face's
+POSITION_FIELDS = ("max_seq_len", "max_position_embeddings", "n_positions")
+
+
+def max_positions(model: Any) -> tuple[int, str] | None:
+    """The positions a model (built-in or Hugging Face, wrapped or not) has, and the config
+    field that sets them; None when its config names no such bound."""
+    config = getattr(unwrap(model), "config", None)
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
 def detect_kind(config: Any) -> ModelKind:
     """masked_lm for `*ForMaskedLM`, causal for `*ForCausalLM`, else diffusion (custom code).
     A config without architectures (GGUF files) is classed by its model type."""

@@ -45,13 +45,17 @@ def _seeds(ax, methods: dict[str, list[Mapping]], task: str) -> None:
 
 
 def _tokens(ax, methods: dict[str, list[Mapping]], task: str) -> None:
-    """Accuracy at each evaluation point against forward token positions, band over seeds."""
+    """Accuracy at each evaluation point against the training forward token positions counted
+    up to it (a run's own steps: auto may train fewer), band over seeds; a run trained before
+    passes were counted has no curve."""
     for method, runs in methods.items():
-        steps = [e["step"] for e in runs[0]["evaluations"]]
-        tokens = np.asarray(steps) * runs[0]["forward_tokens_per_step"]
+        per_step = runs[0].get("forward_tokens_per_step")
+        if per_step is None:
+            continue
+        steps = [e.get("trained_step", e["step"]) for e in runs[0]["evaluations"]]
         acc = np.asarray([[100 * e["accuracy"] for e in r["evaluations"]] for r in runs])
-        _band(ax, tokens, acc, method)
-    ax.set_xlabel("forward token positions")
+        _band(ax, np.asarray(steps) * per_step, acc, method)
+    ax.set_xlabel("training forward token positions (counted)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{task}: accuracy vs compute (mean, min-max over seeds)")
 

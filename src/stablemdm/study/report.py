@@ -1,8 +1,9 @@
 """The study report: the paper's Table 1 layout per task and evaluation point (one column per
-seed, then mean, std, min, max), paired differences to Standard with a 95% t interval, the
-worst-run-above-best-baseline check, cost and estimator noise per method (the gradient's
-variance per sequence forward pass and the batch equivalent, `noise`); written as report.md,
-report.json and PNG figures, and printed."""
+seed, then mean, std, min, max), the paper's three claims against the equal-compute Standard
+and against Standard (`claims`: paired differences with a 95% t interval, spreads, the
+worst-run-above-best-baseline check), counted compute and estimator noise per method (the
+gradient's variance per sequence forward pass and the batch equivalent, `noise`); written as
+report.md, report.json and PNG figures, and printed."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import Any
 from ..estimators.selection import ratio_with_se
 from ..training.outputs import write_text
 from .bases import gap_verdict
+from .claims import COMPARED, REFERENCE, compute_phrase, compute_report, paired_to, spread_ratio
+from .matched import MATCHED
 from .noise import NOISE
 from .plots import plot_task
-from .stats import mean_with_se, paired_difference, summary, worst_above_best
+from .stats import mean_with_se, summary, worst_above_best
 
-REFERENCE = "standard"
-BASELINES = ("standard", "clipped")
+BASELINES = ("standard", "clipped", MATCHED)
 SAMPLE_CHARS = 120  # of a base's output shown in the report
+PAIRED = {MATCHED: "paired_to_matched", REFERENCE: "paired_to_standard"}  # point_report's keys
 # set-level scores some tasks add to each evaluation (image tasks, evaluation.image_scoring)
 NOISE_COLUMNS = (  # what the two noise columns of the claims table compare
     "the variance of the minibatch gradient per sequence forward pass (trace, times the "
@@ -28,6 +31,18 @@ NOISE_COLUMNS = (  # what the two noise columns of the claims table compare
     "over seeds ± SE; and the batch equivalent ± SE: Standard's figure over the method's, both "
     "on Standard's final model of each seed (the estimator alone differs): above 1 it beats "
     "scaling Standard's batch, below 1 a bigger batch is cheaper."
+)
+CLAIMS_TEXT = (
+    f"The paper's three claims, against the equal-compute Standard ({MATCHED}, when the "
+    "study has one) and against Standard: the method minus the reference on the same seeds "
+    "(points, 95% t interval), its seed spread (std) over the reference's, and whether its "
+    "worst run beats the reference's best (and Clipped's):"
+)
+COST_TEXT = (
+    "What each method cost, counted (sequence passes through the model, forward plus backward, "
+    "evaluation apart; mean over seeds), over Standard's (at Standard's compute: within 5%), "
+    "the share of it that was overhead (auto's measurements, P-POTS fits), the steps and "
+    "sequences per step it trained, mean training seconds,"
 )
 EXTRA_METRICS = {
     "mean_prob": "mean probability of the prompted class (%)",
@@ -73,13 +88,9 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def point_report(accuracy: Mapping[str, Mapping[int, float]]) -> dict[str, Any]:
-    """Table 1, paired differences to Standard and the third claim at one evaluation point."""
+    """Table 1, paired differences to Standard and to the equal-compute Standard, and the
+    third claim at one evaluation point."""
     table = {m: {"per_seed": dict(v), **summary(v)} for m, v in accuracy.items()}
-    paired = {
-        m: paired_difference(v, accuracy[REFERENCE])
-        for m, v in accuracy.items()
-        if REFERENCE in accuracy and m != REFERENCE
-    }
     claims = {
         m: {
             f"worst_above_best_{b}": worst_above_best(v, accuracy[b])
@@ -88,19 +99,23 @@ def point_report(accuracy: Mapping[str, Mapping[int, float]]) -> dict[str, Any]:
         }
         for m, v in accuracy.items()
     }
-    return {"table": table, "paired_to_standard": paired, "claims": claims}
+    return {
+        "table": table,
+        "paired_to_standard": paired_to(accuracy, REFERENCE),
+        "paired_to_matched": paired_to(accuracy, MATCHED),
+        "claims": claims,
+    }
 
 
 def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, Any]:
     """Everything the report says about one task's runs (`steps`: the evaluation points)."""
     by_step = {str(step): point_report(_accuracy_at(results, step)) for step in steps}
     cost = {}
+    standard = [r for r in results if r["method"] == REFERENCE]
     for method in by_step[str(steps[-1])]["table"]:
         runs = [r for r in results if r["method"] == method]
-        per_step = runs[0]["forward_tokens_per_step"]
         cost[method] = {
-            "forward_tokens_per_step": per_step,
-            "forward_tokens": per_step * steps[-1],
+            "compute": compute_report(runs, standard),
             "train_seconds": _mean([r["train_seconds"] for r in runs]),
             NOISE: noise_report(runs, [r for r in results if r["method"] == REFERENCE]),
         }
@@ -159,19 +174,23 @@ def headline_method(methods: Sequence[str]) -> str | None:
 
 
 def findings(task: Mapping[str, Any], method: str | None) -> dict[str, Any] | None:
-    """The three numbers a report opens with for `method` at the final point: its paired
-    difference to Standard, the seed spreads of it, Standard and the ARM, and its batch
-    equivalent (`noise_report`). None without the method or Standard."""
+    """The numbers a report opens with for `method` at the final point: its paired
+    differences to the equal-compute Standard (None without one) and to Standard, the
+    counted compute and the seed spreads of them all and the ARM, and its batch equivalent
+    (`noise_report`). None without the method or Standard."""
     final = task["by_step"][str(task["final_step"])]
     table = final["table"]
     if method not in table or REFERENCE not in table:
         return None
     noise = task["cost"][method][NOISE]
+    shown = [m for m in (method, *COMPARED, "arm") if m in table]
     return {
         "method": method,
+        "matched": final["paired_to_matched"].get(method),
         "difference": final["paired_to_standard"][method],
-        "std": {m: table[m]["std"] for m in (method, REFERENCE, "arm") if m in table},
-        "mean": {m: table[m]["mean"] for m in (method, REFERENCE, "arm") if m in table},
+        "std": {m: table[m]["std"] for m in shown},
+        "mean": {m: table[m]["mean"] for m in shown},
+        "compute": {m: task["cost"][m]["compute"] for m in shown},
         "batch_equivalent": noise and noise["batch_equivalent"],
     }
 
@@ -253,32 +272,58 @@ def accuracy_table(point: Mapping[str, Any], fmt: Callable[[float | None], str] 
     return _table(["method", *map(str, seeds), "mean", "std", "min", "max"], rows)
 
 
-def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
-    """Paired differences to Standard, the third claim, and each method's cost and noise."""
+def _difference(d: Mapping[str, Any] | None) -> str:
+    return "-" if d is None else f"{100 * d['mean']:+.1f} [{_pct(d['low'])}, {_pct(d['high'])}]"
+
+
+def claims_table(point: Mapping[str, Any]) -> str:
+    """The paper's three claims per method, each against the equal-compute Standard (when the
+    study has one) and against Standard: the paired difference (points, 95% CI), the seed
+    spread over the reference's, the worst run above the reference's best (and Clipped's)."""
+    table, references = point["table"], [r for r in COMPARED if r in point["table"]]
+    label = {MATCHED: MATCHED, REFERENCE: "Standard"}
+    header = ["method", *(f"vs {label[r]} (95% CI)" for r in references)]
+    header += [f"std / {label[r]}'s" for r in references]
+    header += [*(f"worst > best {label[r]}" for r in references), "worst > best Clipped"]
+    rows = []
+    for method in table:
+        claims = point["claims"][method]
+        spreads = [None if r == method else spread_ratio(table, method, r) for r in references]
+        rows.append(
+            [
+                method,
+                *(_difference(point[PAIRED[r]].get(method)) for r in references),
+                *("-" if x is None else f"{x:.2f}" for x in spreads),
+                *(_yes(claims.get(f"worst_above_best_{r}")) for r in (*references, "clipped")),
+            ]
+        )
+    return _table(header, rows)
+
+
+def cost_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
+    """Each method's counted compute (training.compute: sequence passes, forward and backward,
+    evaluation apart), over Standard's, its overhead, steps and sequences per step, training
+    seconds and estimator noise."""
     header = [
         "method",
-        "vs Standard (95% CI)",
-        "worst > best Standard",
-        "worst > best Clipped",
-        "forward tokens",
+        "compute (passes)",
+        "x Standard",
+        "at Standard's compute",
+        "overhead",
+        "steps x sequences",
         "train s",
         "gradient variance per sequence-pass, own model",
         "batch equivalent on Standard's model",
     ]
     rows = []
     for method in point["table"]:
-        d = point["paired_to_standard"].get(method)
-        diff = "-" if d is None else f"{100 * d['mean']:+.1f} [{_pct(d['low'])}, {_pct(d['high'])}]"
-        claims, c = point["claims"][method], cost[method]
-        noise = c[NOISE] or {}
+        c = cost[method]
+        counted, noise = c["compute"], c[NOISE] or {}
         own, equivalent = noise.get("own"), noise.get("batch_equivalent")
         rows.append(
             [
                 method,
-                diff,
-                _yes(claims.get("worst_above_best_standard")),
-                _yes(claims.get("worst_above_best_clipped")),
-                _count(c["forward_tokens"]),
+                *_compute_cells(counted),
                 f"{c['train_seconds']:.0f}",
                 "-" if own is None else f"{own['grad']:.3g} ± {own['grad_se']:.2g}",
                 "-" if equivalent is None else _plus_minus(equivalent),
@@ -287,28 +332,60 @@ def claims_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
-def findings_text(name: str, task: Mapping[str, Any]) -> str:
-    """Three plain sentences: the headline method's difference to Standard with its
-    interval, its seed spread against Standard's and the ARM's, its estimator variance ratio."""
-    f = task.get("findings")
-    if f is None:
-        return ""
-    m, d, std = f["method"], f["difference"], f["std"]
+def _compute_cells(c: Mapping[str, Any] | None) -> list[str]:
+    """The compute columns of one method ("-" where it was not counted)."""
+    if c is None:
+        return ["-"] * 5
+    ratio = c["x_standard"]
+    return [
+        _count(round(c["total"])),
+        "-" if ratio is None else f"{ratio:.2f}",
+        _yes(c["at_standard_compute"] if ratio is not None else None),
+        f"{100 * c['overhead'] / c['total']:.1f}%" if c["total"] else "-",
+        f"{c['steps']:.0f} x {c['sequences_per_step']}",
+    ]
+
+
+def _points(d: Mapping[str, Any]) -> str:
+    """A paired difference in words: points and its interval."""
     interval = (
         f"95% CI [{_pct(d['low'])}, {_pct(d['high'])}] over {d['n']} seeds"
         if d["low"] is not None
         else "one seed, no interval"
     )
-    first = (
-        f"On {name}, {m} scored {_pct(f['mean'][m])}% against Standard's "
-        f"{_pct(f['mean'][REFERENCE])}% after {task['final_step']} steps: "
-        f"{100 * d['mean']:+.1f} points ({interval})."
+    return f"{100 * d['mean']:+.1f} points ({interval})"
+
+
+def comparison_text(name: str, final_step: int, f: Mapping[str, Any]) -> str:
+    """The opening sentence: the headline method's accuracy and counted compute against the
+    equal-compute Standard's first (or that the study has none), then against Standard's."""
+    m, mean, compute = f["method"], f["mean"], f["compute"]
+    versus = f"against Standard's {_pct(mean[REFERENCE])}%: {_points(f['difference'])}"
+    if f["matched"] is None:
+        versus += f"; the study has no equal-compute Standard ({MATCHED})"
+    else:
+        versus = (
+            f"against the equal-compute Standard's {_pct(mean[MATCHED])}% ({MATCHED}, "
+            f"{compute_phrase(compute[MATCHED])}): {_points(f['matched'])}; {versus}"
+        )
+    return (
+        f"On {name} after {final_step} steps, {m} ({compute_phrase(compute[m])}) scored "
+        f"{_pct(mean[m])}% {versus}."
     )
-    arm = f", and the ARM's {_pct(std['arm'])}" if "arm" in std else ""
-    second = (
-        f"Its seed spread (std) was {_pct(std[m])} points, against Standard's "
-        f"{_pct(std[REFERENCE])}{arm}."
-    )
+
+
+def findings_text(name: str, task: Mapping[str, Any]) -> str:
+    """Plain sentences: the headline method's difference to the equal-compute Standard and to
+    Standard with their intervals and computes, its seed spread against theirs and the ARM's,
+    its batch equivalent."""
+    f = task.get("findings")
+    if f is None:
+        return ""
+    m, std = f["method"], f["std"]
+    first = comparison_text(name, task["final_step"], f)
+    label = {MATCHED: f"{MATCHED}'s", REFERENCE: "Standard's", "arm": "the ARM's"}
+    spreads = ", ".join(f"{label[x]} {_pct(std[x])}" for x in (*COMPARED, "arm") if x in std)
+    second = f"Its seed spread (std) was {_pct(std[m])} points, against {spreads}."
     equivalent = f["batch_equivalent"]
     third = "Its batch equivalent was not measured."
     if equivalent is not None:
@@ -378,10 +455,10 @@ def markdown(report: Mapping[str, Any]) -> str:
         parts += [
             f"## {name}: test accuracy (%) after {task['final_step']} steps",
             accuracy_table(final),
-            "Method minus Standard on the same seeds (points, 95% t interval), the paper's "
-            "third claim (worst run above the best baseline run), forward token positions, "
-            f"mean training seconds, and the estimator's noise: {NOISE_COLUMNS}",
-            claims_table(final, task["cost"]),
+            CLAIMS_TEXT,
+            claims_table(final),
+            f"{COST_TEXT} and the estimator's noise: {NOISE_COLUMNS}",
+            cost_table(final, task["cost"]),
         ]
         for key, by_step in task.get("metrics", {}).items():
             fmt = _decimal if key == "fid" else _pct

@@ -16,6 +16,7 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from transformers import TrainerCallback
 
 from ..evaluation.scoring import evaluate
 from ..tasks.registry import Task, get_task
+from ..training.compute import read_compute
 from ..training.config import StableMDMConfig
+from ..training.finished import finished_step
 from ..training.lock import claim
 from ..training.outputs import write_text
 from ..training.run import train
@@ -40,10 +43,15 @@ ZERO_SAMPLES = 3  # outputs shown of a base that scores nothing at step 0
 
 
 class SaveAt(TrainerCallback):
-    """Saves a checkpoint at each of the given optimizer steps (the evaluation points)."""
+    """Saves a checkpoint at each evaluation point: `steps_of(end)`, the steps of a run that
+    ends at step `end` (its own: estimator=auto may plan fewer than max_steps)."""
 
-    def __init__(self, steps: list[int]) -> None:
-        self.steps = set(steps)
+    def __init__(self, steps_of: Callable[[int], list[int]]) -> None:
+        self.steps_of = steps_of
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = set(self.steps_of(state.max_steps))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:
@@ -184,14 +192,21 @@ def _step_zero_key(
     )
 
 
-def forward_tokens_per_step(config: StableMDMConfig) -> int:
-    """Token positions through the network per optimizer step: sequences (halved by
-    compute-matched MIRROR) x forward passes per sequence (two for MIRROR) x length."""
-    sequences = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    passes = 2 if config.objective == "mdm" and config.masking == "mirror" else 1
-    if config.compute_matched:
-        sequences //= 2
-    return sequences * passes * config.max_length
+def compute_record(config: StableMDMConfig, folder: Path) -> dict[str, Any]:
+    """A finished run's budget as trained and its counted compute (`training.compute`,
+    None for a run trained before passes were counted): the steps it trained, its sequences
+    per step, and its training forward token positions per step."""
+    steps = finished_step(folder)
+    compute = read_compute(folder)
+    tokens = compute["training_forward_tokens"] if compute else None
+    return {
+        "steps": steps,
+        "sequences_per_step": config.per_device_train_batch_size
+        * config.gradient_accumulation_steps
+        * config.world_size,
+        "compute": compute,
+        "forward_tokens_per_step": tokens / steps if tokens and steps else None,
+    }
 
 
 def training_losses(folder: Path) -> list[tuple[int, float]]:
@@ -213,12 +228,13 @@ def run_one(
     folder = Path(config.output_dir)
     steps = spec.eval_steps()
     watch = progress.start_run(f"{task}/{method}/seed-{seed}", config.max_steps)
-    seconds = _train(config, [SaveAt(steps), watch])
+    seconds = _train(config, [SaveAt(spec.eval_steps), watch])
     task_data = get_task(task, **config.task_options)
+    budget = compute_record(config, folder)
     evaluations = []
-    for step in steps:
-        progress.phase(f"decoding step {step}")
-        model, tokenizer = load_checkpoint(folder / f"checkpoint-{step}", config.trust_remote_code)
+    for step, at in zip(steps, spec.eval_steps(budget["steps"]), strict=True):
+        progress.phase(f"decoding step {at}")
+        model, tokenizer = load_checkpoint(folder / f"checkpoint-{at}", config.trust_remote_code)
         ev = evaluate(
             model,
             tokenizer,
@@ -228,9 +244,10 @@ def run_one(
             limit=spec.eval_limit,
             seed=seed,
             gen_length=config.gen_length,
-            output_path=folder / f"eval-{step}.jsonl",
+            output_path=folder / f"eval-{at}.jsonl",
         )
-        evaluations.append({"step": step, "accuracy": ev.accuracy, "n": ev.n, **ev.metrics})
+        point = {"step": step, "trained_step": at, "accuracy": ev.accuracy, "n": ev.n}
+        evaluations.append({**point, **ev.metrics})
     result = {
         "task": task,
         "method": method,
@@ -239,7 +256,7 @@ def run_one(
         "eval_limit": spec.eval_limit,
         "accuracy": evaluations[-1]["accuracy"],
         "train_seconds": round(seconds, 1),
-        "forward_tokens_per_step": forward_tokens_per_step(config),
+        **budget,
         "losses": training_losses(folder),
     }
     write_text(folder / RESULT, json.dumps(result, indent=1))

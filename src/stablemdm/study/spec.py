@@ -5,7 +5,8 @@ evaluate, and an optional shared base model. Everything is validated before any 
     output_dir: runs/demo
     tasks: [chain_sum]
     seeds: [42, 731, 20231]
-    methods: [arm, standard, ppots_mirror, auto]  # names of METHODS, or {name: {overrides}}
+    methods: [arm, standard, ppots_mirror, standard_matched, auto]  # or {name: {overrides}}
+    matched_by: batch                           # standard_matched: a larger batch, or steps
     eval_points: [0.25, 0.5, 1.0]               # fractions of the training budget
     eval_limit: 200                             # test items decoded per evaluation
     variance_draws: 32                          # estimator draws at the final checkpoint
@@ -39,6 +40,7 @@ from ..errors import ConfigError
 from ..estimators.registry import ESTIMATOR_DEFAULTS, ISAD_DEFAULT_TOKENS
 from ..estimators.registry import METHODS as ESTIMATORS
 from ..tasks.registry import Task, available_tasks, get_task
+from ..training.compute import step_passes
 from ..training.config import StableMDMConfig
 from ..training.recipe import (
     config_from_values,
@@ -58,6 +60,7 @@ from .bases import (
     examples_digest,
     trained_on,
 )
+from .matched import MATCHED, MATCHED_BY, matched_budget
 
 # every estimator of the variance tool, the ARM, MIRROR at a Standard step's compute, and
 # auto (measures the unbiased ones on the model being trained and trains with the best)
@@ -73,6 +76,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "masking": "mirror",
         "compute_matched": True,
     },
+    MATCHED: {},  # Standard at the most expensive method's training compute (`matched`)
 }
 # fields the study sets for every run (train may not), and the estimator fields only a
 # method sets (so `standard` means Standard whatever the shared fields say)
@@ -125,6 +129,7 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train": (lambda x: isinstance(x, dict), "a mapping of config fields"),
     "base": (lambda x: x is None or isinstance(x, dict), "a mapping of config fields"),
     "base_cache": (lambda x: x is None or (isinstance(x, str) and bool(x)), "a folder path"),
+    "matched_by": (lambda x: x in MATCHED_BY, f"one of {', '.join(MATCHED_BY)}"),
 }
 REQUIRED = ("name", "output_dir", "tasks", "seeds", "methods")
 
@@ -146,6 +151,7 @@ class StudySpec:
     train: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] | None = None
     base_cache: str | None = None
+    matched_by: str = "batch"  # how standard_matched reaches its compute (`matched`)
     # the task each base trains on and its examples' digest, built once per spec (`_base_task`)
     _data: dict[str, tuple[Task, dict]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -197,9 +203,14 @@ class StudySpec:
         """Every run's budget in optimizer steps."""
         return self.train.get("max_steps", _default("max_steps"))
 
-    def eval_steps(self) -> list[int]:
-        """The optimizer steps at which each run is decoded."""
-        return sorted({max(1, round(f * self.max_steps())) for f in self.eval_points})
+    def eval_steps(self, total: int | None = None) -> list[int]:
+        """The optimizer steps at which each run is decoded; for a run of `total` steps (auto
+        charged its measurements trains fewer, standard_matched by steps more), the same
+        fractions of its own, one per step of the study's."""
+        points = {max(1, round(f * self.max_steps())): f for f in sorted(self.eval_points)}
+        if total is None:
+            return sorted(points)
+        return [max(1, round(points[step] * total)) for step in sorted(points)]
 
     def run_config(self, task: str, method: str, seed: int) -> StableMDMConfig:
         """The training config of one run: shared fields, the method's, the study's own."""
@@ -212,7 +223,7 @@ class StudySpec:
             seed=seed,
             task=task,
             task_options=self.task_options.get(task, {}),
-            save_steps=self.max_steps(),
+            save_steps=values.get("max_steps", self.max_steps()),  # the run's own end
             disable_tqdm=True,
         )
         if self.base is not None:
@@ -387,9 +398,27 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     return spec
 
 
+def _matched(spec: StudySpec, where: str) -> dict[str, int]:
+    """standard_matched's batch or steps (`matched.matched_budget`): each method's training
+    forward passes (its run on the first task and seed) against Standard's."""
+    task, seed = spec.tasks[0], spec.seeds[0]
+    configs = {m: spec.run_config(task, m, seed) for m in spec.methods}
+    costs = {m: step_passes(c) * c.max_steps for m, c in configs.items() if m != MATCHED}
+    standard = configs[MATCHED]
+    return matched_budget(
+        costs,
+        step_passes(standard) * standard.max_steps,
+        standard.per_device_train_batch_size,
+        standard.max_steps,
+        spec.matched_by,
+        where,
+    )
+
+
 def validate(spec: StudySpec, where: str) -> None:
     """Refuse before any training: bad seeds, tasks, eval points, fields the study or a method
-    sets, a mismatched cached base, and any run config that does not build."""
+    sets, a mismatched cached base, and any run config that does not build; set
+    standard_matched's batch or steps (once: its overrides then include them)."""
     seeds = spec.seeds
     if not seeds:
         raise ConfigError(f"{where}: seeds is empty; give at least one (the paper: 42, 731, 20231)")
@@ -419,13 +448,16 @@ def validate(spec: StudySpec, where: str) -> None:
         )
     if spec.eval_limit < 1:
         raise ConfigError(f"{where}: eval_limit must be >= 1, got {spec.eval_limit}")
-    if spec.variance_draws < 0 or spec.variance_draws == 1:
+    if spec.variance_draws < 0 or spec.variance_draws in (1, 2):
         raise ConfigError(
-            f"{where}: variance_draws must be 0 (skip) or >= 2, got {spec.variance_draws}"
+            f"{where}: variance_draws must be 0 (skip) or >= 3 (a variance and its standard "
+            f"error), got {spec.variance_draws}"
         )
     _check_shared_fields(spec, where)
     if spec.base is not None:
         check_bases(spec, where)
+    if MATCHED in spec.methods:  # its own overrides (say, a learning rate) on top
+        spec.methods[MATCHED] = {**_matched(spec, where), **spec.methods[MATCHED]}
     for task in spec.tasks:
         try:
             get_task(task, **spec.task_options.get(task, {}))

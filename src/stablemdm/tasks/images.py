@@ -12,6 +12,8 @@ every image task (class share, mean class probability, Frechet distance, a PNG g
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..data import DataError, Example, TextTokenizer
@@ -165,7 +167,7 @@ class ImageFolderT2I(ImageTask):
 
     def __init__(
         self,
-        path: str,
+        path: str | Path,
         test_size: float = 0.15,
         classifier_size: float = 0.25,
         seed: int = 0,

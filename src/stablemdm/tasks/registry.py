@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..data import DataError, Example, TextTokenizer
@@ -198,6 +200,63 @@ def get_task(name: str, **options: Any) -> Task:
     if not isinstance(task, Task):
         raise TypeError(f"the factory of task {name!r} returned {type(task).__name__}, not a Task")
     return task
+
+
+def path_options(name: str) -> list[str]:
+    """The options of task `name` that name a file or folder: those its factory types as
+    `Path` (e.g. `train: str | Path`); [] for an unknown task."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        return []
+    params = inspect.signature(factory, eval_str=True).parameters
+    return [n for n, p in params.items() if _mentions_path(p.annotation)]
+
+
+def _mentions_path(hint: Any) -> bool:
+    return hint is Path or any(_mentions_path(h) for h in typing.get_args(hint))
+
+
+def map_paths(
+    name: str, options: Mapping[str, Any], fn: Callable[[str, Any], Any], where: str = ""
+) -> dict[str, Any]:
+    """`options` of task `name` with each path option's value v replaced by fn(key, v), where
+    key says where it sits ('train', or 'parts[0].train' inside a list of {task: name, ...}
+    entries, as a mixture's parts)."""
+    out = dict(options)
+    paths = path_options(name)
+    for key, value in out.items():
+        if key in paths and isinstance(value, (str, Path)):
+            out[key] = fn(f"{where}{key}", value)
+        elif isinstance(value, list):
+            out[key] = [_map_entry(v, fn, f"{where}{key}[{i}].") for i, v in enumerate(value)]
+    return out
+
+
+def _map_entry(entry: Any, fn: Callable[[str, Any], Any], where: str) -> Any:
+    """`map_paths` of a nested task entry {task: name, **options} (anything else as it is)."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("task"), str):
+        return entry
+    options = {k: v for k, v in entry.items() if k != "task"}
+    return {"task": entry["task"], **map_paths(entry["task"], options, fn, where)}
+
+
+def resolve_paths(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with every path option that exists made absolute and resolved (symlinks
+    followed), so a run's saved config names its data from any working directory."""
+    return map_paths(name, options, lambda _, v: str(Path(v).resolve()) if Path(v).exists() else v)
+
+
+def missing_paths(name: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(where, path) of each path option of `options` that names nothing on disk."""
+    gone: list[tuple[str, str]] = []
+
+    def note(where: str, value: Any) -> Any:
+        if not Path(value).exists():
+            gone.append((where, str(value)))
+        return value
+
+    map_paths(name, options, note)
+    return gone
 
 
 GSM8K_ENV = "STABLEMDM_GSM8K_DIR"

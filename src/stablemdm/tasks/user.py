@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..data import DataError, Example, read_jsonl
-from ..data.examples import cap_note, length_cap
+from ..data.examples import measured_lengths
 from ..data.sources import examples_from_records, load_records
 from ..data.tokenizer import CharTokenizer
 from .registry import Task, _check_prompts_fit, after_marker, check_split, fits, register_task
@@ -23,8 +23,8 @@ class JsonlTask(Task):
     answer, taken after the last '####' when present.
 
     Lengths default to the longest in the data, under the outlier rule of `data.length_cap`
-    (warnings in `notes`); training examples that do not fit are dropped and counted in
-    `dropped`.
+    (warnings in `notes`). Every training example is kept: the run leaves out, and counts,
+    those that do not fit the lengths it trains with, which the config may set.
     """
 
     def __init__(
@@ -41,22 +41,15 @@ class JsonlTask(Task):
             tokenizer.encode(example.response, where=f"{example.source}, field 'response'")
         max_length, gen_length = self._lengths(splits, max_length, gen_length)
         if self.notes:  # an outlier the cap set aside in the test split is counted in a note
-            test = [e for e in splits["test"] if fits(e, max_length, gen_length)]
-            if len(test) < len(splits["test"]):
+            kept = [e for e in splits["test"] if fits(e, max_length, gen_length)]
+            if len(kept) < len(splits["test"]):
                 self.notes.append(
-                    f"{len(splits['test']) - len(test)} of {len(splits['test'])} test examples "
+                    f"{len(splits['test']) - len(kept)} of {len(splits['test'])} test examples "
                     f"of {test} are left out of scoring (longer than the measured lengths)"
                 )
-            splits["test"] = test
+            splits["test"] = kept
         _check_prompts_fit(splits["test"], max_length, gen_length)
-        kept = [e for e in splits["train"] if fits(e, max_length, gen_length)]
-        self.dropped = len(splits["train"]) - len(kept)
-        if not kept:
-            raise DataError(
-                f"no example of {train} fits max_length={max_length}, gen_length={gen_length}; "
-                "raise them"
-            )
-        self._splits = {"train": kept, "test": splits["test"]}
+        self._splits = splits
 
     def _lengths(
         self, splits: dict[str, list[Example]], max_length: int | None, gen_length: int | None
@@ -65,18 +58,13 @@ class JsonlTask(Task):
         (its warnings go to `notes`)."""
         everything = splits["train"] + splits["test"]
         self.notes: list[str] = []
-        if gen_length is None:
-            responses = [len(e.response) + 1 for e in everything]
-            gen_length = length_cap(responses)
-            setting = f"gen_length={max(responses)}"
-            self.notes.append(cap_note("response (with <eos>)", responses, gen_length, setting))
-        if max_length is None:
-            prompts = [len(e.prompt) + 1 for e in everything]
-            max_length = length_cap(prompts) + gen_length
-            setting = f"max_length={max(prompts) + gen_length}"
-            head = max_length - gen_length
-            self.notes.append(cap_note("prompt (with <sep>)", prompts, head, setting))
-        self.notes = [n for n in self.notes if n]
+        max_length, gen_length = measured_lengths(
+            [len(e.prompt) + 1 for e in everything],
+            [len(e.response) + 1 for e in everything],
+            max_length,
+            gen_length,
+            self.notes,
+        )
         if gen_length <= 0 or max_length <= gen_length:
             raise ValueError(
                 f"task 'jsonl': need 0 < gen_length < max_length, got gen_length={gen_length}, "
@@ -128,7 +116,6 @@ class DatasetTask(JsonlTask):
         self.paths = {"train": Path(train), "test": Path(test)}
         self.streaming = streaming
         self.max_length, self.gen_length = max_length, gen_length
-        self.dropped = 0
         self._splits = {"test": self._read("test", streaming=False)}
         if not self._splits["test"]:
             raise DataError(f"{test} contains no records")

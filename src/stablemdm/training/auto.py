@@ -16,6 +16,14 @@ before the step, and a resumed run measures and chooses exactly as before.
 `estimators.selection` does the math; this module builds the candidates, keeps the history
 (`auto.json`, in the run folder and every checkpoint) and switches the trainer's objective
 (`AutoCallback`).
+
+`auto_budget: charged` (the default) pays for the measurements and fits out of Standard's
+budget, max_steps steps of the run's batch: the first measurement is made before the engine
+starts, its counted passes (`training.compute`) fix how many steps the run trains and how many
+measurements it makes (`charged_plan`), and the run trains that many, so its total compute is
+Standard's within one step. The plan follows from the config and that first measurement
+(kept in `auto.json`), so a resumed run plans the same. `extra` trains max_steps steps and
+measures on top.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from ..rng import seeded_generator
 from ..tasks.registry import Task
 from .build import build_objective, build_sampler, fit_density, load_density
 from .checkpoints import AUTO_FILE, PPOTS_FILE
+from .compute import OVERHEAD, attach, passes, phase, step_passes
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset
 from .outputs import write_text
@@ -76,6 +85,24 @@ def measurement_interval(config: StableMDMConfig, candidates: int) -> int:
     measured = candidates * config.auto_draws * config.auto_batch
     trained = config.per_device_train_batch_size * config.gradient_accumulation_steps
     return max(1, math.ceil(measured / (AUTO_BUDGET * trained)))
+
+
+def charged_plan(budget: int, step: int, measurement: int, every: int) -> tuple[int, int]:
+    """(steps, measurements) of a run charged its measurements: the most steps S such that S
+    steps of `step` passes and m measurements of `measurement` passes, at steps 0, every, ...,
+    (m - 1) x every < S, fit in `budget`; m is the most measurements the schedule reaches
+    before the end (a later one would leave no budget for the steps after it)."""
+    plan, m = None, 1
+    while (steps := (budget - m * measurement) // step) > (m - 1) * every:
+        plan, m = (steps, m), m + 1
+    if plan is None:
+        raise ConfigError(
+            f"auto_budget=charged: one measurement counted {measurement} passes, more than the "
+            f"budget of max_steps Standard steps leaves for it ({budget} passes in all): raise "
+            "max_steps, measure less (auto_candidates, auto_draws, auto_batch) or set "
+            "auto_budget=extra"
+        )
+    return plan
 
 
 def candidate_config(config: StableMDMConfig, name: str, isad_tokens: list[str]) -> StableMDMConfig:
@@ -153,6 +180,8 @@ class AutoEstimator:
         self.every = measurement_interval(config, len(names))
         self.choice = names[0]  # until the first measurement (before step 1) chooses
         self.history: list[dict[str, Any]] = []
+        self.counter = attach(model)  # the measurements' passes (training.compute)
+        self.planned: dict[str, Any] | None = None  # `plan()`, once made
         self.cost = {"measure_seconds": 0.0, "train_seconds": 0.0}
         self._clock: float | None = None  # training time runs from here
 
@@ -164,21 +193,23 @@ class AutoEstimator:
     def measure(self, step: int, context: Callable = contextlib.nullcontext) -> dict[str, Any]:
         """Refit the P-POTS density, measure every candidate on the same minibatches and
         choose (`selection.choose`, the current choice the incumbent); returns the record
-        appended to `history`. `context()` wraps the forward passes (the trainer's autocast)."""
+        appended to `history`, with the passes it counted (fit included). `context()` wraps
+        the forward passes (the trainer's autocast)."""
         self.tick()
-        start = time.perf_counter()
+        start, before = time.perf_counter(), passes(self.counter.counts, OVERHEAD)
         if self.fit is not None:
             self.density.load_state_dict(self.fit(step).state_dict())
         fitted = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         try:
-            with context():
+            with context(), phase("auto"):
                 draws = self._draws(step)
         finally:
             self.model.train(was_training)
         record = self._decide(step, draws)
         record.update(fit_seconds=fitted - start, seconds=time.perf_counter() - start)
+        record["passes"] = passes(self.counter.counts, OVERHEAD) - before
         self.cost["measure_seconds"] += record["seconds"]
         self.history.append(record)
         self._clock = time.perf_counter()
@@ -236,6 +267,35 @@ class AutoEstimator:
             "table": compare_estimators(results, reference),
         }
 
+    def plan(self) -> dict[str, Any]:
+        """The run's steps and measurements (whole-run passes: every process's): charged, from
+        the first measurement's counted passes (`charged_plan`); extra, max_steps steps and a
+        measurement every `every` steps on top. Kept as `planned`."""
+        config, world = self.config, self.config.world_size
+        step = 2 * step_passes(config)  # Standard's step, forward and backward
+        plan: dict[str, Any] = {"auto_budget": config.auto_budget, "max_steps": config.max_steps}
+        if config.auto_budget == "extra":
+            plan.update(steps=config.max_steps, measurements=None)
+        else:
+            first = self.history[0].get("passes")
+            if first is None:
+                raise ConfigError(
+                    "--resume: this estimator=auto run was started before its measurements were "
+                    "charged (its auto.json counts no passes): resume it with auto_budget=extra"
+                )
+            budget = config.max_steps * step
+            steps, measurements = charged_plan(budget, step, first, self.every)
+            plan.update(steps=steps, measurements=measurements, budget=budget * world)
+            plan.update(measurement_passes=first * world)
+        self.planned = {**plan, "step_passes": step * world, "every": self.every}
+        return self.planned
+
+    def measures_after(self, step: int, end: int) -> bool:
+        """Whether a measurement follows optimizer step `step` (0: before step 1) of a run
+        that ends at `end`: every `every` steps before the end, up to the planned number."""
+        cap = (self.planned or {}).get("measurements")
+        return step % self.every == 0 and step < end and (cap is None or step // self.every < cap)
+
     def tick(self) -> None:
         """Add the training time since the last tick (measurements excluded)."""
         now = time.perf_counter()
@@ -258,6 +318,7 @@ class AutoEstimator:
             "margin": MARGIN,
             "feature": self.feature.describe(),
             "cost": dict(self.cost),
+            "plan": self.planned,
             "history": self.history,
             "ema": None if state is None else {k: _plain(v) for k, v in state.items()},
         }
@@ -364,25 +425,58 @@ def cost_line(auto: AutoEstimator) -> str:
     )
 
 
+def budget_line(plan: dict[str, Any] | None, counts: dict) -> str:
+    """The run's counted compute against Standard's budget (training.compute's passes)."""
+    training, overhead = passes(counts, ("train",)), passes(counts, OVERHEAD)
+    text = (
+        f"auto: counted {training + overhead:,} passes (training {training:,}, measurements and "
+        f"fits {overhead:,})"
+    )
+    if plan is None or plan["auto_budget"] == "extra":
+        return f"{text}; auto_budget=extra: the measurements came on top of the training"
+    share = 100 * (training + overhead - plan["budget"]) / plan["budget"]
+    return (
+        f"{text} against Standard's {plan['budget']:,} ({share:+.1f}%); auto_budget=charged: "
+        f"trained {plan['steps']} of max_steps={plan['max_steps']} steps, "
+        f"{plan['measurements']} measurement(s)"
+    )
+
+
 class AutoCallback(TrainerCallback):
-    """Runs `estimator: auto` in a Trainer: the first measurement before step 1, again after
-    every `auto_every` steps (before that step's checkpoint is written, so the checkpoint
-    holds the new choice), switching `trainer.objective`; prints the table and the cost and
-    logs a record per measurement (`auto/*`). `fields()` is what each metrics.jsonl line
-    gets: the estimator its steps were trained with."""
+    """Runs `estimator: auto` in a Trainer: the first measurement before the engine starts
+    (`prepare`, which also plans the run's steps), again after every `auto_every` steps up to
+    the planned number (before that step's checkpoint is written, so the checkpoint holds the
+    new choice), switching `trainer.objective`; prints the table and the cost and logs a
+    record per measurement (`auto/*`). `fields()` is what each metrics.jsonl line gets: the
+    estimator its steps were trained with."""
 
     def __init__(self, trainer: Trainer, auto: AutoEstimator) -> None:
         self.trainer, self.auto = trainer, auto
         self.trained_with: str | None = None
         self.pending: dict[str, Any] = {}
+        self.first: dict[str, Any] | None = None  # measured in `prepare`, reported at the start
 
     def fields(self) -> dict[str, Any]:
         """Fields added to each metrics.jsonl line."""
         return {"estimator": self.trained_with or self.auto.choice, **self.pending}
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def prepare(self) -> dict[str, Any]:
+        """Before `trainer.train()`: a fresh run's first measurement (its counted passes fix a
+        charged plan), then the plan, which sets the trainer's max_steps (its `args` must be
+        the run config's copy: config.yaml keeps Standard's budget) and what the run's
+        compute record carries."""
         if not self.auto.history:
-            self._measure(state, control)
+            self.first = self.auto.measure(0, self.trainer.autocast_smart_context_manager)
+        plan = self.auto.plan()
+        if plan["auto_budget"] == "charged":
+            self.trainer.args.max_steps = plan["steps"]
+        self.trainer.compute_plan = plan
+        return plan
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.first is not None:
+            self._report(self.first, state, control)
+            self.first = None
         self.trainer.objective = self.auto.objective
         self.auto.tick()  # the training time starts now
 
@@ -390,19 +484,21 @@ class AutoCallback(TrainerCallback):
         self.trained_with = self.auto.choice
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.auto.every or state.global_step >= state.max_steps:
+        if not self.auto.measures_after(state.global_step, state.max_steps):
             return
-        self._measure(state, control)
+        record = self.auto.measure(state.global_step, self.trainer.autocast_smart_context_manager)
+        self._report(record, state, control)
         self.trainer.objective = self.auto.objective
 
     def on_train_end(self, args, state, control, **kwargs):
         self.auto.tick()
+        counts = self.trainer.compute_counts()  # every process takes part
         if state.is_world_process_zero:
             print(cost_line(self.auto), flush=True)
+            print(budget_line(self.auto.planned, counts), flush=True)
 
-    def _measure(self, state, control) -> None:
-        """One measurement: choose, print, write auto.json, log its record."""
-        record = self.auto.measure(state.global_step, self.trainer.autocast_smart_context_manager)
+    def _report(self, record: dict[str, Any], state, control) -> None:
+        """One measurement's record: print it, write auto.json, log it."""
         if state.is_world_process_zero:
             print(describe(record, self.auto), flush=True)
             if state.global_step > 0:
@@ -411,6 +507,7 @@ class AutoCallback(TrainerCallback):
         logs = {
             "auto/seconds": record["seconds"],
             "auto/fit_seconds": record["fit_seconds"],
+            "auto/passes": record["passes"],
             "auto/switched": float(record["switched"]),
             **{f"auto/ratio/{r['name']}": r["ratio_to_reference"] for r in record.get("table", [])},
         }

@@ -20,9 +20,11 @@ from ..estimators.ppots import PPOTS
 from ..estimators.ppots_fit import FitDesign, fit_ppots
 from ..estimators.rates import Clipped, Uniform
 from ..estimators.registry import with_scheme
+from ..models.hf import max_positions
 from ..models.transformer import ModelConfig, Transformer
 from ..rng import seeded_generator
 from ..tasks.registry import Task
+from .compute import phase
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, fitting_data, resolve_canvas
 from .saved import is_hf_folder, load_checkpoint
@@ -114,18 +116,21 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
 
 
 def check_fits(model: torch.nn.Module, tokenizer: Any, max_length: int, where: str) -> None:
-    """Refuse a built-in model whose vocabulary or length does not match tokenizer and data."""
-    if not isinstance(model, Transformer):
-        return
-    if model.config.vocab_size != tokenizer.vocab_size:
+    """Refuse, before anything runs, a built-in model whose vocabulary is not the
+    tokenizer's, and any model with fewer positions than the sequences (`max_length`)."""
+    if isinstance(model, Transformer) and model.config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"{where}: the model has {model.config.vocab_size} tokens, the tokenizer "
             f"{tokenizer.vocab_size}"
         )
-    if model.config.max_seq_len < max_length:
+    bound = max_positions(model)
+    if bound is not None and bound[0] < max_length:
+        limit, name = bound
         raise ConfigError(
-            f"{where}: max_seq_len {model.config.max_seq_len} is shorter than the task's "
-            f"sequences ({max_length})"
+            f"{where}: the sequences are {max_length} tokens (max_length: the prompt, <sep> "
+            f"and the gen_length canvas) but the model has {limit} positions ({name} in its "
+            f"config): set max_length (and gen_length) to fit in {limit}, or use a model with "
+            f"a larger {name}"
         )
 
 
@@ -136,7 +141,9 @@ def build_model(
     if config.model is not None:
         model, tokenizer = build_hf(config)
         tokenizer = task.tokenizer_for(tokenizer)
-        return model, tokenizer, resolve_canvas(config, task, tokenizer)
+        canvas = resolve_canvas(config, task, tokenizer)
+        check_fits(model, tokenizer, canvas.max_length, f"model={config.model}")
+        return model, tokenizer, canvas
     tokenizer = task.tokenizer_for(None)
     canvas = resolve_canvas(config, task, tokenizer)
     return build_builtin(config, tokenizer, canvas.max_length), tokenizer, canvas
@@ -271,15 +278,16 @@ def fit_density(
         masks=config.ppots_masks,
         mix=config.mix,
     )
-    density = fit_ppots(
-        plain,
-        model,
-        default_data_collator(mine[:n]),
-        default_data_collator(mine[n:]),
-        generator=seeded_generator(config.seed, "ppots-masks", rank, step),
-        design=design,
-        target=config.ppots_target,
-        params=config.ppots_params,
-    )
+    with phase("ppots_fit"):  # its passes are the run's overhead (training.compute)
+        density = fit_ppots(
+            plain,
+            model,
+            default_data_collator(mine[:n]),
+            default_data_collator(mine[n:]),
+            generator=seeded_generator(config.seed, "ppots-masks", rank, step),
+            design=design,
+            target=config.ppots_target,
+            params=config.ppots_params,
+        )
     density.source = {**(density.source or {}), "fitted_for": density_provenance(config)}
     return density

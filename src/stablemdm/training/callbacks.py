@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ..estimators.ppots import PPOTS
+from .compute import phase
 from .trainer import ema_of
 
 
@@ -125,7 +126,8 @@ def _finite(v):
 
 
 class AccuracyCallback(TrainerCallback):
-    """After each evaluation, decode part of the test split and log the accuracy."""
+    """After each evaluation, decode part of the test split and log the accuracy (its
+    passes counted as evaluation, not as the run's compute)."""
 
     def __init__(self, trainer: Trainer, run_eval) -> None:
         self.trainer = trainer
@@ -133,4 +135,6 @@ class AccuracyCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.trainer.log({"eval_accuracy": self.run_eval(self.trainer.model)})
+            with phase("eval"):
+                accuracy = self.run_eval(self.trainer.model)
+            self.trainer.log({"eval_accuracy": accuracy})

@@ -14,6 +14,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import torch
@@ -29,6 +30,7 @@ from ..estimators.registry import (
     unbiased,
 )
 from ..models.hf import ADD_MASK_CONFLICT
+from ..tasks.registry import resolve_paths
 
 SAMPLER_NAMES = ("uniform", "clipped", "ppots", "ema")
 
@@ -271,6 +273,14 @@ class StableMDMConfig(TrainingArguments):
         default=AUTO_BATCH,
         metadata={"help": "auto: sequences per measured minibatch (even: MIRROR halves it)."},
     )
+    auto_budget: Literal["charged", "extra"] = field(
+        default="charged",
+        metadata={
+            "help": "auto: charged: its measurements and P-POTS fits come out of max_steps "
+            "Standard steps' passes (it trains fewer steps, planned before step 1); extra: "
+            "they come on top (docs/methods.md)."
+        },
+    )
 
     max_nonfinite_steps: int = field(
         default=10,
@@ -345,7 +355,18 @@ class StableMDMConfig(TrainingArguments):
         self._check_estimator_sizes()
         self._check_model_options()
         self._check_auto()
+        self._resolve_paths()
         super().__post_init__()
+
+    def _resolve_paths(self) -> None:
+        """Data files and local model, checkpoint and density paths made absolute and
+        resolved, as given from the working directory: config.yaml then names them for a
+        command run anywhere (a Hub name, or a path not there, is left as it is)."""
+        self.task_options = resolve_paths(self.task, self.task_options)
+        for name in ("model", "init_from", "tokenizer_name", "ppots_file"):
+            value = getattr(self, name)
+            if value and Path(value).exists():
+                setattr(self, name, str(Path(value).resolve()))
 
     def _check_ranges(self) -> None:
         """The estimator's real-valued parameters lie in their ranges."""
@@ -465,6 +486,11 @@ class StableMDMConfig(TrainingArguments):
             raise ConfigError(
                 "estimator=auto refits the P-POTS density at each measurement (every auto_every "
                 "steps): remove ppots_refit_steps"
+            )
+        if self.auto_budget == "charged" and self.max_steps < 1:
+            raise ConfigError(
+                "auto_budget=charged plans its steps within max_steps Standard steps: set "
+                "max_steps, or auto_budget=extra to train num_train_epochs"
             )
         isad_named = "isad" in self.auto_candidates
         if isad_named and not (self.isad_tokens or ISAD_DEFAULT_TOKENS.get(self.task)):
@@ -701,7 +727,7 @@ METHOD_OPTIONS: dict[str, tuple[typing.Callable[[StableMDMConfig], bool], str]] 
         ),
     ),
     **dict.fromkeys(
-        ("auto_every", "auto_candidates", "auto_draws", "auto_batch"),
+        ("auto_every", "auto_candidates", "auto_draws", "auto_batch", "auto_budget"),
         (lambda c: c.estimator == "auto", "estimator=auto"),
     ),
     "eps": (lambda c: c.objective == "mdm", "objective=mdm"),

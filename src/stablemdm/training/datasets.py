@@ -71,11 +71,9 @@ def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer
     with this tokenizer (a streamed train split on its first STREAM_SAMPLE examples), where
     one overlong example does not inflate every sequence (`data.length_cap`: it is left out,
     with a warning on stderr)."""
-    max_length, gen_length = config.max_length, config.gen_length
+    max_length, gen_length, notes = config.max_length, config.gen_length, []
     if isinstance(tokenizer, CharTokenizer):
-        max_length = max_length or getattr(task, "max_length", None)
-        gen_length = gen_length or getattr(task, "gen_length", None)
-    notes = list(getattr(task, "notes", []))
+        max_length, gen_length, notes = _char_lengths(config, task)
     if max_length is None or gen_length is None:
         streamed = getattr(task, "streaming", False)
         train = stream_sample(task)[0] if streamed else task.examples("train")
@@ -87,6 +85,23 @@ def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer
         for note in notes:
             print(f"stablemdm: warning: {note}", file=sys.stderr)
     return Canvas(max_length, gen_length, config.eos_fill)
+
+
+def _char_lengths(config: StableMDMConfig, task: Task) -> tuple[int | None, int | None, list]:
+    """A character task's lengths and warnings: the config's, with the task's filling in
+    what it leaves unset (gen_length alone keeps the task's room for the prompt). A task
+    that set examples aside under the outlier rule (its `notes`) fills in nothing once the
+    config gives a length: the other is measured again, so the advice fits the lengths used."""
+    max_length, gen_length = config.max_length, config.gen_length
+    own_max, own_gen = getattr(task, "max_length", None), getattr(task, "gen_length", None)
+    notes = list(getattr(task, "notes", []))
+    if max_length is None and gen_length is None:
+        return own_max, own_gen, notes
+    if notes:
+        return max_length, gen_length, []
+    if max_length is None and own_max and own_gen:
+        max_length = own_max - own_gen + gen_length
+    return max_length, gen_length or own_gen, []
 
 
 def encode_split(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .checkpoints import MODEL_FILES
+from .compute import planned_end
 from .config import StableMDMConfig
 from .outputs import atomic_path
 
@@ -36,10 +37,11 @@ def _state(path: Path) -> dict | None:
 
 
 def end_step(config: StableMDMConfig, state: dict) -> int | None:
-    """The step `config`'s run ends at: max_steps, or, for a run by epochs, the step count
-    the engine computed (in `state`) if num_train_epochs is unchanged; None if unknown."""
+    """The step `config`'s run ends at: max_steps (or the steps estimator=auto planned within
+    that budget, recorded in `state`), or, for a run by epochs, the step count the engine
+    computed (in `state`) if num_train_epochs is unchanged; None if unknown."""
     if config.max_steps > 0:
-        return config.max_steps
+        return planned_end(state, config.max_steps)
     if state.get("num_train_epochs") == config.num_train_epochs:
         return state.get("max_steps")
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, short_repr
 from .config import (
     _OVERRIDDEN,
     _OWN_FIELDS,
@@ -62,27 +63,61 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     """Check `value` against the field's type; ints are accepted for floats."""
     if not _type_ok(value, hint):
+        shown = short_repr(value)
         if get_origin(hint) is Literal:
             allowed = ", ".join(map(str, get_args(hint)))
-            raise ConfigError(f"{where}: {key} must be one of {allowed}; got {value!r}")
+            raise ConfigError(f"{where}: {key} must be one of {allowed}; got {shown}")
         if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf"):
-            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-        raise ConfigError(
-            f"{where}: {key}={value!r} has the wrong type; expected {_type_name(hint)}"
-        )
+            raise ConfigError(f"{where}: {key} must be a finite number, got {shown}")
+        raise ConfigError(f"{where}: {key}={shown} has the wrong type; expected {_type_name(hint)}")
     if hint is float and isinstance(value, int):
         return float(value)
     return value
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    """`int`, `list[str]`, `int | None`: a field's type as its annotation reads."""
+    if get_args(hint) or getattr(hint, "__name__", None) is None:
+        return str(hint).replace("typing.", "")
+    return hint.__name__
+
+
+# values a YAML document may stand for once its aliases are written out: a recipe or study
+# holds a few hundred, a "billion laughs" of nested aliases billions
+MAX_YAML_VALUES = 10_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, float]) -> float:
+    """How many values `node` stands for with every alias written out (inf when it contains
+    itself); `sizes` holds each node once, so this is linear in the text however it nests."""
+    key = id(node)
+    if key not in sizes:
+        sizes[key] = math.inf  # met again before it is summed: the node contains itself
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        total = 1.0
+        for child in children:
+            total += _expanded_size(child, sizes)
+        sizes[key] = total
+    return sizes[key]
 
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 scalars: only true/false are booleans (`eval_strategy: no` stays the string
     'no') and `1e-3` is a float, as a user means them; a key given twice in one mapping is an
-    error (PyYAML would silently keep the last)."""
+    error (PyYAML would silently keep the last); aliases that expand to more than
+    MAX_YAML_VALUES values are refused before any value is built."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        """The document's node, refused when its aliases expand it past MAX_YAML_VALUES."""
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                problem=f"its aliases (*name) stand for more than {MAX_YAML_VALUES:,} values; "
+                "write the values out instead"
+            )
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         """The mapping of `node`, refusing a key that appears twice."""
@@ -126,8 +161,14 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """Parse YAML text with the YAML 1.2 reading of booleans and floats."""
-    return yaml.load(text, Loader=_Loader)
+    """Parse YAML text with the YAML 1.2 reading of booleans and floats; a YAMLError for a
+    document nested deeper than Python's stack allows."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError(
+            "nested too deeply (more lists and mappings inside each other than Python can read)"
+        ) from None
 
 
 def describe_yaml_error(err: yaml.YAMLError) -> str:
@@ -161,28 +202,33 @@ def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value`; the value is parsed as a YAML literal (`3`, `1e-3`, `true`, `[a, b]`)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"override {short_repr(text)} is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(
-            f"override {text!r}: the value does not parse ({describe_yaml_error(err)})"
+            f"override {short_repr(text)}: the value does not parse ({describe_yaml_error(err)})"
         ) from None
     if not key.strip():
-        raise ConfigError(f"override {text!r} has no key before '='")
+        raise ConfigError(f"override {short_repr(text)} has no key before '='")
     return key.strip(), value
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] = (), *, allow_unused: bool = False
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    *,
+    allow_unused: bool = False,
+    base: dict[str, Any] | None = None,
+    base_source: str = "base",
 ) -> StableMDMConfig:
-    """Build the config from a flat YAML recipe and `key=value` overrides (later wins).
-    A field set to a non-default value that the chosen method ignores is warned about on
-    stderr unless `allow_unused` (a base config shared by several methods, as in `stablemdm
-    variance`)."""
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
+    """Build the config from `base` field values (named `base_source` in messages), a flat
+    YAML recipe and `key=value` overrides (later wins). A field set to a non-default value
+    that the chosen method ignores is warned about on stderr unless `allow_unused` (a base
+    config shared by several methods, as in `stablemdm variance`)."""
+    values: dict[str, Any] = dict(base or {})
+    sources: dict[str, str] = dict.fromkeys(values, base_source)
     literals: dict[str, str] = {}  # the text of each command-line value, for string fields
     if path is not None:
         for key, value in read_yaml_file(path, "config file").items():

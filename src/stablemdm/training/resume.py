@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = {
     "max_grad_norm",
     "max_nonfinite_steps",
     "max_steps",
+    "auto_budget",  # like max_steps, it only sets how far estimator=auto trains
     "num_train_epochs",
     "logging_steps",
     "save_steps",

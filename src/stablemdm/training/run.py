@@ -6,6 +6,7 @@ the modules it wires together. Checks that can fail are made before anything is 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -38,11 +39,14 @@ from .callbacks import (
     RefitCallback,
 )
 from .checkpoints import PPOTS_FILE, RUN_CONFIG, SAMPLER_STATE
+from .compute import KEY as COMPUTE_KEY
+from .compute import CarryCompute, attach, write_compute
 from .config import StableMDMConfig
 from .datasets import Canvas, TensorDataset, collate, encode_split, fitting_data, train_dataset
 from .finished import FINISHED, finished_at, mark_finished, publish_final, reached
 from .finite import check_final_weights
 from .lock import output_lock
+from .memory import check_attention_memory
 from .recipe import save_config
 from .resume import (
     _restart_metrics,
@@ -82,6 +86,7 @@ def train(
     check_output_dir(config)
     task = get_task(config.task, **config.task_options)
     model, tokenizer, canvas = build_model(config, task)
+    check_attention_memory(config, model, canvas.max_length)
     check_scorer(task, tokenizer, task.examples("test"))
     config.max_length, config.gen_length = canvas.max_length, canvas.gen_length
     if config.model is not None:  # config.yaml records the resolved convention, not null
@@ -137,7 +142,9 @@ def _run(
     callbacks: list | None,
 ) -> RunResult:
     """The training itself, from `checkpoint` if given, and the final model (only finite
-    weights; `trainer_state.json` beside it, written last, marks the run finished)."""
+    weights; `trainer_state.json` beside it, written last, marks the run finished). Every
+    pass through the model is counted from here on (`compute`, in compute.json)."""
+    attach(model)
     encoded = train_data if isinstance(train_data, TensorDataset) else None  # not streamed
     objective, density, auto = _estimator(
         config, model, task, tokenizer, canvas, checkpoint, encoded
@@ -155,9 +162,12 @@ def _run(
             (folder / PPOTS_FILE).write_text(json.dumps(density.to_dict()))
         if auto is not None:
             auto.save(folder)
+        write_compute(folder, trainer.state.stateful_callbacks.get(COMPUTE_KEY))
         save_config(config, folder / RUN_CONFIG)
 
-    trainer = _trainer(config, model, tokenizer, task, canvas, train_data, objective, callbacks)
+    # auto plans its own steps into the trainer's copy of the config (config.yaml keeps max_steps)
+    args = copy.copy(config) if auto is not None else config
+    trainer = _trainer(args, model, tokenizer, task, canvas, train_data, objective, callbacks)
     _note_launch(trainer)
     builtin = isinstance(model, Transformer)
     # a Hugging Face model's weights are saved by the Trainer itself (sharded, LoRA, FSDP)
@@ -184,9 +194,13 @@ def _run(
         EMACallback(trainer),
         *refits,
         *([watch] if watch is not None else []),
+        CarryCompute(trainer.compute_record),
     ):
         trainer.add_callback(callback)
+    if watch is not None:
+        watch.prepare()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.state.stateful_callbacks[COMPUTE_KEY] = trainer.compute_record()
     check_final_weights(trainer)
     if not builtin:
         trainer.save_model(config.output_dir)

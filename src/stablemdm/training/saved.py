@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from ..data.image_tokens import with_image_tokens
 from ..data.tokenizer import CharTokenizer
 from ..errors import ConfigError
 from ..models.transformer import MODEL_TYPE, Transformer
+from ..tasks.registry import missing_paths
 from .checkpoints import RUN_CONFIG
 from .finite import nonfinite_parameter, nonfinite_tensor
 from .recipe import describe_yaml_error, load_yaml
@@ -50,6 +53,30 @@ def saved_run_config(folder: str | Path) -> dict[str, Any]:
                     "run's output_dir or another checkpoint"
                 ) from None
     return {}
+
+
+def run_task_options(
+    folder: str | Path, task: str, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The task_options a later command uses on the run saved in `folder`: the run's own
+    (its config.yaml) when `task` is the run's task, else none, each of `given` (the
+    `--task-option`s) replacing one. A data file or folder among the run's own options that
+    is not there any more (moved, deleted, or a relative path from another directory) is a
+    ConfigError naming the option that points at it."""
+    saved, given = saved_run_config(folder), given or {}
+    options = dict(saved.get("task_options") or {}) if task == saved.get("task") else {}
+    for where, path in missing_paths(task, options):
+        top = re.split(r"[.\[]", where, maxsplit=1)[0]
+        if top in given:
+            continue
+        relative = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+        option = f"{top}=PATH" if top == where else f"{top}=[...] (the whole list, {where} changed)"
+        raise ConfigError(
+            f"the run {folder} trained on {path}{relative}, its task_options {where} in "
+            f"config.yaml, which is not there any more: point at the data with --task-option "
+            f"{option}"
+        )
+    return {**options, **given}
 
 
 def _step(path: Path) -> int:

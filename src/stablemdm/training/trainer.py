@@ -42,6 +42,7 @@ from ..estimators.ema import EMA
 from ..estimators.objective import Objective
 from ..rng import seeded_generator
 from .checkpoints import STAGING, checkpoints, clear_staging, publish, rotate
+from .compute import attach, carried, counts_of, log_fields, phase, record
 from .finite import way_on, weights_finite
 from .logwindow import LossWindow
 from .outputs import make_room, write_failure
@@ -75,7 +76,10 @@ class StableMDMTrainer(Trainer):
         self.eval_objective = eval_objective
         self._micro = (-1, 0)  # (optimizer step, micro-batch index within it)
         self._seen: dict[str, list[torch.Tensor]] = {"rate": [], "weight": [], "loss": []}
-        self._tokens = 0
+        # every pass through the model, by phase (`compute`); `compute_plan`: auto's, if charged
+        self.compute = attach(self.model)
+        self.compute_plan: dict | None = None
+        self._tokens = 0  # training token positions counted at the last log line
         self._clock = time.perf_counter()
         # writes the stablemdm files into a checkpoint folder before it is published
         self.checkpoint_extras: Callable[[Path], None] | None = None
@@ -103,26 +107,28 @@ class StableMDMTrainer(Trainer):
             part, parts = rate_slice(
                 micro, rank, self.args.world_size, self.args.gradient_accumulation_steps
             )
-            out = self.objective(
-                model,
-                inputs,
-                rate_generator=seeded_generator(seed, "rate", step),
-                mask_generator=seeded_generator(seed, "mask", step, micro, rank),
-                rank=part,
-                world_size=parts,
-                micro_batch_size=self.args.per_device_train_batch_size,
-            )
+            with phase("train"):
+                out = self.objective(
+                    model,
+                    inputs,
+                    rate_generator=seeded_generator(seed, "rate", step),
+                    mask_generator=seeded_generator(seed, "mask", step, micro, rank),
+                    rank=part,
+                    world_size=parts,
+                    micro_batch_size=self.args.per_device_train_batch_size,
+                )
             self._record(out, inputs)
             bad = ~torch.isfinite(out.loss.detach())  # judged with the gradient (no sync here)
             self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
         else:  # held-out loss: a fixed draw per batch, the same for every method and eval
             key = int(inputs["input_ids"].sum()), int(inputs["eligible"].sum())
-            out = self.eval_objective(
-                model,
-                inputs,
-                seeded_generator(seed, "eval-rate", *key),
-                seeded_generator(seed, "eval-mask", *key),
-            )
+            with phase("eval"):
+                out = self.eval_objective(
+                    model,
+                    inputs,
+                    seeded_generator(seed, "eval-rate", *key),
+                    seeded_generator(seed, "eval-mask", *key),
+                )
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(
                     f"non-finite held-out loss {out.loss.item()} at step "
@@ -185,8 +191,6 @@ class StableMDMTrainer(Trainer):
         self._seen["rate"].append(rate.float())
         self._seen["weight"].append(weight.float())
         self._seen["loss"].append(out.unweighted.float())
-        n = len(rate)  # sequences actually used (compute_matched MIRROR uses half the batch)
-        self._tokens = self._tokens + inputs["attention_mask"][:n].sum() * (out.forward_passes // n)
         ema = ema_of(self.objective)
         if ema is not None:
             both = torch.stack([rate.float(), out.unweighted.float()])  # [2, B]
@@ -212,10 +216,11 @@ class StableMDMTrainer(Trainer):
         return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the sampler's diagnostics, throughput and the count of skipped non-finite
-        steps since the last line to each training log line. Its loss is the log window's
-        (the engine's, carried across a resume), NaN (null in metrics.jsonl) when every step
-        since the last line was skipped."""
+        """Add the sampler's diagnostics, throughput, the count of skipped non-finite
+        steps since the last line and the passes counted so far (`compute/*`, every process's)
+        to each training log line. Its loss is the log window's (the engine's, carried across
+        a resume), NaN (null in metrics.jsonl) when every step since the last line was
+        skipped."""
         if "loss" in logs:
             window = self.loss_window
             skipped, steps = window.skipped, self.state.global_step - window.start
@@ -223,6 +228,7 @@ class StableMDMTrainer(Trainer):
             if skipped and skipped >= steps:
                 logs["loss"] = float("nan")
             logs["nonfinite_steps"] = skipped
+            logs.update(log_fields(self.compute_counts()))
         if "loss" in logs and self._seen["rate"]:
             rate, weight, loss = (
                 torch.cat(self._seen[k]).cpu() for k in ("rate", "weight", "loss")
@@ -239,12 +245,35 @@ class StableMDMTrainer(Trainer):
                     weight_max=weight.max().item(),
                 )
                 logs.update(self._rate_bins(rate, loss))
+            tokens = self.compute.counts["train"]["tokens"]  # this process's
             logs["tokens_per_s"] = (
-                float(self._tokens) * self.args.world_size / max(now - self._clock, 1e-9)
+                (tokens - self._tokens) * self.args.world_size / max(now - self._clock, 1e-9)
             )
             self._seen = {"rate": [], "weight": [], "loss": []}
-            self._tokens, self._clock = 0, now
+            self._tokens, self._clock = tokens, now
         super().log(logs, *args, **kwargs)
+
+    def compute_counts(self) -> dict:
+        """The passes counted so far, summed over processes (with several, a collective:
+        every process calls it)."""
+        vector = self.compute.vector()
+        if self.args.world_size > 1:
+            total = torch.tensor(vector, dtype=torch.int64, device=self.args.device)
+            vector = self.accelerator.reduce(total, reduction="sum").tolist()
+        return counts_of(vector)
+
+    def compute_record(self) -> dict:
+        """What a checkpoint (`compute.CarryCompute`) and the finished run's trainer state
+        carry of the compute (every process calls it)."""
+        return record(self.state.global_step, self.compute_counts(), self.compute_plan)
+
+    def restore_compute(self, state) -> None:
+        """A resumed run goes on from the counts its checkpoint carried (added once, by the
+        main process, so that the sum over processes is the run's)."""
+        counts = carried(state.stateful_callbacks, state.global_step)
+        if counts is not None and self.args.process_index == 0:
+            self.compute.load(counts)
+        self._tokens = self.compute.counts["train"]["tokens"]
 
     # Private override: no public hook decides where a checkpoint is written or when old ones
     # are rotated; `save_model` and `on_save` run inside and after the engine's own writes into
@@ -333,10 +362,11 @@ class TrainerHooks(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """A resumed run's optimizer and scheduler are loaded by now: apply a changed
-        learning_rate to them."""
+        """A resumed run's optimizer, scheduler and trainer state are loaded by now: apply a
+        changed learning_rate to them, and go on from the compute its checkpoint counted."""
         if state.global_step > 0:
             self.trainer._apply_learning_rate()
+            self.trainer.restore_compute(state)
 
     def on_step_end(self, args, state, control, **kwargs):
         """No checkpoint in a run of non-finite steps or of non-finite weights: the latest

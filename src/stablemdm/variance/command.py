@@ -8,8 +8,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..estimators.registry import DEFAULT_METHODS, METHODS
+from ..training.config import StableMDMConfig
 from ..training.outputs import check_output_folder, config_inputs
-from ..training.recipe import load_config
+from ..training.recipe import load_config, parse_override
+from ..training.saved import run_task_options, saved_run_config
 from .inputs import VarianceOptions
 from .measure import DEFAULT_PROJECTION, FULL_GRADIENT_MAX, Design
 from .output import TERMINAL_WIDTH, print_report, write_report
@@ -35,8 +37,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         metavar="DIR",
-        help="model folder (Transformer.save_pretrained; its tokenizer too if present); "
-        "default: the config's model (init_from, else a seeded fresh initialisation)",
+        help="a run's output folder or checkpoint-N folder, measured on the run's task, "
+        "task_options and lengths (its config.yaml) unless --config is given; default: the "
+        "config's model (init_from, else a seeded fresh initialisation)",
+    )
+    parser.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="with --checkpoint and no --config: replace one of the run's task_options, e.g. "
+        "train=data/train.jsonl (repeatable)",
     )
     parser.add_argument(
         "--methods",
@@ -136,13 +147,56 @@ def options_from_args(args: argparse.Namespace) -> VarianceOptions:
     )
 
 
+# what a run's config.yaml says about the data and loss it trained on, besides its task
+RUN_FIELDS = ("max_length", "gen_length", "eos_fill", "loss_normalizer", "normalizer_length")
+
+
+def run_settings(checkpoint: str, overrides: list[str], task_options: list[str]) -> dict:
+    """The config values of the run in `checkpoint` that `variance` measures it with when no
+    --config is given: its task, its task_options (each of `task_options` replacing one) and
+    RUN_FIELDS, as `eval` reads them; a `task=` override naming another task keeps none."""
+    saved = saved_run_config(checkpoint)
+    if not saved:
+        if task_options:
+            raise ConfigError(f"--task-option: {checkpoint} has no config.yaml (no run's options)")
+        print(
+            f"stablemdm: warning: {checkpoint} has no config.yaml naming the task it was trained "
+            "on: measuring on the config's task (set task=NAME or --config)",
+            file=sys.stderr,
+        )
+        return {}
+    given = dict(parse_override(o) for o in overrides)
+    task = given.get("task", saved.get("task"))
+    values = {k: saved[k] for k in RUN_FIELDS if k in saved} if task == saved.get("task") else {}
+    if "task_options" not in given:
+        values["task_options"] = run_task_options(
+            checkpoint, task, dict(parse_override(o) for o in task_options)
+        )
+    return {**values, "task": task}
+
+
+def base_config(args: argparse.Namespace) -> StableMDMConfig:
+    """The config every method shares: --config (a recipe), else the run of --checkpoint
+    (`run_settings`), with the key=value overrides and --seed on top."""
+    overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
+    if args.task_option and (args.checkpoint is None or args.config is not None):
+        raise ConfigError(
+            "--task-option replaces one of a run's task_options: it needs --checkpoint RUN "
+            "and no --config (with --config, set task_options={...})"
+        )
+    base = {}
+    if args.checkpoint is not None and args.config is None:
+        base = run_settings(args.checkpoint, overrides, args.task_option)
+    source = f"{args.checkpoint}/config.yaml"
+    return load_config(args.config, overrides, allow_unused=True, base=base, base_source=source)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """`stablemdm variance`: run, print the tables, write the report; returns the exit code."""
     from rich.console import Console
 
     options = options_from_args(args)
-    overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
-    config = load_config(args.config, overrides, allow_unused=True)  # shared by every method
+    config = base_config(args)
     if config.trust_remote_code and not args.trust_remote_code:
         raise ConfigError(
             "stablemdm variance runs a model's own code only with --trust-remote-code on its "
