@@ -86,10 +86,11 @@ def loglikelihood_choices(
     budget = Budget() if budget is None else budget
     if not isinstance(budget, Budget):
         raise ConfigError("likelihood: budget must be a likelihood.Budget")
+    cls = scheme_class(estimator)  # an unknown name is refused for an ARM too
     if is_arm(model, kind):
         return _exact_choices(model, question)
     mask_id = mask_token_of(model, mask_token_id)
-    _check(scheme_class(estimator), budget, model)
+    _check(cls, budget, model)
     fitted = [0] * len(question.lengths)
     if estimator == "ppots_count" and density is None:
         density = fit_count_density(
