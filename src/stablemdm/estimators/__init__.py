@@ -1,7 +1,8 @@
 """The estimators of the MDM objective (paper.md sections 1 and 3): rate samplers (Standard,
 Clipped, P-POTS, EMA), schemes over a batch (StraTS, SyRM), count mode, masks (iid, MIRROR,
-ISAD), the per-sequence losses, the P-POTS fit, and `Objective`, which composes them into one
-training step. Pure PyTorch/NumPy: no trainer, CLI or file I/O."""
+ISAD), the per-sequence losses, the P-POTS fit, block diffusion's objective (`blocks`, after
+BD3-LM: a rate and a mask per block), and `Objective`, which composes them into one training
+step. Pure PyTorch/NumPy: no trainer, CLI or file I/O."""
 
 from .counts import count_probabilities, counts_from_rates, sample_counts
 from .ema import EMA

@@ -55,17 +55,23 @@ def logits_of(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     t: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
 ):
     """Call any model `model(input_ids, attention_mask)` (through its DDP/peft wrapper) and
     return logits `[B, L, V]` where position i predicts token i (plain tensors and Hugging Face
     outputs with `.logits` both work). A model that conditions on t is also given `t` `[B]`;
     a model with shifted logits (Dream, AR-to-MDM: position i-1 predicts token i) is shifted
-    back (position 0, always prompt, keeps its own)."""
+    back (position 0, always prompt, keeps its own). Block diffusion passes `block_ids`
+    (`models.blocks.block_diffusion_mask`), which only a model taking them accepts."""
     kwargs = {}
     if conditions_on_t(model):
         if t is None:
             raise ValueError("this model conditions on t, but no t was given")
         kwargs["t"] = t
+    if block_ids is not None:
+        if adapter(model).get("shift_logits"):
+            raise ValueError("block diffusion needs unshifted logits (position i predicts i)")
+        kwargs["block_ids"] = block_ids
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out  # [B, L, V]
     if adapter(model).get("shift_logits"):
@@ -73,7 +79,7 @@ def logits_of(
     return logits
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy `[B, L]` of targets under logits `[B, L, V]`, computed in fp32."""
     b, l, v = logits.shape
     return F.cross_entropy(
@@ -106,7 +112,7 @@ def mdm_loss(
     xt = apply_mask(x0, mask, mask_token_id)  # [B, L]
     logits = logits_of(model, xt, attention_mask, t)  # [B, L, V]
     scored = mask & eligible
-    nll = _token_nll(logits, x0) * scored  # [B, L]
+    nll = token_nll(logits, x0) * scored  # [B, L]
     n = eligible.sum(dim=1).clamp(min=1) if normalizer is None else normalizer  # [B]
     per_sequence = nll.sum(dim=1) / (n * p)
     if weight is not None:
@@ -132,7 +138,7 @@ def arm_loss(
     scored = torch.zeros_like(eligible)
     scored[:, 1:] = eligible[:, 1:]
     nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
-    nll[:, 1:] = _token_nll(logits, targets) * scored[:, 1:]
+    nll[:, 1:] = token_nll(logits, targets) * scored[:, 1:]
     n = scored.sum(dim=1).clamp(min=1) if normalizer is None else normalizer  # [B]
     per_sequence = nll.sum(dim=1) / n
     if weight is not None:

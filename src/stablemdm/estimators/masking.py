@@ -63,6 +63,23 @@ def subset_mask(
     return (_eligible_ranks(eligible, u, descending=False) < k[:, None]) & eligible
 
 
+def grouped_subset_mask(
+    eligible: torch.Tensor,
+    groups: torch.Tensor,
+    k: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Count mode per group (block diffusion's blocks): mask a uniformly random `k[b, g]`-subset
+    of the eligible positions of each group g of each row; `groups` `[B, L]` holds ids in
+    0..G-1 and `k` is `[B, G]`. With one group it draws `subset_mask`'s mask."""
+    u = _uniforms(eligible, generator)
+    ranks = _eligible_ranks(eligible, groups.double() + u.double(), descending=False)  # by group
+    counts = torch.zeros(k.shape, dtype=torch.long, device=k.device)
+    counts.scatter_add_(1, groups, eligible.long())  # [B, G] eligible positions per group
+    before = (counts.cumsum(dim=1) - counts).gather(1, groups)  # [B, L] in earlier groups
+    return (ranks - before < k.gather(1, groups)) & eligible
+
+
 def mirror_subset_masks(
     eligible: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,9 @@ Per sequence, in rate mode (`rate="t"`):
 
 In count mode (`rate="count"`, this project's addition) a count k in 1..|E| replaces t, the
 mask is a uniform k-subset and the ELBO factor becomes k/|E| (paper.md section 3).
+
+Block diffusion (`kind="block"`, `blocks.py`) draws one rate (or count) and one mask per
+response block of `block_size` positions and scores every block in one forward pass.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ from typing import Literal
 
 import torch
 
+from .blocks import (
+    block_count_masks,
+    block_loss,
+    block_rate_masks,
+    block_sums,
+    blocks_per_row,
+    response_blocks,
+)
 from .counts import counts_from_rates
 from .losses import Model, arm_loss, conditions_on_t, mdm_loss
 from .masking import (
@@ -38,7 +49,7 @@ from .masking import (
 )
 from .rates import RateSampler, Uniform
 
-ObjectiveKind = Literal["mdm", "arm"]
+ObjectiveKind = Literal["mdm", "arm", "block"]
 
 
 RateMode = Literal["t", "count"]
@@ -62,6 +73,9 @@ class ObjectiveOutput:
     estimate S(t) from); `rate` `[B]` is t, or (k - 1/2)/|E| in count mode (the middle of
     the cell of rates that map to k); `weight` `[B]`;
     `forward_passes` counts sequence-forward passes (MIRROR costs two per sequence).
+    For `kind="block"`, `unweighted`, `rate` and `weight` are per block: the blocks holding
+    an eligible token, row by row (a block's rate is what its draw is about); `unweighted` is
+    each block's term of its sequence's loss before the weight.
     """
 
     loss: torch.Tensor
@@ -82,6 +96,7 @@ class Objective:
     (response + one `<eos>`: batch key `n_response`), or a fixed `normalizer_length` (the
     same divisor for every sequence, so long answers weigh more, as a token-level mean over a
     fixed canvas does). The ARM uses the same divisor, so both models optimise the same sum.
+    `block_size` is block diffusion's block length (`kind="block"` only).
     """
 
     mask_token_id: int
@@ -96,12 +111,14 @@ class Objective:
     compute_matched: bool = False
     normalizer: Normalizer = "eligible"
     normalizer_length: int | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampler is None:
             self.sampler = Uniform()
-        if self.kind not in ("mdm", "arm"):
-            raise ValueError(f"objective must be 'mdm' or 'arm', got {self.kind!r}")
+        if self.kind not in ("mdm", "arm", "block"):
+            raise ValueError(f"objective must be 'mdm', 'arm' or 'block', got {self.kind!r}")
+        self._check_blocks()
         if self.rate not in ("t", "count"):
             raise ValueError(f"rate must be 't' or 'count', got {self.rate!r}")
         if self.masking not in ("iid", "mirror", "isad"):
@@ -130,6 +147,22 @@ class Objective:
         if self.normalizer_length is not None and self.normalizer_length < 1:
             raise ValueError(f"normalizer_length must be >= 1, got {self.normalizer_length}")
         p_mask(torch.zeros(1), self.eps)
+
+    def _check_blocks(self) -> None:
+        """`block_size` >= 1 for and only for `kind="block"`, whose masks are iid per block."""
+        if (self.kind == "block") != (self.block_size is not None):
+            raise ValueError("kind 'block' needs block_size (and only it uses one)")
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size < 1
+        ):
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if self.kind == "block" and (self.masking != "iid" or self.compute_matched):
+            raise ValueError(
+                f"kind 'block' draws iid masks per block; masking {self.masking!r} has no block "
+                "form yet (issue 25)"
+            )
 
     def denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The per-sequence divisor `[B]` named by `normalizer` (None: the losses' default,
@@ -186,6 +219,14 @@ class Objective:
             unweighted = out.per_sequence.detach()
             return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
         nominal = micro_batch_size
+        if self.kind == "block":  # one rate per response block, drawn row by row
+            n, length = batch["input_ids"].shape
+            nb = blocks_per_row(length, self.block_size)
+            nominal = None if nominal is None else nominal * nb
+            r, weight = self.draw_rates(n * nb, rate_generator, rank, world_size, nominal)
+            return self.at_block_rates(
+                model, batch, r.view(n, nb), weight.view(n, nb), mask_generator
+            )
         if self.compute_matched:
             half = max(1, batch["input_ids"].shape[0] // 2)
             batch = {k: v[:half] for k, v in batch.items()}
@@ -206,6 +247,8 @@ class Objective:
         k/|E| in count mode) with rate weights `weight` (default 1; count mode replaces it by
         1 / (|E| q(k))): the entry point for the P-POTS grid estimate and the nested variance
         design, which fix the rates themselves."""
+        if self.kind == "block":
+            raise ValueError("kind 'block' draws one rate per block: call at_block_rates")
         x0, eligible = batch["input_ids"], batch["eligible"]  # [B, L]
         attention = batch.get("attention_mask")
         b = x0.shape[0]
@@ -248,6 +291,56 @@ class Objective:
         return ObjectiveOutput(
             per_sequence.mean(), per_sequence, unweighted.detach(), rate, weight, b * len(masks)
         )
+
+    def at_block_rates(
+        self,
+        model: Model,
+        batch: dict[str, torch.Tensor],
+        r: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        """Block diffusion at given per-block rates `r` `[B, nb]` (t, or the count fraction
+        in count mode, which replaces `weight` by 1 / (|E_j| q(k_j))), block by block as
+        `at_rates` is for whole sequences; one forward pass over `[noised | clean]`."""
+        if conditions_on_t(model):
+            raise ValueError(
+                "kind 'block' gives the model no t (each block has its own rate, as in BD3-LM), "
+                "but this model declares conditions_on_t"
+            )
+        x0, eligible = batch["input_ids"], batch["eligible"]  # [B, L]
+        block_ids = response_blocks(eligible, self.block_size)  # [B, L]
+        r = r.to(x0.device)
+        weight = torch.ones_like(r) if weight is None else weight.to(x0.device)
+        mask, p, rate, weight = self._block_masks(eligible, block_ids, r, weight, mask_generator)
+        out, per_block = block_loss(
+            model,
+            x0,
+            eligible,
+            mask,
+            block_ids,
+            p,
+            self.mask_token_id,
+            attention_mask=batch.get("attention_mask"),
+            weight=weight,
+            normalizer=self.denominator(batch),
+        )
+        real = block_sums(eligible.long(), block_ids, r.shape[1]) > 0  # [B, nb]
+        return ObjectiveOutput(
+            out.loss, out.per_sequence, per_block[real].detach(), rate[real], weight[real], len(x0)
+        )
+
+    def _block_masks(self, eligible, block_ids, r, weight, generator):
+        """Block diffusion's masks from per-block rates `r` `[B, nb]`: (mask `[B, L]`, and per
+        block the ELBO factor p, the reported rate and the weight, in float32)."""
+        if self.rate == "count":
+            mask, p, rate, weight = block_count_masks(
+                eligible, block_ids, self.sampler, r, generator
+            )
+        else:
+            p, rate = p_mask(r, self.eps), r
+            mask = block_rate_masks(eligible, block_ids, p, generator)
+        return mask, p.float(), rate.float(), weight.float()  # samplers work in float64
 
     def _rate_masks(self, x0, eligible, p, weight, generator):
         """Masks for rate mode and the weight, times the ISAD likelihood ratio if used."""

@@ -1,5 +1,6 @@
 """The networks stablemdm trains: its own compact transformer, and Hugging Face models
-adapted to the MDM objective (see `hf`)."""
+adapted to the MDM objective (see `hf`); block diffusion's attention rule (`blocks`, after
+BD3-LM's `block_diff_mask`)."""
 
 from .transformer import PRESETS, ModelConfig, Transformer
 

@@ -6,6 +6,9 @@ is bidirectional and the network predicts the tokens under [MASK] (a masked diff
 model); with `causal=True` each position sees only itself and earlier positions, giving the
 autoregressive baseline. The switch changes the attention pattern only, never a parameter,
 so the two models compared in paper.md section 2 are the same network trained two ways.
+Given `block_ids`, the input is block diffusion's `[noised | clean]` pair (or one sequence
+read block-causally) and attention follows `blocks.block_diffusion_mask`: a third way to train
+the same network.
 The network never sees t (`conditions_on_t = False`), which is what allows count mode.
 """
 
@@ -26,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import skip_init
+
+from .blocks import block_diffusion_mask
 
 MODEL_TYPE = "stablemdm-transformer"
 CONFIG_FILE = "config.json"
@@ -60,6 +65,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the embedding matrix with the output head
+    block_size: int | None = None  # trained as block diffusion with blocks this long (decoding)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -95,6 +101,13 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.mask_token_id={self.mask_token_id!r} must be an integer in "
                 f"[0, vocab_size={self.vocab_size})"
+            )
+        if self.block_size is not None and (
+            not _is_int(self.block_size) or self.block_size < 1 or self.causal
+        ):
+            raise ValueError(
+                f"ModelConfig.block_size={self.block_size!r} must be None or an integer >= 1, "
+                "on a bidirectional model (causal=False)"
             )
         if not self.rope_theta > 0 or not self.norm_eps > 0:
             raise ValueError(
@@ -271,7 +284,12 @@ class Transformer(nn.Module):
             total -= self.tok_embeddings.weight.numel()
         return total
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        block_ids: torch.Tensor | None = None,
+    ) -> None:
         """Shapes and dtype always; the id range where it costs no device sync (host tensors,
         or any device with `check_device_ids`)."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -279,7 +297,9 @@ class Transformer(nn.Module):
                 f"Transformer.forward: input_ids must be a [B, L] long tensor, got "
                 f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
             )
-        length = input_ids.shape[1]
+        length = (
+            input_ids.shape[1] if block_ids is None else self._check_blocks(input_ids, block_ids)
+        )
         if length > self.config.max_seq_len:
             raise ValueError(
                 f"Transformer.forward: sequence length {length} exceeds ModelConfig.max_seq_len="
@@ -300,6 +320,28 @@ class Transformer(nn.Module):
                 f"equal input_ids shape {tuple(input_ids.shape)}"
             )
 
+    def _check_blocks(self, input_ids: torch.Tensor, block_ids: torch.Tensor) -> int:
+        """The number of positions (L) of block-diffusion inputs: `block_ids` `[B, L]` (long) with
+        `input_ids` `[B, 2L]` (noised | clean) or `[B, L]`, on a bidirectional model."""
+        if self.config.causal:
+            raise ValueError(
+                "Transformer.forward: block_ids given to a causal model; block diffusion trains "
+                "the bidirectional network (causal=False)"
+            )
+        if block_ids.dtype != torch.long or block_ids.dim() != 2:
+            raise ValueError(
+                f"Transformer.forward: block_ids must be a [B, L] long tensor, got "
+                f"{block_ids.dtype} of shape {tuple(block_ids.shape)}"
+            )
+        b, length = block_ids.shape
+        if b != input_ids.shape[0] or input_ids.shape[1] not in (length, 2 * length):
+            raise ValueError(
+                f"Transformer.forward: input_ids of shape {tuple(input_ids.shape)} with block_ids "
+                f"of shape {tuple(block_ids.shape)}; input_ids must be [B, 2L] (noised | clean) "
+                "or [B, L]"
+            )
+        return length
+
     def _attention_mask(self, attention_mask: torch.Tensor, length: int) -> torch.Tensor:
         """Boolean SDPA mask `[B, 1, L, L]`: real keys (and earlier ones if causal), plus the
         diagonal so a query at a padded position still attends to something (no NaN rows)."""
@@ -310,15 +352,28 @@ class Transformer(nn.Module):
         return allowed | torch.eye(length, dtype=torch.bool, device=device)  # [B, 1, L, L]
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        block_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[B, L, V]` (fp32) for `input_ids` `[B, L]`; `attention_mask` `[B, L]` marks
-        real tokens (1/True) and padding (0/False); padding never affects real positions."""
-        self._check_inputs(input_ids, attention_mask)
+        real tokens (1/True) and padding (0/False); padding never affects real positions.
+        With `block_ids` `[B, L]` (block diffusion: the block of each position), `input_ids` is
+        `[noised | clean]` `[B, 2L]`, both halves at positions 0..L-1, or one `[B, L]`
+        sequence read block-causally; attention is `block_diffusion_mask`'s."""
+        self._check_inputs(input_ids, attention_mask, block_ids)
         length = input_ids.shape[1]
-        mask = None if attention_mask is None else self._attention_mask(attention_mask, length)
+        if block_ids is None:
+            mask = None if attention_mask is None else self._attention_mask(attention_mask, length)
+            cos, sin = self.rope_cos[:length], self.rope_sin[:length]  # [L, Dh/2]
+        else:
+            halves = length // block_ids.shape[1]  # 2: noised | clean, 1: one sequence
+            mask = block_diffusion_mask(block_ids, attention_mask, noised=halves == 2)
+            cos, sin = (
+                t[: block_ids.shape[1]].repeat(halves, 1) for t in (self.rope_cos, self.rope_sin)
+            )
         is_causal = self.config.causal and mask is None
-        cos, sin = self.rope_cos[:length], self.rope_sin[:length]  # [L, Dh/2]
         x = self.tok_embeddings(input_ids)  # [B, L, D]
         for block in self.blocks:
             x = block(x, cos, sin, mask, is_causal)  # [B, L, D]
