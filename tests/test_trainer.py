@@ -75,8 +75,9 @@ class _Kill(TrainerCallback):
         [],
         ["sampler=ema", "ema_refresh_every=2", "scheme=stratified"],
         ["sampler=ppots", "ppots_sequences=3", "ppots_rates=8", "masking=mirror", "rate=count"],
+        ["objective=block", "block_size=4", "rate=count", "sampler=clipped"],
     ],
-    ids=["standard", "ema_strats", "count_ppots_mirror"],
+    ids=["standard", "ema_strats", "count_ppots_mirror", "block_count_clipped"],
 )
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
     steps = ["max_steps=8", "save_steps=4", *method]

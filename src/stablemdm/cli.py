@@ -120,7 +120,8 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--block-length",
         type=positive_int,
-        help="MDM semi-autoregressive block (default: 32 or less)",
+        help="MDM semi-autoregressive block (default: 32 or less; a block-diffusion model "
+        "decodes in its own block_size)",
     )
     p.add_argument(
         "--remasking",
@@ -409,9 +410,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         tokenizer.encode_prompt(Example(p, "", "", source=f"prompt {i + 1}"))
         for i, p in enumerate(prompts)
     ]
-    causal = objective_of(model) == "arm"
+    objective = objective_of(model)
+    causal = objective == "arm"
     gen_length, context = _room(model, ids, saved_run_config(args.checkpoint), args, causal)
-    options = _generation_options(args, tokenizer, task, causal, gen_length, context)
+    options = _generation_options(args, tokenizer, task, objective, gen_length, context)
     texts = []
     for start in range(0, len(ids), args.batch_size):
         out = generate(model, ids[start : start + args.batch_size], **options)
@@ -427,12 +429,13 @@ def _generation_options(
     args: argparse.Namespace,
     tokenizer: Any,
     task: Any,
-    causal: bool,
+    objective: str,
     gen_length: int,
     context: int | None,
 ) -> dict[str, Any]:
-    """`generate`'s keyword arguments for an ARM (`causal`, on a window of `context` tokens)
-    or an MDM, with an image task's canvas constraint and sampling temperature by default."""
+    """`generate`'s keyword arguments for an ARM (on a window of `context` tokens), an MDM or
+    a block-diffusion model (its own blocks by default), with an image task's canvas
+    constraint and sampling temperature by default."""
     import torch
 
     temperature = args.temperature
@@ -445,15 +448,16 @@ def _generation_options(
         "generator": torch.Generator().manual_seed(args.seed),
         "canvas_tokens": task.canvas_tokens(tokenizer) if task is not None else None,
     }
-    if causal:
+    if objective == "arm":
         arm = {"max_new_tokens": gen_length, "context_length": context}
         return {"objective": "arm", **arm, **common}
+    full = objective == "mdm"  # a block model's defaults are generate_block's
     return {
-        "objective": "mdm",
+        "objective": objective,
         "mask_token_id": tokenizer.mask_token_id,
         "gen_length": gen_length,
-        "steps": args.steps or gen_length,
-        "block_length": args.block_length or gen_length,
+        "steps": args.steps or (gen_length if full else None),
+        "block_length": args.block_length or (gen_length if full else None),
         "remasking": args.remasking,
         **common,
     }

@@ -3,6 +3,8 @@
 MDM: each row's canvas is `gen_length` masks placed right after its prompt (the training
 layout of docs/architecture.md), decoded in semi-autoregressive blocks; each iteration
 predicts every masked position and unmasks the most confident ones of the current block.
+A block-diffusion model (objective=block) is decoded the same way in the blocks it was
+trained on, each position seeing only the prompt, the earlier blocks and its own block.
 ARM: one forward pass per new token over the whole prefix, or over its latest tokens when the
 model's context is shorter (no cache; the models are small).
 Both return, per row, the generated tokens before the first `<eos>`.
@@ -15,7 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..estimators.losses import Model, logits_of
+from ..estimators.blocks import response_blocks
+from ..estimators.losses import Model, logits_of, unwrap
+from ..models.transformer import Transformer
 
 REMASKING = ("low_confidence", "random")
 
@@ -163,11 +167,14 @@ def generate_mdm(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     canvas_tokens: Sequence[Sequence[int]] | None = None,
+    block_causal: bool = False,
 ) -> list[list[int]]:
     """Decode a canvas of `gen_length` masks after each prompt, LLaDA style: `gen_length /
     block_length` blocks left to right, `steps / n_blocks` model calls per block, each call
     unmasking that block's most confident masked positions (`unmask_schedule` counts; with
     more iterations than block positions, the iterations that would unmask nothing are skipped).
+    With `block_causal` (`generate_block`) the model is given the canvas's blocks (the prompt
+    is block 0) and attends block-causally, and a last block may be shorter.
 
     `remasking`: "low_confidence" (confidence = softmax probability of the chosen token) or
     "random" (confidence = U(0,1) from `generator`). The mask and pad tokens are never chosen
@@ -178,7 +185,7 @@ def generate_mdm(
     all rows are. Returns each row's canvas up to (excluding) its first `<eos>`.
     """
     n_blocks = _check_mdm_options(
-        gen_length, block_length, steps, remasking, temperature, generator
+        gen_length, block_length, steps, remasking, temperature, generator, block_causal
     )
     rows = _check_prompts(prompts, "generate_mdm")
     if not rows:
@@ -188,14 +195,15 @@ def generate_mdm(
     x, canvas, attention_mask = _masked_canvas(
         rows, gen_length, mask_token_id, pad_token_id, device
     )
-    schedule = [k for k in unmask_schedule(block_length, steps // n_blocks) if k > 0]
+    block_ids = _canvas_blocks(x, canvas, block_length) if block_causal else None
     allowed = _canvas_allowed(canvas_tokens, gen_length, device, "generate_mdm")
 
     with _eval_mode(model):
         for block in range(n_blocks):
-            span = slice(block * block_length, (block + 1) * block_length)
+            span = slice(block * block_length, min((block + 1) * block_length, gen_length))
             block_pos = canvas[:, span]  # [B, Lb]
-            for n_unmask in schedule:
+            schedule = unmask_schedule(block_pos.shape[1], steps // n_blocks)
+            for n_unmask in (k for k in schedule if k > 0):
                 _unmask_step(
                     model,
                     x,
@@ -211,8 +219,9 @@ def generate_mdm(
                     generator=generator,
                     allowed=allowed,
                     span=span,
+                    block_ids=block_ids,
                 )
-            decoded = x.gather(1, canvas[:, : (block + 1) * block_length])  # [B, G_done]
+            decoded = x.gather(1, canvas[:, : span.stop])  # [B, G_done]
             if bool((decoded == eos_token_id).any(dim=1).all()):
                 break
 
@@ -234,6 +243,13 @@ def _masked_canvas(
     return x, canvas, attention_mask
 
 
+def _canvas_blocks(x: torch.Tensor, canvas: torch.Tensor, block_length: int) -> torch.Tensor:
+    """Block ids `[B, L]` of a block-diffusion decode: the prompt 0, then the canvas's blocks
+    of `block_length` (as `estimators.blocks.response_blocks` numbers them in training)."""
+    on_canvas = torch.zeros_like(x, dtype=torch.bool).scatter_(1, canvas, True)  # [B, L]
+    return response_blocks(on_canvas, block_length)
+
+
 def _check_mdm_options(
     gen_length: int,
     block_length: int,
@@ -241,21 +257,22 @@ def _check_mdm_options(
     remasking: str,
     temperature: float,
     generator: torch.Generator | None,
+    block_causal: bool = False,
 ) -> int:
     """`generate_mdm`'s options checked, each failure one line naming the fix; the number of
-    blocks."""
+    blocks (a last short one counted with `block_causal`)."""
     where = "generate_mdm"
     if gen_length < 1 or block_length < 1 or steps < 1:
         raise ValueError(
             f"{where}: gen_length={gen_length}, block_length={block_length}, steps={steps} "
             "must all be positive"
         )
-    if gen_length % block_length != 0:
+    if gen_length % block_length != 0 and not block_causal:
         raise ValueError(
             f"{where}: block_length={block_length} does not divide gen_length={gen_length}; "
             "choose a block_length that divides gen_length"
         )
-    n_blocks = gen_length // block_length
+    n_blocks = -(-gen_length // block_length)
     if steps % n_blocks != 0:
         raise ValueError(
             f"{where}: steps={steps} is not a multiple of the number of blocks "
@@ -285,13 +302,14 @@ def _unmask_step(
     generator: torch.Generator | None,
     allowed: Callable[[int], torch.Tensor] | None = None,
     span: slice = slice(None),
+    block_ids: torch.Tensor | None = None,
 ) -> None:
     """One model call of `generate_mdm`: pick a token at each of the block's positions (the
     canvas positions `span`; only `allowed` ids if given) and unmask, in `x` `[B, L]` in place,
-    the `n_unmask` most confident still-masked ones."""
+    the `n_unmask` most confident still-masked ones (`block_ids`: a block-diffusion model's)."""
     device = x.device
     t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
-    logits = logits_of(model, x, attention_mask, t)  # [B, L, V]
+    logits = logits_of(model, x, attention_mask, t, block_ids=block_ids)  # [B, L, V]
     # never chosen: the mask, and the pad token unless it is also EOS (Llama-family tokenizers)
     banned = [mask_token_id] + ([pad_token_id] if pad_token_id != eos_token_id else [])
     limit = None if allowed is None else allowed(logits.shape[-1])[span]  # [Lb, V]
@@ -308,6 +326,48 @@ def _unmask_step(
     top = confidence.topk(n_unmask, dim=1).indices  # [B, k]
     unmask = torch.zeros_like(masked).scatter_(1, top, True) & masked  # [B, Lb]
     x.scatter_(1, block_pos, torch.where(unmask, chosen, current))
+
+
+def trained_block_size(model: Model) -> int | None:
+    """The block size a built-in transformer was trained with as block diffusion, else None."""
+    inner = unwrap(model)
+    return inner.config.block_size if isinstance(inner, Transformer) else None
+
+
+def generate_block(
+    model: Model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    gen_length: int,
+    steps: int | None = None,
+    block_length: int | None = None,
+    **options,
+) -> list[list[int]]:
+    """Decode a block-diffusion model (trained with objective=block) with `generate_mdm` in
+    the blocks it was trained on, block-causally: each position sees the prompt, the earlier
+    blocks and its own block, as in training (BD3-LM's sampling mask; no KV cache yet). A
+    last block may be shorter; `steps` defaults to one unmasked token per call."""
+    size = trained_block_size(model)
+    if size is None:
+        raise ValueError(
+            "generate_block: the model was not trained as block diffusion (no block_size in "
+            "its config); decode it with objective 'mdm'"
+        )
+    if block_length not in (None, size):
+        raise ValueError(
+            f"generate_block: block_length={block_length}, but the model was trained with "
+            f"block_size={size}; leave block_length unset (it decodes in its own blocks)"
+        )
+    steps = -(-gen_length // size) * size if steps is None else steps
+    return generate_mdm(
+        model,
+        prompts,
+        gen_length=gen_length,
+        steps=steps,
+        block_length=size,
+        block_causal=True,
+        **options,
+    )
 
 
 def generate_arm(
@@ -386,14 +446,15 @@ def _latest(
 GENERATORS: dict[str, Callable[..., list[list[int]]]] = {
     "mdm": generate_mdm,
     "arm": generate_arm,
+    "block": generate_block,
 }
 
 
 def generate(
     model: Model, prompts: Sequence[Sequence[int]], *, objective: str, **options
 ) -> list[list[int]]:
-    """Decode with the decoder of the training objective ("mdm" or "arm"); `options` are that
-    decoder's keyword arguments."""
+    """Decode with the decoder of the training objective ("mdm", "arm" or "block"); `options`
+    are that decoder's keyword arguments."""
     if objective not in GENERATORS:
         raise ValueError(
             f"generate: unknown objective={objective!r}; choose one of {tuple(GENERATORS)}"

@@ -276,18 +276,20 @@ def _decoding_options(
     block_length: int | None,
     remasking: str,
 ) -> dict:
-    """The generator's keyword arguments, with `evaluate`'s defaults filled in."""
+    """The generator's keyword arguments, with `evaluate`'s defaults filled in ("block"
+    leaves `generate_block`'s: the model's own block size, one token per call)."""
+    if objective == "arm":
+        return dict(max_new_tokens=gen_length)
     if objective == "mdm":
         steps = gen_length if steps is None else steps
         block_length = default_block_length(gen_length) if block_length is None else block_length
-        return dict(
-            mask_token_id=tokenizer.mask_token_id,
-            gen_length=gen_length,
-            steps=steps,
-            block_length=block_length,
-            remasking=remasking,
-        )
-    return dict(max_new_tokens=gen_length)
+    return dict(
+        mask_token_id=tokenizer.mask_token_id,
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        remasking=remasking,
+    )
 
 
 def _records(

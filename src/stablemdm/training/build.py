@@ -47,6 +47,7 @@ def build_builtin(
         if isinstance(tokenizer, ImageTokenizer):  # the same image tokens, not just as many
             image_tokenizer_for(saved, tokenizer.codebook, f"init_from={config.init_from}")
         model.config.causal = causal
+        model.config.block_size = config.block_size
         return model
     overrides = {
         k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads") if getattr(config, k)
@@ -57,6 +58,7 @@ def build_builtin(
         max_seq_len=max_length,
         causal=causal,
         mask_token_id=tokenizer.mask_token_id,
+        block_size=config.block_size,
         **overrides,
     )
     return Transformer(model_config, generator=seeded_generator(config.seed, "init"))
@@ -165,6 +167,7 @@ def build_objective(config: StableMDMConfig, tokenizer: TextTokenizer, sampler=N
         compute_matched=config.compute_matched,
         normalizer=config.loss_normalizer,
         normalizer_length=config.normalizer_length,
+        block_size=config.block_size,
     )
 
 

@@ -318,6 +318,7 @@ def _trainer(
         eps=config.eps,
         normalizer=config.loss_normalizer,
         normalizer_length=config.normalizer_length,
+        block_size=config.block_size,
     )
     evaluating = config.eval_strategy != "no"
     trainer = StableMDMTrainer(

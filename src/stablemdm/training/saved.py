@@ -193,8 +193,11 @@ def _check_finite(model: torch.nn.Module, folder: Path) -> None:
 
 def objective_of(model: torch.nn.Module) -> str:
     """ "arm" for a causal model (built-in with causal attention, or an unadapted HF causal
-    LM), else "mdm": what decoding and evaluation must use."""
+    LM), "block" for a built-in one trained as block diffusion (its config's block_size),
+    else "mdm": what decoding and evaluation must use."""
     if isinstance(model, Transformer):
+        if model.config.block_size is not None:
+            return "block"
         return "arm" if model.config.causal else "mdm"
     from ..models.hf import adapter_spec
 

@@ -218,9 +218,9 @@ class StableMDMTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the sampler's diagnostics, throughput, the count of skipped non-finite
         steps since the last line and the passes counted so far (`compute/*`, every process's)
-        to each training log line. Its loss is the log window's (the engine's, carried across
-        a resume), NaN (null in metrics.jsonl) when every step since the last line was
-        skipped."""
+        to each training log line (and a block-diffusion run's `block_size`). Its loss is the
+        log window's (the engine's, carried across a resume), NaN (null in metrics.jsonl) when
+        every step since the last line was skipped."""
         if "loss" in logs:
             window = self.loss_window
             skipped, steps = window.skipped, self.state.global_step - window.start
@@ -228,6 +228,8 @@ class StableMDMTrainer(Trainer):
             if skipped and skipped >= steps:
                 logs["loss"] = float("nan")
             logs["nonfinite_steps"] = skipped
+            if self.objective.block_size is not None:  # block diffusion: its t_* are per block
+                logs["block_size"] = self.objective.block_size
             logs.update(log_fields(self.compute_counts()))
         if "loss" in logs and self._seen["rate"]:
             rate, weight, loss = (
@@ -236,7 +238,7 @@ class StableMDMTrainer(Trainer):
             finite = torch.isfinite(weight) & torch.isfinite(loss)  # skipped steps' draws out
             rate, weight, loss = rate[finite], weight[finite], loss[finite]
             now = time.perf_counter()
-            if self.objective.kind == "mdm" and len(rate):  # an ARM draws no rates or weights
+            if self.objective.kind != "arm" and len(rate):  # an ARM draws no rates or weights
                 logs.update(
                     t_mean=rate.mean().item(),
                     t_std=rate.std().item() if len(rate) > 1 else 0.0,
