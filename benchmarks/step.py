@@ -17,6 +17,10 @@ on the same model, optimizer, schedule and data, alternated over rounds.
     .venv/bin/python benchmarks/step.py --quick          # one repetition of each, tiny sizes
     .venv/bin/python benchmarks/step.py --clock cpu      # CPU time: a machine shared with others
     .venv/bin/python benchmarks/step.py --methods "MIRROR fused,MIRROR sequential" --no-trainer
+    .venv/bin/python benchmarks/step.py --methods "block 4,block 8" --no-trainer  # issue 25
+
+Block diffusion (`block B`) trains every token of a sequence in one pass over `[noised |
+clean]`: its forward tokens are the batch's B x L, each costing a pass over 2L positions.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from transformers import TrainerCallback, get_scheduler
 
 from stablemdm.data.tokenizer import CharTokenizer
+from stablemdm.estimators.blocks import blocks_per_row, response_blocks
 from stablemdm.estimators.ema import EMA
 from stablemdm.estimators.losses import mdm_loss
 from stablemdm.estimators.masking import mirror_masks, p_mask
@@ -111,6 +116,8 @@ def methods(mask_id: int, isad_id: int) -> dict[str, Method]:
         "MIRROR compute-matched": Method(o(masking="mirror", compute_matched=True)),
         "count+P-POTS+MIRROR": Method(o(rate="count", masking="mirror", sampler=ppots())),
         "Standard 2B (control)": Method(o(), batch_factor=2),
+        "block 4": Method(o(kind="block", block_size=4)),
+        "block 8": Method(o(kind="block", block_size=8)),
     }
 
 
@@ -149,6 +156,12 @@ def draw(objective: Objective, batch: dict, rate_g, mask_g) -> None:
     x0, eligible = batch["input_ids"], batch["eligible"]
     n = len(x0) // 2 if objective.compute_matched else len(x0)
     x0, eligible = x0[:n], eligible[:n]
+    if objective.kind == "block":  # a rate per response block
+        nb = blocks_per_row(eligible.shape[1], objective.block_size)
+        r, weight = objective.draw_rates(n * nb, rate_g)
+        blocks = response_blocks(eligible, objective.block_size)
+        objective._block_masks(eligible, blocks, r.view(n, nb), weight.view(n, nb), mask_g)
+        return
     r, weight = objective.draw_rates(n, rate_g)
     if objective.rate == "count":
         objective._count_masks(eligible, r, mask_g)
