@@ -289,6 +289,7 @@ def _task_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.scoring import evaluate
     from .tasks.registry import get_task
+    from .tasks.text import TextTask
     from .training.datasets import decode_length
     from .training.saved import load_checkpoint, objective_of
 
@@ -305,6 +306,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint, args.trust_remote_code)
     task = get_task(name, **options)
     objective = objective_of(model)
+    if isinstance(task, TextTask):  # no answers to score: bits per token
+        return _eval_text(args, model, tokenizer, task, output)
     if args.gen_length is None:
         args.gen_length = decode_length(task, tokenizer, args.checkpoint)
     start = time.perf_counter()
@@ -336,6 +339,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def _eval_text(args: argparse.Namespace, model: Any, tokenizer: Any, task: Any, output: str) -> int:
+    """`eval` of raw text (task 'text'): no answer to decode and score, so the held-out ELBO
+    in bits per token with its standard error (`evaluation.perplexity`), printed and written
+    to `output` as one record."""
+    from dataclasses import asdict
+
+    from .data import write_jsonl
+    from .evaluation.perplexity import heldout_bits
+
+    print(
+        "stablemdm eval: raw text has no answers to decode and score (no accuracy): reporting "
+        "the held-out ELBO in bits per token",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    rows = task.rows(args.split, tokenizer, args.limit)
+    bits = heldout_bits(model, rows, seed=args.seed)
+    record = {"task": "text", "split": args.split, **bits.metrics(prefix=""), **asdict(bits)}
+    write_jsonl(output, [record])
+    seconds = round(time.perf_counter() - start, 1)
+    print(json.dumps({**record, "records": output, "seconds": seconds}))
     return 0
 
 

@@ -127,7 +127,8 @@ def _finite(v):
 
 class AccuracyCallback(TrainerCallback):
     """After each evaluation, decode part of the test split and log the accuracy (its
-    passes counted as evaluation, not as the run's compute)."""
+    passes counted as evaluation, not as the run's compute); a `run_eval` that returns a
+    dict of metrics (a text run's held-out bits per token) has them logged instead."""
 
     def __init__(self, trainer: Trainer, run_eval) -> None:
         self.trainer = trainer
@@ -136,5 +137,5 @@ class AccuracyCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             with phase("eval"):
-                accuracy = self.run_eval(self.trainer.model)
-            self.trainer.log({"eval_accuracy": accuracy})
+                value = self.run_eval(self.trainer.model)
+            self.trainer.log(value if isinstance(value, dict) else {"eval_accuracy": value})

@@ -16,6 +16,7 @@ from ..data.sources import EncodedStream
 from ..data.tokenizer import CharTokenizer
 from ..errors import ConfigError
 from ..tasks.registry import Task
+from ..tasks.text import TextTask
 from .config import StableMDMConfig
 from .saved import saved_run_config
 
@@ -70,7 +71,9 @@ def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer
     """Lengths from the config, else the task's (character tasks), else measured on the data
     with this tokenizer (a streamed train split on its first STREAM_SAMPLE examples), where
     one overlong example does not inflate every sequence (`data.length_cap`: it is left out,
-    with a warning on stderr)."""
+    with a warning on stderr). A text task's rows are its own `max_length` long."""
+    if isinstance(task, TextTask):
+        return _text_canvas(config, task)
     max_length, gen_length, notes = config.max_length, config.gen_length, []
     if isinstance(tokenizer, CharTokenizer):
         max_length, gen_length, notes = _char_lengths(config, task)
@@ -85,6 +88,19 @@ def resolve_canvas(config: StableMDMConfig, task: Task, tokenizer: TextTokenizer
         for note in notes:
             print(f"stablemdm: warning: {note}", file=sys.stderr)
     return Canvas(max_length, gen_length, config.eos_fill)
+
+
+def _text_canvas(config: StableMDMConfig, task: TextTask) -> Canvas:
+    """A text task's canvas: its rows, `max_length` long (set in task_options, where the
+    packing reads it); a config length that differs is refused."""
+    for name, own in (("max_length", task.max_length), ("gen_length", task.gen_length)):
+        given = getattr(config, name)
+        if given is not None and given != own:
+            raise ConfigError(
+                f"{name}={given} differs from task 'text''s {own}: a corpus is packed into rows "
+                "of task_options.max_length tokens (gen_length is one less); set it there"
+            )
+    return Canvas(task.max_length, task.gen_length, config.eos_fill)
 
 
 def _char_lengths(config: StableMDMConfig, task: Task) -> tuple[int | None, int | None, list]:
@@ -112,7 +128,10 @@ def encode_split(
     limit: int | None = None,
 ) -> TensorDataset:
     """A task split encoded for training (docs/architecture.md layout). Examples that do not
-    fit the canvas are left out and counted on stderr (a held-out loss skips them too)."""
+    fit the canvas are left out and counted on stderr (a held-out loss skips them too). A
+    text task's split is its packed rows."""
+    if isinstance(task, TextTask):
+        return TensorDataset(task.rows(split, tokenizer, limit))
     examples = task.examples(split)
     kept = [e for e in examples if fits(e, tokenizer, canvas.max_length, canvas.gen_length)]
     # training examples the task itself left out for length (jsonl, gsm8k) count too
@@ -144,6 +163,8 @@ def train_dataset(task: Task, tokenizer: TextTokenizer, canvas: Canvas, max_step
         return encode_split(task, tokenizer, "train", canvas)
     if max_steps < 1:
         raise ConfigError("a streamed train split has no length to count epochs in: set max_steps")
+    if isinstance(task, TextTask):
+        return task.stream(tokenizer)
     sample, whole = stream_sample(task)
     size = canvas.max_length, canvas.gen_length
     left_out = sum(not fits(e, tokenizer, *size) for e in sample)
@@ -171,6 +192,8 @@ def fitting_data(task: Task, tokenizer: TextTokenizer, canvas: Canvas, n: int) -
     examples of a streamed one."""
     if not getattr(task, "streaming", False):
         return encode_split(task, tokenizer, "train", canvas)
+    if isinstance(task, TextTask):
+        return TensorDataset(task.rows("train", tokenizer, n))
     first = itertools.islice(
         (e for e in task.stream("train") if fits(e, tokenizer, *astuple(canvas)[:2])), n
     )

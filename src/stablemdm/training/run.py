@@ -24,10 +24,12 @@ from ..estimators.ppots import PPOTS
 from ..estimators.ppots_fit import describe_fit
 from ..estimators.rates import Uniform
 from ..estimators.stratified import Stratified
+from ..evaluation.perplexity import heldout_bits
 from ..evaluation.scoring import check_scorer, evaluate
 from ..models import Transformer
 from ..models.hf import adapter_spec, unwrap
 from ..tasks.registry import Task, get_task
+from ..tasks.text import TextTask
 from .auto import AutoCallback, AutoEstimator, build_auto
 from .build import build_model, build_objective, build_sampler, fit_density, load_density
 from .callbacks import (
@@ -85,6 +87,11 @@ def train(
     _check_launch(config)
     check_output_dir(config)
     task = get_task(config.task, **config.task_options)
+    if isinstance(task, TextTask) and config.eval_accuracy:
+        raise ConfigError(
+            "eval_accuracy=true: raw text (task 'text') has no answers to decode and score; "
+            "drop it: a text run logs the held-out eval_bits_per_token at each evaluation"
+        )
     model, tokenizer, canvas = build_model(config, task)
     check_attention_memory(config, model, canvas.max_length)
     check_scorer(task, tokenizer, task.examples("test"))
@@ -335,6 +342,11 @@ def _trainer(
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # a bar on a terminal only
         trainer.add_callback(ProgressBar if sys.stderr.isatty() else LogLines)
+    if isinstance(task, TextTask) and evaluating:
+        rows = trainer.eval_dataset.tensors
+        trainer.add_callback(
+            AccuracyCallback(trainer, lambda m: heldout_bits(m, rows, seed=config.seed).metrics())
+        )
     if config.eval_accuracy:
 
         def accuracy(m: torch.nn.Module) -> float:
