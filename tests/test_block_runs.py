@@ -14,6 +14,7 @@ from stablemdm.cli import main
 from stablemdm.errors import ConfigError
 from stablemdm.evaluation.decoding import generate
 from stablemdm.models import ModelConfig, Transformer
+from stablemdm.training.memory import check_attention_memory
 from stablemdm.training.recipe import load_config
 from stablemdm.training.run import train
 from stablemdm.training.saved import load_checkpoint, objective_of
@@ -97,3 +98,12 @@ def test_block_decoding_never_looks_at_later_blocks():
         torch.testing.assert_close(a[1, :6], b[1, :6])
     for a, b in zip(short, long, strict=True):
         assert b[: len(a)] == a and (len(a) == 4 or a == b)
+
+
+def test_the_attention_memory_check_counts_both_halves(monkeypatch):
+    """A block batch attends over 2 x max_length: four times the full canvas's plane."""
+    monkeypatch.setattr("stablemdm.training.memory.available_memory", lambda: 30 * 2**30)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=8, mask_token_id=7))
+    check_attention_memory(load_config(None, ["use_cpu=true"]), model, 10_003)  # 23.9 GiB
+    with pytest.raises(ConfigError, match=r"95\.4 GiB .* x 20006\^2 x 4 bytes, objective=block"):
+        check_attention_memory(load_config(None, ["use_cpu=true", *BLOCK]), model, 10_003)

@@ -55,17 +55,20 @@ def check_attention_memory(
     config: StableMDMConfig, model: torch.nn.Module, max_length: int
 ) -> None:
     """On a CPU, refuse a batch whose attention cannot fit the memory available (ConfigError
-    naming max_length and per_device_train_batch_size), and warn when it takes a third."""
+    naming max_length and per_device_train_batch_size), and warn when it takes a third.
+    Block diffusion attends over `[noised | clean]`, twice max_length."""
     if not config.use_cpu:
         return
     layers, batch = model_layers(model), config.per_device_train_batch_size
-    need, free = attention_bytes(layers, batch, max_length), available_memory()
+    block = config.objective == "block"
+    attended = 2 * max_length if block else max_length
+    need, free = attention_bytes(layers, batch, attended), available_memory()
     if need * WARN_SHARE <= free:
         return
     sizes = (
         f"max_length={max_length} with per_device_train_batch_size={batch} needs at least "
-        f"{need / GIB:.1f} GiB for attention ({layers} layers x {batch} x {max_length}^2 x "
-        f"{BYTES_PER_ENTRY} bytes)"
+        f"{need / GIB:.1f} GiB for attention ({layers} layers x {batch} x {attended}^2 x "
+        f"{BYTES_PER_ENTRY} bytes{', objective=block: noised | clean' if block else ''})"
     )
     fix = (
         "lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
