@@ -206,3 +206,36 @@ def test_the_held_out_split_needs_a_document(tmp_path):
     (tmp_path / "one.txt").write_text("only one document")
     with pytest.raises(DataError, match="split test.*no text.*raise test_fraction"):
         get_task("text", train=str(tmp_path / "one.txt"), test_fraction=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:P-POTS")
+def test_a_study_base_pretrains_on_raw_text(tmp_path, capsys, base_cache):
+    """A miniature study whose shared bases are pretrained on the corpus, then fine-tuned."""
+    data = json.dumps({"task": "text", "train": str(CORPUS), "max_length": 40})
+    mini = [
+        "tasks=[chain_sum]",
+        "seeds=[3]",
+        "methods=[standard]",
+        "eval_points=[1.0]",
+        "eval_limit=4",
+        "variance_draws=3",
+        "train.max_steps=1",
+        "train.per_device_train_batch_size=4",
+        "train.d_model=32",
+        "train.n_layers=1",
+        "task_options={chain_sum: {max_terms: 2, max_digits: 1, n_train: 40, n_test: 4}}",
+        f"base={{max_steps: 2, data: {data}}}",
+    ]
+    assert main(["study", "--config", "demo", f"output_dir={tmp_path / 's'}", *mini]) == 0
+    bases = sorted(p for p in base_cache.iterdir() if p.is_dir())
+    assert [b.name.split("-")[:2] for b in bases] == [["text", "arm"], ["text", "mdm"]]
+    record = json.loads((bases[1] / "trained_on.json").read_text())
+    documents = len(list(get_task("text", train=str(CORPUS)).documents("train")))
+    assert record["data"]["train"]["documents"] == documents
+    assert record["config"]["max_length"] == 40
+    assert "base-mdm (text-mdm-" in capsys.readouterr().err
+
+
+def test_raw_text_is_not_a_mixture_part():
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        get_task("mixture", parts=[{"task": "text", "train": str(CORPUS)}])

@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..tasks.mixture import Mixture, overlap
 from ..tasks.registry import SPLITS, Task, get_task
+from ..tasks.text import TextTask
 
 CACHE_ENV = "STABLEMDM_CACHE"
 OWN_KEYS = ("seed", "data", "mdm", "arm")  # base keys that are not config fields
@@ -46,14 +47,17 @@ def cache_key(values: Mapping[str, Any]) -> str:
 
 def examples_digest(task: Task, splits: Sequence[str] = SPLITS) -> dict[str, dict[str, Any]]:
     """Per split, the count and a sha256 of the examples (prompt, response, answer): the
-    data's contents, whichever file, generator or option they came from."""
+    data's contents, whichever file, generator or option they came from; of raw text
+    (task 'text'), of its documents."""
     out = {}
     for split in splits:
-        examples = task.examples(split)
-        digest = hashlib.sha256()
-        for e in examples:
-            digest.update(json.dumps([e.prompt, e.response, e.answer]).encode())
-        out[split] = {"examples": len(examples), "sha256": digest.hexdigest()}
+        text = isinstance(task, TextTask)
+        items = task.documents(split) if text else task.examples(split)
+        digest, count = hashlib.sha256(), 0
+        for e in items:
+            digest.update(json.dumps(e if text else [e.prompt, e.response, e.answer]).encode())
+            count += 1
+        out[split] = {"documents" if text else "examples": count, "sha256": digest.hexdigest()}
     return out
 
 
@@ -65,11 +69,18 @@ def trained_on(config: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, 
 
 
 def data_task(data: Mapping[str, Any], where: str) -> Task:
-    """The mixture `base.data` describes ({parts: [...], exclude: [...]})."""
+    """The mixture `base.data` describes ({parts: [...], exclude: [...]}), or raw text
+    ({task: text, train: ..., ...})."""
+    if isinstance(data, Mapping) and data.get("task") == "text":
+        try:
+            return get_task("text", **{k: v for k, v in data.items() if k != "task"})
+        except ValueError as err:
+            raise ConfigError(f"{where}: base.data: {err}") from None
     if not isinstance(data, Mapping) or "parts" not in data:
         raise ConfigError(
             f"{where}: base.data must be a mapping with parts (and exclude), e.g. "
-            "{parts: [countdown, {task: chain_sum, max_terms: 2}], exclude: [chain_sum]}"
+            "{parts: [countdown, {task: chain_sum, max_terms: 2}], exclude: [chain_sum]}, or "
+            "raw text: {task: text, train: corpus.txt}"
         )
     unknown = sorted(set(data) - {"parts", "exclude"})
     if unknown:
@@ -94,7 +105,7 @@ def check_data(
     mixture = data_task(data, where)
     for name, options in targets.items():
         target = get_task(name, **options)
-        derived = [p.name for p in mixture.parts if name in p.contaminates]
+        derived = [p.name for p in getattr(mixture, "parts", []) if name in p.contaminates]
         if derived:
             raise ConfigError(
                 f"{where}: base.data part {derived[0]} is derived from the test items of target "
@@ -117,9 +128,11 @@ def check_data(
     return mixture
 
 
-def base_length(mixture: Mixture) -> int | None:
-    """The base's max_length: the longest of the mixture and of its excluded targets."""
-    lengths = [mixture.max_length, *(getattr(t, "max_length", None) for t in mixture.targets)]
+def base_length(mixture: Mixture | TextTask) -> int | None:
+    """The base's max_length: the longest of the mixture and of its excluded targets (raw
+    text's rows)."""
+    targets = getattr(mixture, "targets", [])
+    lengths = [mixture.max_length, *(getattr(t, "max_length", None) for t in targets)]
     known = [n for n in lengths if n is not None]
     return max(known) if known else None
 

@@ -242,7 +242,9 @@ class StudySpec:
         if data is None:
             values.update(task=task, task_options=self.task_options.get(task, {}))
         else:
-            values.update(task="mixture", task_options=data)
+            text = isinstance(data, dict) and data.get("task") == "text"  # {task: text, ...}
+            options = {k: v for k, v in data.items() if k != "task"} if text else data
+            values.update(task="text" if text else "mixture", task_options=options)
             if values.get("max_length") is None:
                 values["max_length"] = base_length(self._base_task(values)[0])
         return values

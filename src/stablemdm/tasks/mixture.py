@@ -21,6 +21,7 @@ from typing import Any
 
 from ..data import Example
 from .registry import Task, check_split, get_task, register_task
+from .text import TextTask
 
 TaskSpec = Mapping[str, Any]  # {task: name, **options}
 
@@ -44,6 +45,11 @@ def build_part(entry: Any, where: str) -> Task:
         task = get_task(name, **options)
     except ValueError as err:
         raise ValueError(f"{where} {name}: {err}") from None
+    if isinstance(task, TextTask):
+        raise ValueError(
+            f"{where} text: raw text cannot be mixed with examples; pretrain a study's base on "
+            "it alone (base.data: {task: text, train: ...})"
+        )
     if type(task).tokenizer_for is not Task.tokenizer_for:
         raise ValueError(f"{where} {name}: a task with tokens of its own cannot be mixed")
     return task
