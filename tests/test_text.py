@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -154,8 +156,9 @@ def test_held_out_bits_are_the_exact_elbo_within_their_error(one_thread):
     eligible = torch.tensor([[True] * 4, [True, True, True, False]])
     bits = heldout_bits(model, {"input_ids": ids, "eligible": eligible}, seed=0)
     exact = sum(exact_elbo(model, [], r[e].tolist(), 1) for r, e in zip(ids, eligible, strict=True))
-    assert bits.tokens == 7 and bits.se > 0
-    assert abs(bits.bits - (-exact / (7 * math.log(2)))) < 4 * bits.se
+    assert bits.tokens == 7 and bits.bits_per_token_se > 0
+    error = bits.bits_per_token - (-exact / (7 * math.log(2)))
+    assert abs(error) < 4 * bits.bits_per_token_se
 
 
 def test_variance_and_eval_read_a_text_run(tmp_path, one_thread, capsys):
@@ -239,3 +242,15 @@ def test_a_study_base_pretrains_on_raw_text(tmp_path, capsys, base_cache):
 def test_raw_text_is_not_a_mixture_part():
     with pytest.raises(ValueError, match="cannot be mixed"):
         get_task("mixture", parts=[{"task": "text", "train": str(CORPUS)}])
+
+
+def test_packing_benchmark_reports_tokens_per_second():
+    script = Path(__file__).parents[1] / "benchmarks" / "packing.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--megabytes=0.2", "--max-length=32"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["tokens"] > 0.9 * 0.2 * 2**20 and result["tokens_per_s"] > 0

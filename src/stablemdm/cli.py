@@ -359,7 +359,7 @@ def _eval_text(args: argparse.Namespace, model: Any, tokenizer: Any, task: Any, 
     start = time.perf_counter()
     rows = task.rows(args.split, tokenizer, args.limit)
     bits = heldout_bits(model, rows, seed=args.seed)
-    record = {"task": "text", "split": args.split, **bits.metrics(prefix=""), **asdict(bits)}
+    record = {"task": "text", "split": args.split, **asdict(bits)}
     write_jsonl(output, [record])
     seconds = round(time.perf_counter() - start, 1)
     print(json.dumps({**record, "records": output, "seconds": seconds}))

@@ -30,20 +30,23 @@ BUDGET = Budget(batch_size=8, max_passes=16, min_draws=2)
 
 @dataclass(frozen=True)
 class BitsPerToken:
-    """The held-out ELBO as -log2 p per token (`bits`) with its standard error (`se`), over
+    """The held-out ELBO as -log2 p per token with its standard error, over
     `tokens` scored tokens in `rows` rows, the forward passes it took and the `estimator`
     ("exact" for an ARM)."""
 
-    bits: float
-    se: float
+    bits_per_token: float
+    bits_per_token_se: float
     tokens: int
     rows: int
     passes: int
     estimator: str
 
-    def metrics(self, prefix: str = "eval_") -> dict[str, float]:
-        """The values as metrics.jsonl logs them."""
-        return {f"{prefix}bits_per_token": self.bits, f"{prefix}bits_per_token_se": self.se}
+    def metrics(self) -> dict[str, float]:
+        """The values as metrics.jsonl logs them at an evaluation."""
+        return {
+            "eval_bits_per_token": self.bits_per_token,
+            "eval_bits_per_token_se": self.bits_per_token_se,
+        }
 
 
 def heldout_bits(
