@@ -63,7 +63,9 @@ def _column(path: Path, text_field: str, streaming: bool) -> Iterator[str]:
             )
         value = row[text_field]
         if not isinstance(value, str):
-            raise DataError(f"{path}:row {i}: {text_field!r} must be text, got {type(value)}")
+            raise DataError(
+                f"{path}:row {i}: {text_field!r} must be text, got {type(value).__name__}"
+            )
         if value.strip():
             yield value
 
