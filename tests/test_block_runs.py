@@ -33,12 +33,8 @@ def _config(tmp_path: Path, name: str, *extra: str):
         (["block_size=4"], "objective=block needs block_size"),
         ([*BLOCK[:1], "block_size=0"], "block_size must be > 0"),
         ([*BLOCK, "sampler=ppots"], "sampler=ppots not built yet for blocks"),
-        ([*BLOCK, "sampler=ema"], "sampler=ema not built yet for blocks"),
-        ([*BLOCK, "scheme=stratified"], "scheme=stratified not built yet for blocks"),
-        ([*BLOCK, "scheme=mirrored"], "scheme=mirrored not built yet for blocks"),
-        ([*BLOCK, "masking=mirror"], "masking=mirror not built yet for blocks"),
-        ([*BLOCK, "masking=isad", "isad_tokens=['-']"], "masking=isad not built yet"),
         ([*BLOCK, "estimator=auto"], "estimator=auto not built yet for blocks"),
+        ([*BLOCK, "masking=mirror", "compute_matched=true"], "compute_matched's half batch"),
         ([*BLOCK, "model=some/model"], r"Hugging Face models\) not built yet for blocks"),
     ],
 )

@@ -39,9 +39,10 @@ def mirror_masks(
     """MIRROR: complementary masks m1 = {u < p}, m2 = {u > 1 - p} from one uniform per token.
 
     Each is marginally Bernoulli(p); per token Cov(m1, m2) = max(0, 2p - 1) - p^2 <= 0.
+    p is per sequence `[B]` or per position `[B, L]` (block diffusion).
     """
     u = _uniforms(eligible, generator)  # [B, L]
-    p = p[:, None]
+    p = _per_position(p, eligible)
     return (u < p) & eligible, (u > 1.0 - p) & eligible
 
 
@@ -72,8 +73,27 @@ def grouped_subset_mask(
     """Count mode per group (block diffusion's blocks): mask a uniformly random `k[b, g]`-subset
     of the eligible positions of each group g of each row; `groups` `[B, L]` holds ids in
     0..G-1 and `k` is `[B, G]`. With one group it draws `subset_mask`'s mask."""
+    return _lowest_in_groups(eligible, groups, _uniforms(eligible, generator), k)
+
+
+def grouped_mirror_subset_masks(
+    eligible: torch.Tensor,
+    groups: torch.Tensor,
+    k: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count-mode MIRROR per group: the `k[b, g]` smallest and the `k[b, g]` largest of one set
+    of per-token uniforms in each group (`mirror_subset_masks` group by group)."""
     u = _uniforms(eligible, generator)
-    ranks = _eligible_ranks(eligible, groups.double() + u.double(), descending=False)  # by group
+    return _lowest_in_groups(eligible, groups, u, k), _lowest_in_groups(eligible, groups, -u, k)
+
+
+def _lowest_in_groups(
+    eligible: torch.Tensor, groups: torch.Tensor, u: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """The eligible positions whose `u` `[B, L]` (in (-1, 1)) is among the `k[b, g]` smallest
+    of their group g."""
+    ranks = _eligible_ranks(eligible, 2 * groups.double() + u.double(), descending=False)
     counts = torch.zeros(k.shape, dtype=torch.long, device=k.device)
     counts.scatter_add_(1, groups, eligible.long())  # [B, G] eligible positions per group
     before = (counts.cumsum(dim=1) - counts).gather(1, groups)  # [B, L] in earlier groups
@@ -102,7 +122,8 @@ def isad_probabilities(
     q_max: float,
 ) -> torch.Tensor:
     """ISAD proposal: per-token masking probability `[B, L]`, q = min(p + delta, q_max) on
-    eligible `special` tokens and p elsewhere (this project's definition, paper.md section 3).
+    eligible `special` tokens and p elsewhere (this project's definition, paper.md section 3);
+    p is per sequence `[B]` or per position `[B, L]` (block diffusion's rate of each block).
 
     q_max < 1 keeps every mask pattern reachable, so the likelihood ratio can correct the bias.
     """
@@ -110,7 +131,7 @@ def isad_probabilities(
         raise ValueError(f"ISAD delta must be >= 0, got {delta}")
     if not 0.0 < q_max < 1.0:
         raise ValueError(f"ISAD q_max must lie in (0, 1), got {q_max}")
-    p = p[:, None].expand_as(eligible)  # [B, L]
+    p = _per_position(p, eligible)  # [B, L]
     raised = torch.clamp(p + delta, max=q_max).maximum(p)
     return torch.where(special & eligible, raised, p)
 
@@ -127,9 +148,22 @@ def isad_log_ratio(
 ) -> torch.Tensor:
     """Exact log likelihood ratio `[B]` of a mask pattern, target Bernoulli(p) over proposal
     Bernoulli(q), summed over eligible positions (positions with q == p contribute 0)."""
-    p = p[:, None].expand_as(q)
+    return isad_log_ratio_terms(mask, eligible, p, q).sum(dim=1)
+
+
+def isad_log_ratio_terms(
+    mask: torch.Tensor, eligible: torch.Tensor, p: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
+    """Each position's term `[B, L]` of `isad_log_ratio` (p `[B]` or `[B, L]`), so that block
+    diffusion can sum it block by block."""
+    p = _per_position(p, q)
     ratio = torch.where(mask, torch.log(p) - torch.log(q), torch.log1p(-p) - torch.log1p(-q))
-    return torch.where(eligible & (q != p), ratio, torch.zeros_like(ratio)).sum(dim=1)
+    return torch.where(eligible & (q != p), ratio, torch.zeros_like(ratio))
+
+
+def _per_position(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A probability per sequence `[B]` or per position `[B, L]` as `[B, L]`."""
+    return p if p.dim() == 2 else p[:, None].expand_as(like)
 
 
 def apply_mask(x0: torch.Tensor, mask: torch.Tensor, mask_token_id: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from .blocks import (
     block_count_masks,
+    block_isad_masks,
     block_loss,
     block_rate_masks,
     block_sums,
@@ -149,7 +150,8 @@ class Objective:
         p_mask(torch.zeros(1), self.eps)
 
     def _check_blocks(self) -> None:
-        """`block_size` >= 1 for and only for `kind="block"`, whose masks are iid per block."""
+        """`block_size` >= 1 for and only for `kind="block"`; MIRROR per block scores both
+        copies in one pass (`blocks.block_loss`), so it has no half-batch `compute_matched`."""
         if (self.kind == "block") != (self.block_size is not None):
             raise ValueError("kind 'block' needs block_size (and only it uses one)")
         if self.block_size is not None and (
@@ -158,10 +160,10 @@ class Objective:
             or self.block_size < 1
         ):
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if self.kind == "block" and (self.masking != "iid" or self.compute_matched):
+        if self.kind == "block" and self.compute_matched:
             raise ValueError(
-                f"kind 'block' draws iid masks per block; masking {self.masking!r} has no block "
-                "form yet (issue 25)"
+                "kind 'block' scores MIRROR's two copies in one pass over [noised | mirror | "
+                "clean] (not two passes), so compute_matched's half batch does not apply"
             )
 
     def denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -194,6 +196,23 @@ class Objective:
         t, w = self.sampler.sample(size * world_size, generator)
         return t[rank * size : rank * size + n], w[rank * size : rank * size + n]
 
+    def draw_block_rates(
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+        slice_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block diffusion's rates and weights `[n, nb]`: one row of nb rates per sequence,
+        drawn for the global batch as `draw_rates` draws (so a scheme stratifies every block of
+        the batch jointly, or each row's blocks with `StratifiedRows`), this process's rows."""
+        n, length = batch["input_ids"].shape
+        nb = blocks_per_row(length, self.block_size)
+        size = n if slice_size is None else max(n, slice_size)
+        t, w = self.sampler.sample_rows(size * world_size, nb, generator)  # [rows, nb]
+        return t[rank * size : rank * size + n], w[rank * size : rank * size + n]
+
     def __call__(
         self,
         model: Model,
@@ -220,13 +239,8 @@ class Objective:
             return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
         nominal = micro_batch_size
         if self.kind == "block":  # one rate per response block, drawn row by row
-            n, length = batch["input_ids"].shape
-            nb = blocks_per_row(length, self.block_size)
-            nominal = None if nominal is None else nominal * nb
-            r, weight = self.draw_rates(n * nb, rate_generator, rank, world_size, nominal)
-            return self.at_block_rates(
-                model, batch, r.view(n, nb), weight.view(n, nb), mask_generator
-            )
+            r, weight = self.draw_block_rates(batch, rate_generator, rank, world_size, nominal)
+            return self.at_block_rates(model, batch, r, weight, mask_generator)
         if self.compute_matched:
             half = max(1, batch["input_ids"].shape[0] // 2)
             batch = {k: v[:half] for k, v in batch.items()}
@@ -312,12 +326,14 @@ class Objective:
         block_ids = response_blocks(eligible, self.block_size)  # [B, L]
         r = r.to(x0.device)
         weight = torch.ones_like(r) if weight is None else weight.to(x0.device)
-        mask, p, rate, weight = self._block_masks(eligible, block_ids, r, weight, mask_generator)
+        masks, p, rate, weight = self._block_masks(
+            x0, eligible, block_ids, r, weight, mask_generator
+        )
         out, per_block = block_loss(
             model,
             x0,
             eligible,
-            mask,
+            masks,
             block_ids,
             p,
             self.mask_token_id,
@@ -326,21 +342,31 @@ class Objective:
             normalizer=self.denominator(batch),
         )
         real = block_sums(eligible.long(), block_ids, r.shape[1]) > 0  # [B, nb]
+        passes = len(x0) * len(masks)  # MIRROR: two noised copies per sequence
         return ObjectiveOutput(
-            out.loss, out.per_sequence, per_block[real].detach(), rate[real], weight[real], len(x0)
+            out.loss, out.per_sequence, per_block[real].detach(), rate[real], weight[real], passes
         )
 
-    def _block_masks(self, eligible, block_ids, r, weight, generator):
-        """Block diffusion's masks from per-block rates `r` `[B, nb]`: (mask `[B, L]`, and per
-        block the ELBO factor p, the reported rate and the weight, in float32)."""
+    def _block_masks(self, x0, eligible, block_ids, r, weight, generator):
+        """Block diffusion's masks from per-block rates `r` `[B, nb]`: (masks `[B, L]`, one or
+        MIRROR's two, and per block the ELBO factor p, the reported rate and the weight, times
+        ISAD's likelihood ratio of the block, in float32)."""
+        mirror = self.masking == "mirror"
         if self.rate == "count":
-            mask, p, rate, weight = block_count_masks(
-                eligible, block_ids, self.sampler, r, generator
+            masks, p, rate, weight = block_count_masks(
+                eligible, block_ids, self.sampler, r, generator, mirror
             )
+        elif self.masking == "isad":
+            p, rate = p_mask(r, self.eps), r
+            special = torch.isin(x0, torch.tensor(self.isad_token_ids, device=x0.device))
+            mask, ratio = block_isad_masks(
+                eligible, block_ids, p, special, self.isad_delta, self.isad_q_max, generator
+            )
+            masks, weight = (mask,), weight * ratio
         else:
             p, rate = p_mask(r, self.eps), r
-            mask = block_rate_masks(eligible, block_ids, p, generator)
-        return mask, p.float(), rate.float(), weight.float()  # samplers work in float64
+            masks = block_rate_masks(eligible, block_ids, p, generator, mirror)
+        return masks, p.float(), rate.float(), weight.float()  # samplers work in float64
 
     def _rate_masks(self, x0, eligible, p, weight, generator):
         """Masks for rate mode and the weight, times the ISAD likelihood ratio if used."""

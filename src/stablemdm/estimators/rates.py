@@ -89,6 +89,20 @@ class RateSampler:
         _check_n(n)
         return torch.rand(n, generator=generator, dtype=F64, device=generator.device)
 
+    def row_uniforms(self, rows: int, per_row: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniforms `[rows, per_row]` for rows of draws (block diffusion: a row per sequence, a
+        draw per block): the scheme's `rows * per_row` uniforms in row-major order, unless a
+        scheme couples the draws of each row (`StratifiedRows`)."""
+        return self.uniforms(rows * per_row, generator).view(rows, per_row)
+
+    def sample_rows(
+        self, rows: int, per_row: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample` for rows of draws: rates and weights `[rows, per_row]` (`row_uniforms`)."""
+        u = self.row_uniforms(rows, per_row, generator).clamp(U_MIN, 1.0)  # [rows, per_row]
+        t = self.icdf(u.flatten())
+        return t.view_as(u), self.weight(t).view_as(u)
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """Importance weight `[n]` of each t: 1 / density(t), or 1 for a biased sampler."""
         if not self.unbiased:

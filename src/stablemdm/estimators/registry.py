@@ -10,17 +10,18 @@ from typing import Any
 from .ema import EMA
 from .ppots import PPOTS
 from .rates import Clipped, RateSampler, RateScheme, Uniform
-from .stratified import Stratified
+from .stratified import Stratified, StratifiedRows
 from .syrm import Mirrored
 
 SAMPLERS: dict[str, type[RateSampler]] = {
-    cls.name: cls for cls in (Uniform, Clipped, PPOTS, EMA, Stratified, Mirrored)
+    cls.name: cls for cls in (Uniform, Clipped, PPOTS, EMA, Stratified, StratifiedRows, Mirrored)
 }
 
 
 SCHEMES: dict[str, type[RateScheme] | None] = {
     "iid": None,
     "stratified": Stratified,
+    "stratified_rows": StratifiedRows,
     "mirrored": Mirrored,
 }
 
@@ -45,7 +46,8 @@ def make_sampler(name: str, **options: Any) -> RateSampler:
 
 
 def with_scheme(base: RateSampler, scheme: str) -> RateSampler:
-    """Draw `base`'s density with a uniform scheme: "iid", "stratified" or "mirrored"."""
+    """Draw `base`'s density with a uniform scheme: "iid", "stratified", "stratified_rows"
+    (block diffusion: within each sequence) or "mirrored"."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     if isinstance(base, RateScheme):

@@ -322,7 +322,8 @@ class Transformer(nn.Module):
 
     def _check_blocks(self, input_ids: torch.Tensor, block_ids: torch.Tensor) -> int:
         """The number of positions (L) of block-diffusion inputs: `block_ids` `[B, L]` (long) with
-        `input_ids` `[B, 2L]` (noised | clean) or `[B, L]`, on a bidirectional model."""
+        `input_ids` `[B, 2L]` (noised | clean), `[B, 3L]` (noised | mirror | clean) or `[B, L]`,
+        on a bidirectional model."""
         if self.config.causal:
             raise ValueError(
                 "Transformer.forward: block_ids given to a causal model; block diffusion trains "
@@ -334,11 +335,11 @@ class Transformer(nn.Module):
                 f"{block_ids.dtype} of shape {tuple(block_ids.shape)}"
             )
         b, length = block_ids.shape
-        if b != input_ids.shape[0] or input_ids.shape[1] not in (length, 2 * length):
+        if b != input_ids.shape[0] or input_ids.shape[1] not in (length, 2 * length, 3 * length):
             raise ValueError(
                 f"Transformer.forward: input_ids of shape {tuple(input_ids.shape)} with block_ids "
-                f"of shape {tuple(block_ids.shape)}; input_ids must be [B, 2L] (noised | clean) "
-                "or [B, L]"
+                f"of shape {tuple(block_ids.shape)}; input_ids must be [B, 2L] (noised | clean), "
+                "[B, 3L] (noised | mirror | clean) or [B, L]"
             )
         return length
 
@@ -360,16 +361,17 @@ class Transformer(nn.Module):
         """Logits `[B, L, V]` (fp32) for `input_ids` `[B, L]`; `attention_mask` `[B, L]` marks
         real tokens (1/True) and padding (0/False); padding never affects real positions.
         With `block_ids` `[B, L]` (block diffusion: the block of each position), `input_ids` is
-        `[noised | clean]` `[B, 2L]`, both halves at positions 0..L-1, or one `[B, L]`
-        sequence read block-causally; attention is `block_diffusion_mask`'s."""
+        `[noised | clean]` `[B, 2L]` (or `[noised | mirror | clean]` `[B, 3L]`), every part at
+        positions 0..L-1, or one `[B, L]` sequence read block-causally; attention is
+        `block_diffusion_mask`'s."""
         self._check_inputs(input_ids, attention_mask, block_ids)
         length = input_ids.shape[1]
         if block_ids is None:
             mask = None if attention_mask is None else self._attention_mask(attention_mask, length)
             cos, sin = self.rope_cos[:length], self.rope_sin[:length]  # [L, Dh/2]
         else:
-            halves = length // block_ids.shape[1]  # 2: noised | clean, 1: one sequence
-            mask = block_diffusion_mask(block_ids, attention_mask, noised=halves == 2)
+            halves = length // block_ids.shape[1]  # 3 with MIRROR's copy, 2, 1: one sequence
+            mask = block_diffusion_mask(block_ids, attention_mask, noised=halves - 1)
             cos, sin = (
                 t[: block_ids.shape[1]].repeat(halves, 1) for t in (self.rope_cos, self.rope_sin)
             )

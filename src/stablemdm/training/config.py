@@ -35,7 +35,7 @@ from ..tasks.registry import resolve_paths
 SAMPLER_NAMES = ("uniform", "clipped", "ppots", "ema")
 
 
-SCHEME_NAMES = ("iid", "stratified", "mirrored")
+SCHEME_NAMES = ("iid", "stratified", "stratified_rows", "mirrored")
 
 
 AUTO_DRAWS = 12  # estimator=auto: minibatches per candidate and measurement
@@ -191,9 +191,12 @@ class StableMDMConfig(TrainingArguments):
         default="uniform",
         metadata={"help": "Density of the rate: uniform (Standard), clipped, ppots, ema."},
     )
-    scheme: Literal["iid", "stratified", "mirrored"] = field(
+    scheme: Literal["iid", "stratified", "stratified_rows", "mirrored"] = field(
         default="iid",
-        metadata={"help": "How uniforms are drawn: iid, stratified (StraTS), mirrored (SyRM)."},
+        metadata={
+            "help": "How uniforms are drawn: iid, stratified (StraTS), stratified_rows (StraTS "
+            "within each sequence's blocks, objective=block), mirrored (SyRM)."
+        },
     )
     masking: Literal["iid", "mirror", "isad"] = field(
         default="iid", metadata={"help": "Mask draw: iid, mirror (MIRROR pairs), isad."}
@@ -433,23 +436,31 @@ class StableMDMConfig(TrainingArguments):
                 "uses one"
             )
         if self.objective != "block":
+            if self.scheme == "stratified_rows":
+                raise ConfigError(
+                    "scheme=stratified_rows stratifies the rates of each sequence's blocks: it "
+                    "needs objective=block (use scheme=stratified on the full canvas)"
+                )
             return
+        if self.compute_matched:
+            raise ConfigError(
+                "objective=block scores MIRROR's two copies in one pass ([noised | mirror | "
+                "clean]), so compute_matched's half batch does not apply: leave it false"
+            )
         unbuilt = [
             name
             for name, used in (
                 ("model=PATH (Hugging Face models)", self.model is not None),
                 (f"estimator={self.estimator}", self.estimator != "fixed"),
-                (f"sampler={self.sampler}", self.sampler not in ("uniform", "clipped")),
-                (f"scheme={self.scheme}", self.scheme != "iid"),
-                (f"masking={self.masking}", self.masking != "iid"),
+                (f"sampler={self.sampler}", self.sampler == "ppots"),
             )
             if used
         ]
         if unbuilt:
             raise ConfigError(
                 f"objective=block: {', '.join(unbuilt)} not built yet for blocks (issue 25); "
-                "block diffusion trains the built-in transformer with sampler=uniform or "
-                "clipped, scheme=iid, masking=iid, rate=t or count"
+                "block diffusion trains the built-in transformer with sampler=uniform, clipped "
+                "or ema, any scheme and masking, rate=t or count"
             )
 
     def _check_estimator_sizes(self) -> None:

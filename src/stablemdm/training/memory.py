@@ -56,19 +56,24 @@ def check_attention_memory(
 ) -> None:
     """On a CPU, refuse a batch whose attention cannot fit the memory available (ConfigError
     naming max_length and per_device_train_batch_size), and warn when it takes a third.
-    Block diffusion attends over `[noised | clean]`, twice max_length."""
+    Block diffusion attends over `[noised | clean]`, twice max_length (with MIRROR over
+    `[noised | mirror | clean]`, three times)."""
     if not config.use_cpu:
         return
     layers, batch = model_layers(model), config.per_device_train_batch_size
     block = config.objective == "block"
-    attended = 2 * max_length if block else max_length
+    parts = (3 if config.masking == "mirror" else 2) if block else 1
+    attended = parts * max_length
+    layout = {1: "", 2: ", objective=block: noised | clean"}.get(
+        parts, ", objective=block: noised | mirror | clean"
+    )
     need, free = attention_bytes(layers, batch, attended), available_memory()
     if need * WARN_SHARE <= free:
         return
     sizes = (
         f"max_length={max_length} with per_device_train_batch_size={batch} needs at least "
         f"{need / GIB:.1f} GiB for attention ({layers} layers x {batch} x {attended}^2 x "
-        f"{BYTES_PER_ENTRY} bytes{', objective=block: noised | clean' if block else ''})"
+        f"{BYTES_PER_ENTRY} bytes{layout})"
     )
     fix = (
         "lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
