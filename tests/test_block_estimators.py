@@ -27,6 +27,7 @@ from stablemdm.errors import ConfigError
 from stablemdm.estimators.blocks import block_loss, response_blocks
 from stablemdm.estimators.masking import grouped_mirror_subset_masks
 from stablemdm.estimators.objective import Objective
+from stablemdm.estimators.ppots_fit import grid_values
 from stablemdm.estimators.rates import PiecewiseDensity, Uniform
 from stablemdm.estimators.stratified import Stratified, StratifiedRows
 from stablemdm.estimators.syrm import Mirrored
@@ -201,3 +202,33 @@ def test_a_block_run_trains_with_mirror_ema_and_stratified_rows(tmp_path):
     train(config)
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert any(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+
+# --- P-POTS over blocks -------------------------------------------------------------------------
+
+
+def test_ppots_grid_values_are_each_blocks_term_pooled_over_block_positions():
+    batch, model = _batch(), _model()
+    objective = Objective(MASK, kind="block", block_size=2)
+    grid = np.array([0.3, 0.8])
+    values = grid_values(objective, model, batch, grid, 3, torch.Generator().manual_seed(0))
+    assert values.shape == (3 + 2, 2, 3)  # the batch's blocks x rates x masks
+    g = torch.Generator().manual_seed(0)
+    repeated = {k: v.repeat(3, 1) for k, v in batch.items()}
+    with torch.no_grad():
+        out = objective.at_block_rates(model, repeated, torch.full((6, 5), 0.3), None, g)
+    np.testing.assert_allclose(values[:, 0, :], out.unweighted.view(3, 5).T.double().numpy())
+
+
+@pytest.mark.filterwarnings("ignore:P-POTS")  # a tiny fit may fall back to the uniform
+def test_a_block_run_fits_ppots_pooled_over_blocks_and_refuses_the_counts_fit(tmp_path):
+    fit = ["sampler=ppots", "ppots_method=grid", "ppots_rates=4", "ppots_sequences=4"]
+    config = load_config(
+        None,
+        [*SMALL, f"output_dir={tmp_path / 'r'}", "objective=block", "block_size=4", *fit,
+         "ppots_masks=1", "max_steps=1"],
+    )  # fmt: skip
+    train(config)
+    assert (tmp_path / "r" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match="ppots_method=grid"):
+        load_config(None, ["objective=block", "block_size=4", "sampler=ppots"])

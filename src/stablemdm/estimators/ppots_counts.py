@@ -119,10 +119,10 @@ def measure_count_moments(
     """M(x0, k) for each sequence of `batch` at its `count_levels`, each from `n_masks`
     k-subset masks: the mean of value(u)^2, where `value` maps the per-row losses u `[R]` to
     what S is the second moment of (default: u itself; e.g. gradient norms)."""
-    if conditions_on_t(model):
+    if conditions_on_t(model) or objective.kind == "block":
         raise ValueError(
-            "ppots_method=counts integrates t out of the masks, but this model conditions on t; "
-            "use ppots_method=family or ppots_method=grid"
+            "ppots_method=counts integrates t out of one mask per sequence, but this model "
+            "conditions on t or draws a rate per block; use ppots_method=family or grid"
         )
     counting = count_objective(objective)
     eligible = batch["eligible"].sum(dim=1).cpu().numpy()  # [I]

@@ -26,6 +26,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
+from .blocks import blocks_per_row
 from .ppots import PPOTS
 from .ppots_counts import CountMoments, measure_count_moments
 
@@ -360,13 +361,21 @@ def grid_values(
     target: str = "loss",
     params: list[torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """The values `[I, J, K]` whose second moment `grid_second_moment` is (see there)."""
+    """The values `[I, J, K]` whose second moment `grid_second_moment` is (see there). For
+    block diffusion (`objective.kind == "block"`) the units I are the blocks of the batch
+    (`block_grid_values`)."""
     if target not in ("loss", "grad"):
         raise ValueError(f"P-POTS target must be 'loss' or 'grad', got {target!r}")
     if target == "grad" and not params:
         raise ValueError("P-POTS target 'grad' needs a non-empty parameter list")
     n = batch["input_ids"].shape[0]
     repeated = {k: v.repeat(n_masks, *([1] * (v.dim() - 1))) for k, v in batch.items()}  # [K*I, L]
+    if objective.kind == "block":
+        if target == "grad":
+            raise ValueError(
+                "P-POTS for blocks fits the loss's second moment per block: use ppots_target=loss"
+            )
+        return block_grid_values(objective, model, repeated, grid, n_masks, generator)
     values = np.empty((n, len(grid), n_masks))
     for j, t in enumerate(grid):
         r = torch.full((n * n_masks,), float(t))
@@ -378,6 +387,30 @@ def grid_values(
                 y = out.per_sequence.detach().double().cpu()
         values[:, j, :] = y.view(n_masks, n).T.numpy()
     return values
+
+
+def block_grid_values(
+    objective: Any,
+    model: torch.nn.Module,
+    repeated: dict[str, torch.Tensor],
+    grid: np.ndarray,
+    n_masks: int,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """Block diffusion's grid values `[U, J, K]`: every block of every sequence at rate t,
+    each block's unweighted term (its part of the sequence's loss) for U = the batch's blocks,
+    so that S(t) is pooled over block positions. Blocks draw independent rates, so the
+    sequence's variance is the sum of its blocks' and the optimal density is proportional to
+    sqrt of the pooled S (`repeated`: the batch repeated `n_masks` times)."""
+    n, length = repeated["input_ids"].shape
+    nb = blocks_per_row(length, objective.block_size)
+    values = []
+    for t in grid:
+        r = torch.full((n, nb), float(t))
+        with torch.no_grad():
+            out = objective.at_block_rates(model, repeated, r, mask_generator=generator)
+        values.append(out.unweighted.double().cpu().view(n_masks, -1).T.numpy())  # [U, K]
+    return np.stack(values, axis=1)  # [U, J, K]
 
 
 def _pooled(values: np.ndarray) -> np.ndarray:

@@ -447,20 +447,26 @@ class StableMDMConfig(TrainingArguments):
                 "objective=block scores MIRROR's two copies in one pass ([noised | mirror | "
                 "clean]), so compute_matched's half batch does not apply: leave it false"
             )
+        if self.sampler == "ppots" and (
+            self.ppots_method == "counts" or self.ppots_target == "grad"
+        ):
+            raise ConfigError(
+                "objective=block fits P-POTS from each block's loss at a grid of rates, pooled "
+                "over block positions: set ppots_method=grid (or family) and ppots_target=loss"
+            )
         unbuilt = [
             name
             for name, used in (
                 ("model=PATH (Hugging Face models)", self.model is not None),
                 (f"estimator={self.estimator}", self.estimator != "fixed"),
-                (f"sampler={self.sampler}", self.sampler == "ppots"),
             )
             if used
         ]
         if unbuilt:
             raise ConfigError(
                 f"objective=block: {', '.join(unbuilt)} not built yet for blocks (issue 25); "
-                "block diffusion trains the built-in transformer with sampler=uniform, clipped "
-                "or ema, any scheme and masking, rate=t or count"
+                "block diffusion trains the built-in transformer with any sampler, scheme and "
+                "masking, rate=t or count"
             )
 
     def _check_estimator_sizes(self) -> None:
