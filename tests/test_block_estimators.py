@@ -6,6 +6,7 @@ ELBO computed by exact enumeration (test_block_objective's tiny case)."""
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,9 +30,11 @@ from stablemdm.estimators.masking import grouped_mirror_subset_masks
 from stablemdm.estimators.objective import Objective
 from stablemdm.estimators.ppots_fit import grid_values
 from stablemdm.estimators.rates import PiecewiseDensity, Uniform
+from stablemdm.estimators.registry import BLOCK_ONLY_METHODS
 from stablemdm.estimators.stratified import Stratified, StratifiedRows
 from stablemdm.estimators.syrm import Mirrored
 from stablemdm.models.blocks import block_diffusion_mask
+from stablemdm.training.auto import candidate_config, candidate_names
 from stablemdm.training.recipe import load_config
 from stablemdm.training.run import train
 
@@ -232,3 +235,21 @@ def test_a_block_run_fits_ppots_pooled_over_blocks_and_refuses_the_counts_fit(tm
     assert (tmp_path / "r" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="ppots_method=grid"):
         load_config(None, ["objective=block", "block_size=4", "sampler=ppots"])
+
+
+# --- estimator=auto ------------------------------------------------------------------------------
+
+
+def test_auto_on_blocks_includes_the_block_candidates_and_the_full_canvas_does_not():
+    model, tokenizer = _model(), SimpleNamespace(token_id=lambda token, where: 3)
+    block = load_config(None, ["objective=block", "block_size=4", "estimator=auto",
+                               "ppots_method=grid"])  # fmt: skip
+    names = candidate_names(block, model, tokenizer)[0]
+    assert {"strats_rows", "count_strats_rows", "ppots_strats_rows", "mirror"} <= set(names)
+    assert not candidate_config(block, "mirror", []).compute_matched  # one pass, not two
+    canvas = load_config(None, ["estimator=auto"])
+    assert not set(candidate_names(canvas, model, tokenizer)[0]) & set(BLOCK_ONLY_METHODS)
+    with pytest.raises(ConfigError, match="ppots_method=grid"):
+        load_config(None, ["objective=block", "block_size=4", "estimator=auto"])
+    only = ["objective=block", "block_size=4", "estimator=auto", "auto_candidates=[mirror]"]
+    assert load_config(None, only).auto_candidates == ["mirror"]

@@ -33,7 +33,7 @@ def _config(tmp_path: Path, name: str, *extra: str):
         (["block_size=4"], "objective=block needs block_size"),
         ([*BLOCK[:1], "block_size=0"], "block_size must be > 0"),
         ([*BLOCK, "sampler=ppots"], "set ppots_method=grid"),
-        ([*BLOCK, "estimator=auto"], "estimator=auto not built yet for blocks"),
+        ([*BLOCK, "estimator=auto"], "a candidate of estimator=auto.*ppots_method=grid"),
         ([*BLOCK, "masking=mirror", "compute_matched=true"], "compute_matched's half batch"),
         ([*BLOCK, "model=some/model"], r"Hugging Face models\) not built yet for blocks"),
     ],

@@ -87,7 +87,14 @@ METHODS: dict[str, dict[str, str]] = {
     "count_ppots_mirror": {"rate": "count", "sampler": "ppots", "masking": "mirror"},
     "count_strats": {"rate": "count", "scheme": "stratified"},
     "count_syrm": {"rate": "count", "scheme": "mirrored"},
+    "strats_rows": {"scheme": "stratified_rows"},
+    "ppots_strats_rows": {"sampler": "ppots", "scheme": "stratified_rows"},
+    "count_strats_rows": {"rate": "count", "scheme": "stratified_rows"},
 }
+
+
+# methods that only block diffusion trains: they stratify the rates of each sequence's blocks
+BLOCK_ONLY_METHODS = ("strats_rows", "ppots_strats_rows", "count_strats_rows")
 
 
 def unbiased(name: str) -> bool:

@@ -46,6 +46,7 @@ from ..estimators.losses import conditions_on_t
 from ..estimators.objective import Objective, ObjectiveOutput
 from ..estimators.ppots import PPOTS
 from ..estimators.registry import (
+    BLOCK_ONLY_METHODS,
     ESTIMATOR_DEFAULTS,
     ISAD_DEFAULT_TOKENS,
     METHODS,
@@ -106,12 +107,13 @@ def charged_plan(budget: int, step: int, measurement: int, every: int) -> tuple[
 
 
 def candidate_config(config: StableMDMConfig, name: str, isad_tokens: list[str]) -> StableMDMConfig:
-    """The run's config with method `name`'s estimator fields (MIRROR compute-matched). A
-    shallow copy: building a new config mid-run would reset the accelerator's state."""
+    """The run's config with method `name`'s estimator fields (MIRROR compute-matched on the
+    full canvas; block diffusion scores its copy in the same pass). A shallow copy: building
+    a new config mid-run would reset the accelerator's state."""
     view = copy.copy(config)
     for key, value in {**ESTIMATOR_DEFAULTS, **METHODS[name]}.items():
         setattr(view, key, value)
-    view.compute_matched = view.masking == "mirror"
+    view.compute_matched = view.masking == "mirror" and config.objective != "block"
     if view.masking == "isad":
         view.isad_tokens = list(isad_tokens)
     return view
@@ -129,6 +131,14 @@ def candidate_names(
     method this model and task allow. A listed method the model cannot train is an error."""
     named = bool(config.auto_candidates)
     names, notes = list(config.auto_candidates or UNBIASED_METHODS), []
+    if config.objective != "block":
+        block_only = [n for n in names if n in BLOCK_ONLY_METHODS]
+        if named and block_only:
+            raise ConfigError(
+                f"auto_candidates: {', '.join(block_only)} stratify each sequence's blocks: "
+                "remove them or set objective=block"
+            )
+        names = [n for n in names if n not in BLOCK_ONLY_METHODS]
     if conditions_on_t(model):
         counts = [n for n in names if METHODS[n].get("rate") == "count"]
         if named and counts:

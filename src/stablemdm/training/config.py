@@ -447,18 +447,18 @@ class StableMDMConfig(TrainingArguments):
                 "objective=block scores MIRROR's two copies in one pass ([noised | mirror | "
                 "clean]), so compute_matched's half batch does not apply: leave it false"
             )
-        if self.sampler == "ppots" and (
+        if _sampler_is(self, "ppots") and (
             self.ppots_method == "counts" or self.ppots_target == "grad"
         ):
             raise ConfigError(
-                "objective=block fits P-POTS from each block's loss at a grid of rates, pooled "
-                "over block positions: set ppots_method=grid (or family) and ppots_target=loss"
+                "objective=block fits P-POTS (sampler=ppots, or a candidate of estimator=auto) "
+                "from each block's loss at a grid of rates, pooled over block positions: set "
+                "ppots_method=grid (or family) and ppots_target=loss"
             )
         unbuilt = [
             name
             for name, used in (
                 ("model=PATH (Hugging Face models)", self.model is not None),
-                (f"estimator={self.estimator}", self.estimator != "fixed"),
             )
             if used
         ]
