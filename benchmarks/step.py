@@ -18,9 +18,14 @@ on the same model, optimizer, schedule and data, alternated over rounds.
     .venv/bin/python benchmarks/step.py --clock cpu      # CPU time: a machine shared with others
     .venv/bin/python benchmarks/step.py --methods "MIRROR fused,MIRROR sequential" --no-trainer
     .venv/bin/python benchmarks/step.py --methods "block 4,block 8" --no-trainer  # issue 25
+    .venv/bin/python benchmarks/step.py --methods "block 4,block 4 MIRROR,block 4 2B (two rows)" \
+        --no-trainer                          # MIRROR's layout per block (issue 25)
 
 Block diffusion (`block B`) trains every token of a sequence in one pass over `[noised |
 clean]`: its forward tokens are the batch's B x L, each costing a pass over 2L positions.
+`block 4 MIRROR` scores the mirrored copy in the same pass, over `[noised | mirror | clean]`
+(3L); `block 4 2B (two rows)` is what the other layout, each copy in its own `[noised |
+clean]` row, costs: block 4 on twice the batch.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 from transformers import TrainerCallback, get_scheduler
 
 from stablemdm.data.tokenizer import CharTokenizer
-from stablemdm.estimators.blocks import blocks_per_row, response_blocks
+from stablemdm.estimators.blocks import response_blocks
 from stablemdm.estimators.ema import EMA
 from stablemdm.estimators.losses import mdm_loss
 from stablemdm.estimators.masking import mirror_masks, p_mask
@@ -118,6 +123,8 @@ def methods(mask_id: int, isad_id: int) -> dict[str, Method]:
         "Standard 2B (control)": Method(o(), batch_factor=2),
         "block 4": Method(o(kind="block", block_size=4)),
         "block 8": Method(o(kind="block", block_size=8)),
+        "block 4 MIRROR": Method(o(kind="block", block_size=4, masking="mirror")),
+        "block 4 2B (two rows)": Method(o(kind="block", block_size=4), batch_factor=2),
     }
 
 
@@ -157,10 +164,9 @@ def draw(objective: Objective, batch: dict, rate_g, mask_g) -> None:
     n = len(x0) // 2 if objective.compute_matched else len(x0)
     x0, eligible = x0[:n], eligible[:n]
     if objective.kind == "block":  # a rate per response block
-        nb = blocks_per_row(eligible.shape[1], objective.block_size)
-        r, weight = objective.draw_rates(n * nb, rate_g)
+        r, weight = objective.draw_block_rates({"input_ids": x0}, rate_g)
         blocks = response_blocks(eligible, objective.block_size)
-        objective._block_masks(eligible, blocks, r.view(n, nb), weight.view(n, nb), mask_g)
+        objective._block_masks(x0, eligible, blocks, r, weight, mask_g)
         return
     r, weight = objective.draw_rates(n, rate_g)
     if objective.rate == "count":
