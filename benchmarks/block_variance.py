@@ -118,7 +118,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = trained_model(args.block_size, args.train_steps)
     print(f"block_size {args.block_size}, {args.train_steps} training steps, batch {args.batch}")
-    print("| rate scheme | gradient variance | SE | ratio to independent | SE |")
+    print("| rate scheme | gradient variance | SE | independent / scheme (> 1: lower) | SE |")
     print("| --- | --- | --- | --- | --- |")
     for row in strats_rows(model, args.block_size, args.draws, args.batch):
         print(
