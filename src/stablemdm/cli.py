@@ -1,4 +1,4 @@
-"""The `stablemdm` command line: train, eval, generate, fit-t, variance, study, demo.
+"""The `stablemdm` command line: train, eval, generate, fit-t, variance, study, demo, lm-eval.
 
 Each verb is a thin layer over the library; errors in user input end the command with one
 clear line (exit status 2), never a traceback (`stablemdm --debug VERB ...` shows it).
@@ -206,6 +206,17 @@ def _add_fit(verbs: Any) -> None:
     add_trust_remote_code(fit)
 
 
+def _add_lm_eval(verbs: Any) -> None:
+    """`stablemdm lm-eval ARGS`: everything after the verb goes to lm-eval's command line
+    (`main` splits it off before parsing), so the verb itself takes no options."""
+    verbs.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="evaluate a run with lm-eval: stablemdm lm-eval --model stablemdm --model_args "
+        "run=RUN --tasks ... (needs stablemdm[lm-eval])",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     """The CLI: one small function per verb adds its subcommand."""
     from .study.command import add_parsers as add_study_parsers
@@ -214,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stablemdm", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_train, _add_eval, _add_generate, _add_fit, add_variance_parser):
+    for add in (_add_train, _add_eval, _add_generate, _add_fit, add_variance_parser, _add_lm_eval):
         add(verbs)
     add_study_parsers(verbs)
     for verb in verbs.choices.values():  # `--debug` also after the verb
@@ -565,6 +576,21 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from .lmeval.command import run_lm_eval
+
+    return run_lm_eval(args.lm_eval_args)
+
+
+def _split_lm_eval(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """(stablemdm's own arguments, lm-eval's) of `stablemdm [--debug] lm-eval ARGS`; lm-eval's
+    are None for any other verb."""
+    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if verb is None or argv[verb] != "lm-eval":
+        return argv, None
+    return argv[: verb + 1], argv[verb + 1 :]
+
+
 COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
@@ -573,6 +599,7 @@ COMMANDS = {
     "study": _cmd_study,
     "demo": _cmd_study,
     "variance": _cmd_variance,
+    "lm-eval": _cmd_lm_eval,
 }
 
 
@@ -620,8 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
     parser = _parser()
+    argv, lm_eval_args = _split_lm_eval(sys.argv[1:] if argv is None else argv)
     try:
         args, extra = parser.parse_known_args(argv)
+        args.lm_eval_args = lm_eval_args
     except SystemExit as exit_:  # a one-line usage error: exit status 2, as a return value
         if exit_.code in (0, None):  # --help
             raise
