@@ -121,15 +121,24 @@ def test_loglikelihood_is_the_likelihood_api_with_common_random_numbers(mdm_run,
 
 
 def test_an_arm_run_gives_exact_values_with_error_zero(arm_run, one_thread):
-    lm = StableMDMLM(run=str(arm_run))
-    context, continuation, text = "Once a", " fox", "the oak."
-    requests = [_request("loglikelihood", (context, continuation), doc_id=0)]
-    ((value, _),) = lm.loglikelihood(requests, disable_tqdm=True)
-    encode = lm.tokenizer.encode
-    exact = loglikelihood(
-        lm.model, encode(context), encode(continuation), generator=seeded_generator(1), kind="arm"
-    )
-    assert value == exact.value and exact.se == 0
+    lm = StableMDMLM(run=str(arm_run), greedy_check=True)
+    encode, context, text = lm.tokenizer.encode, "Once a", "the oak."
+    (greedy,) = lm._decode([encode(context)], 3, 0.0, seeded_generator(0))
+    assert len(greedy) == 3  # a run trained for one step does not stop at once
+    other = greedy[:2] + [encode("q")[0] if greedy[2] != encode("q")[0] else encode("z")[0]]
+    continuations = [lm.tokenizer.decode(greedy), lm.tokenizer.decode(other)]
+    requests = [_request("loglikelihood", (context, c), 0, i) for i, c in enumerate(continuations)]
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    assert [is_greedy for _, is_greedy in got] == [True, False]
+    for (value, _), continuation in zip(got, continuations, strict=True):
+        exact = loglikelihood(
+            lm.model,
+            encode(context),
+            encode(continuation),
+            generator=seeded_generator(1),
+            kind="arm",
+        )
+        assert value == exact.value and exact.se == 0
     (rolled,) = lm.loglikelihood_rolling([_request("loglikelihood_rolling", (text,), 1)], True)
     whole = loglikelihood(
         lm.model, [lm.prefix], encode(text), generator=seeded_generator(1), kind="arm"
