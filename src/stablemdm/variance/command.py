@@ -154,7 +154,8 @@ RUN_FIELDS = ("max_length", "gen_length", "eos_fill", "loss_normalizer", "normal
 def run_settings(checkpoint: str, overrides: list[str], task_options: list[str]) -> dict:
     """The config values of the run in `checkpoint` that `variance` measures it with when no
     --config is given: its task, its task_options (each of `task_options` replacing one) and
-    RUN_FIELDS, as `eval` reads them; a `task=` override naming another task keeps none."""
+    RUN_FIELDS, as `eval` reads them (a `task=` override naming another task keeps none), and
+    a block run's objective and block_size, so that it is measured as it trained."""
     saved = saved_run_config(checkpoint)
     if not saved:
         if task_options:
@@ -172,6 +173,8 @@ def run_settings(checkpoint: str, overrides: list[str], task_options: list[str])
         values["task_options"] = run_task_options(
             checkpoint, task, dict(parse_override(o) for o in task_options)
         )
+    if saved.get("objective") == "block":
+        values |= {"objective": "block", "block_size": saved.get("block_size")}
     return {**values, "task": task}
 
 

@@ -32,6 +32,7 @@ from ..training.config import StableMDMConfig
 from ..training.datasets import Canvas, TensorDataset, encode_split, resolve_canvas
 from ..training.saved import load_checkpoint, objective_of, saved_run_config
 from .arm import arm_reference
+from .blocks import ROW_SCHEMES
 from .measure import Design, GradientFeature, density_sampler, warm_ema
 
 
@@ -99,8 +100,12 @@ class Method:
 
 def same_draw(a: Method, b: Method) -> bool:
     """Whether one draw of a and one of b have the same distribution: the same rate mode,
-    masking and density (a scheme only couples the draws of a minibatch)."""
+    masking and density (a scheme only couples the draws of a minibatch; for block diffusion
+    one within each sequence, `blocks.ROW_SCHEMES`, changes the draw of its block rates)."""
     if any(getattr(a.config, f) != getattr(b.config, f) for f in ("rate", "sampler", "masking")):
+        return False
+    schemes = {a.config.scheme, b.config.scheme}
+    if a.config.objective == "block" and len(schemes) > 1 and schemes & ROW_SCHEMES:
         return False
     if a.config.sampler in ("uniform", "clipped"):  # both built from the same base fields
         return True
@@ -150,6 +155,8 @@ def build_methods(
                 "has no default answer delimiter)"
             )
             continue
+        if _unfit_for_blocks(config, name, notes):
+            continue
         cfg = method_config(config, name, isad_tokens)
         density = None
         if cfg.sampler == "ppots":
@@ -175,6 +182,19 @@ def build_methods(
             )
         methods[name] = Method(name, dict(METHODS[name]), cfg, objective)
     return methods
+
+
+def _unfit_for_blocks(config: StableMDMConfig, name: str, notes: list[str]) -> bool:
+    """Whether P-POTS method `name` cannot be fitted on the block config (its fit needs
+    ppots_method=grid or family), noted with the fix; False for every other case."""
+    ppots = METHODS[name].get("sampler") == "ppots"
+    if not (config.objective == "block" and ppots and config.ppots_method == "counts"):
+        return False
+    notes.append(
+        f"{name}: skipped, P-POTS for blocks is fitted on a grid of rates pooled over block "
+        "positions: set ppots_method=grid (or family) to measure it"
+    )
+    return True
 
 
 def load_model(

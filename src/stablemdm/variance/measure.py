@@ -38,6 +38,7 @@ from ..models.hf import adapter_spec, as_arm
 from ..rng import seeded_generator
 from ..training.datasets import TensorDataset
 from ..training.trainer import ema_of
+from .blocks import block_rate_draws, blocks_of_rows
 from .decompose import Components, nested_components
 
 F64 = torch.float64
@@ -92,10 +93,23 @@ def _evaluate(
     weight: torch.Tensor,
     mask_generator: torch.Generator,
 ) -> ObjectiveOutput:
-    """The objective at given rates (an ARM draws no rate or mask and ignores them)."""
+    """The objective at given rates, `[n]` or per block `[n, nb]` (an ARM draws no rate or
+    mask and ignores them)."""
     if objective.kind == "arm":
         return objective(model, rows)
+    if objective.kind == "block":
+        return objective.at_block_rates(model, rows, r, weight, mask_generator)
     return objective.at_rates(model, rows, r, weight, mask_generator)
+
+
+def sequence_draws(
+    objective: Objective, data: TensorDataset, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n independent draws of one sequence's rates and weights: `[n]` from the method's density,
+    or for block diffusion `[n, nb]`, a row of block rates each (`blocks.block_rate_draws`)."""
+    if objective.kind == "block":
+        return block_rate_draws(objective, data.tensors["input_ids"].shape[1], n, generator)
+    return density_sampler(objective.sampler).sample(n, generator)
 
 
 def _check_finite(y: torch.Tensor, what: str) -> None:
@@ -124,19 +138,19 @@ def nested_observations(
     """The nested design's observations: per-sequence losses `[I, J, K]` or gradient features
     `[I, J, K, P]` for sequences `index` `[I]` of `data`.
 
-    Sequence i gets J rates iid from the method's density (with their weights) and, per rate,
-    K masks from `objective.at_rates` on K copies of the sequence sharing that rate; in count
-    mode the rate becomes the count k = ceil(|E| r). Rates and masks come from generators
-    seeded by (seed, tag, i). Gradients take one backward per observation.
+    Sequence i gets J rates iid from the method's density (with their weights; for block
+    diffusion J rows of block rates, `sequence_draws`) and, per rate, K masks from the
+    objective on K copies of the sequence sharing that rate; in count mode the rate becomes
+    the count k = ceil(|E| r). Rates and masks come from generators seeded by (seed, tag, i).
+    Gradients take one backward per observation.
     """
-    density = density_sampler(objective.sampler)
     I, J, K = len(index), rates, masks
     values = []
     collector = Collector(feature) if feature is not None else None
     for i in range(I):
         rate_generator = seeded_generator(seed, "nested-rate", tag, i)
         mask_generator = seeded_generator(seed, "nested-mask", tag, i)
-        t, w = density.sample(J, rate_generator)  # [J], [J]
+        t, w = sequence_draws(objective, data, J, rate_generator)  # [J] or [J, nb]
         sequence = _rows(data, index[i : i + 1])
         if collector is None:
             with torch.no_grad():
@@ -144,15 +158,16 @@ def nested_observations(
                     objective,
                     model,
                     _repeat(sequence, J * K),
-                    t.repeat_interleave(K),
-                    w.repeat_interleave(K),
+                    t.repeat_interleave(K, dim=0),
+                    w.repeat_interleave(K, dim=0),
                     mask_generator,
                 )
             values.append(out.per_sequence.detach().to("cpu", F64).view(J, K))
             continue
         rows = _repeat(sequence, K)
         for j in range(J):
-            out = _evaluate(objective, model, rows, t[j].expand(K), w[j].expand(K), mask_generator)
+            r, weight = (v[j].expand(K, *v.shape[1:]) for v in (t, w))
+            out = _evaluate(objective, model, rows, r, weight, mask_generator)
             for k in range(K):
                 collector.add(feature.gradient(out.per_sequence[k], retain_graph=k + 1 < K))
     y = torch.stack(values) if collector is None else collector.result().view(I, J, K, -1)
@@ -373,8 +388,7 @@ def curve_statistics(l: np.ndarray) -> dict[str, Any]:
     m = l.mean(axis=2)  # [I, G] E_m[l | x0, t]
     s2 = l.var(axis=2, ddof=1)  # [I, G] Var_m(l | x0, t)
     m_i = m.mean(axis=1, keepdims=True)  # [I, 1] E[l | x0] by the midpoint rule
-    noise = ((1.0 - 2.0 / G) * s2 + s2.mean(axis=1, keepdims=True) / G) / K  # [I, G]
-    b_terms = (m - m_i) ** 2 - noise  # [I, G]
+    b_terms = rate_terms(l)  # [I, G]
     C = float(m_i[:, 0].var(ddof=1) - s2.mean(axis=1).mean() / (G * K))
     square_of_mean = float(m_i.mean() ** 2 - m_i[:, 0].var(ddof=1) / I)  # unbiased (E l)^2
     return {
@@ -394,6 +408,57 @@ def curve_statistics(l: np.ndarray) -> dict[str, Any]:
         },
         "sequences": I,
         "masks": K,
+    }
+
+
+def rate_terms(l: np.ndarray) -> np.ndarray:
+    """Each unit's b(t) term `[I, G]` from losses l `[I, G, K]`: (E_m[l | x0, t] - E[l | x0])^2
+    with the mask noise of both means removed, so that it is unbiased on the grid."""
+    G, K = l.shape[1:]
+    m = l.mean(axis=2)  # [I, G]
+    s2 = l.var(axis=2, ddof=1)  # [I, G]
+    noise = ((1.0 - 2.0 / G) * s2 + s2.mean(axis=1, keepdims=True) / G) / K  # [I, G]
+    return (m - m.mean(axis=1, keepdims=True)) ** 2 - noise
+
+
+def block_curves(
+    model: torch.nn.Module,
+    objective: Objective,
+    data: TensorDataset,
+    index: torch.Tensor,
+    grid: int,
+    masks: int,
+    seed: int,
+) -> dict[str, Any]:
+    """`rate_curves` for block diffusion (Standard): every block of sequences `index` at each
+    grid rate t, K masks (`ppots_fit.block_grid_values`: a block's unweighted term). g, v, S are
+    per block, pooled over block positions (the S that P-POTS for blocks fits). A block's term
+    depends on its own rate and mask only, and blocks draw them independently, so a sequence's
+    A and B are its blocks' sums: a(t) and C come from the sequences' summed terms (masks are
+    independent across blocks), b(t) sums each block's own term, and total = A + B + C."""
+    if objective.rate != "t" or objective.masking != "iid":
+        raise ValueError("block_curves needs a rate-mode objective with iid masks (Standard)")
+    I, G, K = len(index), grid, masks
+    t = (torch.arange(G, dtype=F64) + 0.5) / G  # [G]
+    rows = _rows(data, index)
+    repeated = {k: v.repeat(K, *([1] * (v.dim() - 1))) for k, v in rows.items()}  # [K I, L]
+    generator = seeded_generator(seed, "curves-mask")
+    units = ppots.block_grid_values(objective, model, repeated, t.numpy(), K, generator)
+    _check_finite(torch.from_numpy(units), "per-rate curves")  # [U, G, K]
+    owner = np.repeat(np.arange(I), blocks_of_rows(rows["eligible"], objective.block_size))
+    summed, b_terms = np.zeros((I, G, K)), np.zeros((I, G))
+    np.add.at(summed, owner, units)
+    np.add.at(b_terms, owner, rate_terms(units))
+    curves, pooled = curve_statistics(summed), curve_statistics(units)
+    integrals = {**curves["integrals"], "B": float(b_terms.mean())}
+    integrals["total"] = integrals["A"] + integrals["B"] + integrals["C"]
+    return curves | {
+        "t": t.tolist(),
+        **{key: pooled[key] for key in ("g", "v", "S")},
+        "b": b_terms.mean(axis=0).tolist(),
+        "se_b": (b_terms.std(axis=0, ddof=1) / math.sqrt(I)).tolist(),
+        "integrals": integrals,
+        "blocks": len(units),
     }
 
 

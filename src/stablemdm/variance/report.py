@@ -40,6 +40,7 @@ import torch
 from ..errors import ConfigError
 from ..estimators.objective import Objective
 from ..estimators.ppots_fit import density_from_second_moment
+from ..estimators.registry import BLOCK_ONLY_METHODS, DEFAULT_METHODS
 from ..training.config import StableMDMConfig
 from ..training.datasets import TensorDataset
 from .arm import arm_objective
@@ -47,6 +48,7 @@ from .inputs import Inputs, Method, VarianceOptions, build_methods, load_inputs,
 from .measure import (
     REFERENCE,
     GradientFeature,
+    block_curves,
     causal,
     compare_methods,
     decompose,
@@ -70,18 +72,15 @@ def run_variance(
     The ARM reference is `arm_checkpoint`, else the same weights with causal attention
     (a like-for-like baseline at initialisation, not for a trained MDM)."""
     say = log or (lambda message: None)
-    if config.objective != "mdm":
+    if config.objective == "arm":
         raise ConfigError(
-            "stablemdm variance measures MDM estimators (the ARM reference is added when there "
-            "is one): "
-            "leave objective=mdm"
+            "stablemdm variance measures diffusion estimators (the ARM reference is added when "
+            "there is one): set objective=mdm or objective=block"
         )
     started = time.perf_counter()
     timing: dict[str, float] = {}
     notes: list[str] = []
-    if REFERENCE not in options.methods:
-        notes.append(f"{REFERENCE}: added, it is the reference of the comparison")
-    names = list(dict.fromkeys([REFERENCE, *options.methods]))  # the reference first
+    names = _method_names(config, options, notes)
     inputs = load_inputs(config, options, checkpoint, arm_checkpoint, notes)
 
     say("building the estimators")
@@ -120,6 +119,18 @@ def run_variance(
     ) | {"notes": notes, "timing_s": timing}
 
 
+def _method_names(config: StableMDMConfig, options: VarianceOptions, notes: list[str]) -> list[str]:
+    """The methods measured, the reference first; a block config's default list adds the
+    methods only block diffusion trains (StraTS within each sequence)."""
+    if REFERENCE not in options.methods:
+        notes.append(f"{REFERENCE}: added, it is the reference of the comparison")
+    extra: tuple[str, ...] = ()
+    if config.objective == "block" and options.methods == DEFAULT_METHODS:
+        extra = BLOCK_ONLY_METHODS
+        notes.append(f"block diffusion: {', '.join(extra)} added to the default methods")
+    return list(dict.fromkeys([REFERENCE, *options.methods, *extra]))
+
+
 def _measure_curves(
     inputs: Inputs,
     methods: Mapping[str, Method],
@@ -129,7 +140,8 @@ def _measure_curves(
 ) -> dict[str, Any]:
     """Measurement 3: the Standard estimator's per-rate curves, the P-POTS density fitted to
     them, and the density of the first P-POTS method on the grid."""
-    curves = rate_curves(
+    measure = block_curves if config.objective == "block" else rate_curves
+    curves = measure(
         inputs.model,
         methods[REFERENCE].objective,
         inputs.data,
@@ -181,7 +193,8 @@ def _decompose_methods(
             seed,
             method.name,
         )
-        iid_rate = method.config.rate == "t" and method.config.masking == "iid"
+        config = method.config
+        iid_rate = (config.objective, config.rate, config.masking) == ("mdm", "t", "iid")
         decomposition[method.name]["semi_analytic_total"] = (
             semi_analytic_total(curves, method.objective.sampler) if iid_rate else None
         )
