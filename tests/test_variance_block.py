@@ -24,7 +24,7 @@ from stablemdm.training.datasets import TensorDataset
 from stablemdm.training.run import train
 from stablemdm.variance.blocks import block_rate_draws, row_sampler
 from stablemdm.variance.decompose import nested_components
-from stablemdm.variance.measure import block_curves, nested_observations
+from stablemdm.variance.measure import nested_observations, rate_curves
 
 LENGTH = 8
 BLOCK = ["objective=block", "block_size=4"]
@@ -84,7 +84,7 @@ def test_block_curves_integrate_to_the_nested_split(data):
     """A and B summed over a sequence's blocks (independent rates and masks), C from its
     summed terms: the curves' integrals agree with the nested design's A, B and C."""
     objective = Objective(MASK, kind="block", block_size=2)
-    curves = block_curves(_model(), objective, data, torch.arange(24), 24, 6, seed=5)
+    curves = rate_curves(_model(), objective, data, torch.arange(24), 24, 6, seed=5)
     split = nested_components(_observe(objective, data, (24, 8, 6)))
     assert curves["blocks"] == sum(math.ceil((6 + i % 3) / 2) for i in range(24))
     for name in ("A", "B", "C"):

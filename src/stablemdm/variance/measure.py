@@ -351,11 +351,13 @@ def rate_curves(
 ) -> dict[str, Any]:
     """Per-rate curves (`curve_statistics`) of the unweighted per-sequence loss on G
     midpoints t_g, from l `[I, G, K]`: sequences `index` x grid x masks, for a rate-mode
-    `objective` with iid masks (Standard)."""
+    `objective` with iid masks (Standard); for block diffusion, per block (`_block_curves`)."""
     if objective.rate != "t" or objective.masking != "iid":
         raise ValueError("rate_curves needs a rate-mode objective with iid masks (Standard)")
     I, G, K = len(index), grid, masks
     t = (torch.arange(G, dtype=F64) + 0.5) / G  # [G]
+    if objective.kind == "block":
+        return _block_curves(model, objective, _rows(data, index), t, K, seed)
     losses = []
     with torch.no_grad():
         for i in range(I):
@@ -421,26 +423,21 @@ def rate_terms(l: np.ndarray) -> np.ndarray:
     return (m - m.mean(axis=1, keepdims=True)) ** 2 - noise
 
 
-def block_curves(
+def _block_curves(
     model: torch.nn.Module,
     objective: Objective,
-    data: TensorDataset,
-    index: torch.Tensor,
-    grid: int,
-    masks: int,
+    rows: dict[str, torch.Tensor],
+    t: torch.Tensor,
+    K: int,
     seed: int,
 ) -> dict[str, Any]:
-    """`rate_curves` for block diffusion (Standard): every block of sequences `index` at each
-    grid rate t, K masks (`ppots_fit.block_grid_values`: a block's unweighted term). g, v, S are
+    """`rate_curves` for block diffusion: every block of the I `rows` at each grid rate t `[G]`,
+    K masks (`ppots_fit.block_grid_values`: a block's unweighted term). g, v, S are
     per block, pooled over block positions (the S that P-POTS for blocks fits). A block's term
     depends on its own rate and mask only, and blocks draw them independently, so a sequence's
     A and B are its blocks' sums: a(t) and C come from the sequences' summed terms (masks are
     independent across blocks), b(t) sums each block's own term, and total = A + B + C."""
-    if objective.rate != "t" or objective.masking != "iid":
-        raise ValueError("block_curves needs a rate-mode objective with iid masks (Standard)")
-    I, G, K = len(index), grid, masks
-    t = (torch.arange(G, dtype=F64) + 0.5) / G  # [G]
-    rows = _rows(data, index)
+    I, G = len(rows["input_ids"]), len(t)
     repeated = {k: v.repeat(K, *([1] * (v.dim() - 1))) for k, v in rows.items()}  # [K I, L]
     generator = seeded_generator(seed, "curves-mask")
     units = ppots.block_grid_values(objective, model, repeated, t.numpy(), K, generator)

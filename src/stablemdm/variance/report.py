@@ -48,7 +48,6 @@ from .inputs import Inputs, Method, VarianceOptions, build_methods, load_inputs,
 from .measure import (
     REFERENCE,
     GradientFeature,
-    block_curves,
     causal,
     compare_methods,
     decompose,
@@ -140,8 +139,7 @@ def _measure_curves(
 ) -> dict[str, Any]:
     """Measurement 3: the Standard estimator's per-rate curves, the P-POTS density fitted to
     them, and the density of the first P-POTS method on the grid."""
-    measure = block_curves if config.objective == "block" else rate_curves
-    curves = measure(
+    curves = rate_curves(
         inputs.model,
         methods[REFERENCE].objective,
         inputs.data,
