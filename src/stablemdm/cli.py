@@ -135,6 +135,13 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
         help="0 = greedy (default: the task's; image tasks sample at 1, text is greedy)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and random remasking")
+    p.add_argument(
+        "--no-kv-cache",
+        dest="kv_cache",
+        action="store_false",
+        help="a block-diffusion model: run the whole canvas block-causally at every call instead "
+        "of block by block over a KV cache (the same tokens greedily; slower)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together")
     add_trust_remote_code(p)
 
@@ -245,6 +252,7 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
         "block_length": args.block_length,
         "remasking": args.remasking,
         "temperature": args.temperature,
+        "kv_cache": args.kv_cache,
     }
 
 
@@ -497,6 +505,7 @@ def _generation_options(
         "steps": args.steps or (gen_length if full else None),
         "block_length": args.block_length or (gen_length if full else None),
         "remasking": args.remasking,
+        **({} if full else {"kv_cache": args.kv_cache}),
         **common,
     }
 

@@ -3,8 +3,9 @@
 MDM: each row's canvas is `gen_length` masks placed right after its prompt (the training
 layout of docs/architecture.md), decoded in semi-autoregressive blocks; each iteration
 predicts every masked position and unmasks the most confident ones of the current block.
-A block-diffusion model (objective=block) is decoded the same way in the blocks it was
-trained on, each position seeing only the prompt, the earlier blocks and its own block.
+A block-diffusion model (objective=block) is decoded in the blocks it was trained on, each
+position seeing only the prompt, the earlier blocks and its own block: block by block over a
+KV cache (`kv_decoding`), or with `kv_cache=False` the same way as an MDM's whole canvas.
 ARM: one forward pass per new token over the whole prefix, or over its latest tokens when the
 model's context is shorter (no cache; the models are small).
 Both return, per row, the generated tokens before the first `<eos>`.
@@ -14,21 +15,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
 from ..estimators.blocks import response_blocks
 from ..estimators.losses import Model, logits_of, unwrap
 from ..models.transformer import Transformer
-
-REMASKING = ("low_confidence", "random")
-
-
-def unmask_schedule(n_masked: int, steps: int) -> list[int]:
-    """How many positions each of `steps` iterations unmasks: `n_masked` spread as evenly as
-    possible, remainder to the earliest iterations (LLaDA), so the counts sum to `n_masked`."""
-    base, extra = divmod(n_masked, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
+from .kv_decoding import decode_cached
+from .unmasking import (
+    REMASKING,
+    ban,
+    banned_ids,
+    pick_tokens,
+    require_generator,
+    restrict,
+    reveal,
+    unmask_schedule,
+)
 
 
 @contextmanager
@@ -53,31 +57,6 @@ def _model_device(model: Model) -> torch.device:
     return torch.device("cpu")
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device):
-    """U(0,1) draws on the generator's device, moved to `device` (CPU generators work anywhere)."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
-def _require_generator(generator: torch.Generator | None, why: str) -> torch.Generator:
-    """Randomness never comes from the global RNG: a draw needs an explicit generator."""
-    if generator is None:
-        raise ValueError(f"{why} draws random numbers; pass generator=torch.Generator()")
-    return generator
-
-
-def _pick_tokens(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Greedy argmax when temperature == 0, else Gumbel-max sampling at that temperature."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    u = _uniform(tuple(logits.shape), generator, logits.device).clamp_min(
-        torch.finfo(torch.float32).tiny
-    )
-    gumbel = -torch.log(-torch.log(u))  # [..., V]
-    return (logits / temperature + gumbel).argmax(dim=-1)
-
-
 def _truncate_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
     """The tokens before the first `<eos>` (all of them when there is none)."""
     return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
@@ -97,7 +76,7 @@ def _check_temperature(temperature: float, generator: torch.Generator | None, wh
     if temperature < 0.0:
         raise ValueError(f"{where}: temperature={temperature} is negative; use 0 for greedy")
     if temperature > 0.0:
-        _require_generator(generator, f"{where} with temperature={temperature}")
+        require_generator(generator, f"{where} with temperature={temperature}")
 
 
 def _right_padded(
@@ -135,22 +114,6 @@ def _canvas_allowed(
         return masks[vocab]
 
     return allowed
-
-
-def _block_logits(
-    logits: torch.Tensor, block_pos: torch.Tensor, banned: list[int], allowed: torch.Tensor | None
-) -> torch.Tensor:
-    """The fp32 logits `[B, Lb, V]` of the block's positions `[B, Lb]`, with the `banned` ids
-    and the ids outside `allowed` `[Lb, V]` at -inf."""
-    index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
-    out = logits.gather(1, index).float()  # [B, Lb, V]
-    out[..., banned] = float("-inf")
-    return out if allowed is None else _restrict(out, allowed)
-
-
-def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Logits `[..., P, V]` (or `[B, V]` with `allowed` `[V]`) with disallowed ids at -inf."""
-    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def generate_mdm(
@@ -282,7 +245,7 @@ def _check_mdm_options(
         raise ValueError(f"{where}: unknown remasking={remasking!r}; choose one of {REMASKING}")
     _check_temperature(temperature, generator, where)
     if remasking == "random":
-        _require_generator(generator, f"{where} with remasking='random'")
+        require_generator(generator, f"{where} with remasking='random'")
     return n_blocks
 
 
@@ -307,25 +270,23 @@ def _unmask_step(
     """One model call of `generate_mdm`: pick a token at each of the block's positions (the
     canvas positions `span`; only `allowed` ids if given) and unmask, in `x` `[B, L]` in place,
     the `n_unmask` most confident still-masked ones (`block_ids`: a block-diffusion model's)."""
-    device = x.device
     t = (x.gather(1, canvas) == mask_token_id).float().mean(dim=1)  # [B]
     logits = logits_of(model, x, attention_mask, t, block_ids=block_ids)  # [B, L, V]
-    # never chosen: the mask, and the pad token unless it is also EOS (Llama-family tokenizers)
-    banned = [mask_token_id] + ([pad_token_id] if pad_token_id != eos_token_id else [])
     limit = None if allowed is None else allowed(logits.shape[-1])[span]  # [Lb, V]
-    block_logits = _block_logits(logits, block_pos, banned, limit)  # [B, Lb, V]
-    chosen = _pick_tokens(block_logits, temperature, generator)  # [B, Lb]
-    if remasking == "low_confidence":
-        probs = block_logits.softmax(dim=-1)  # [B, Lb, V]
-        confidence = probs.gather(2, chosen[:, :, None]).squeeze(2)  # [B, Lb]
-    else:
-        confidence = _uniform(tuple(chosen.shape), generator, device)  # [B, Lb]
+    index = block_pos[:, :, None].expand(-1, -1, logits.shape[-1])  # [B, Lb, V]
+    banned = banned_ids(mask_token_id, pad_token_id, eos_token_id)
+    block_logits = ban(logits.gather(1, index), banned, limit)  # [B, Lb, V]
     current = x.gather(1, block_pos)  # [B, Lb]
-    masked = current == mask_token_id  # [B, Lb]
-    confidence = confidence.masked_fill(~masked, float("-inf"))
-    top = confidence.topk(n_unmask, dim=1).indices  # [B, k]
-    unmask = torch.zeros_like(masked).scatter_(1, top, True) & masked  # [B, Lb]
-    x.scatter_(1, block_pos, torch.where(unmask, chosen, current))
+    new = reveal(
+        block_logits,
+        current,
+        n_unmask,
+        mask_token_id=mask_token_id,
+        remasking=remasking,
+        temperature=temperature,
+        generator=generator,
+    )
+    x.scatter_(1, block_pos, new)
 
 
 def trained_block_size(model: Model) -> int | None:
@@ -341,12 +302,16 @@ def generate_block(
     gen_length: int,
     steps: int | None = None,
     block_length: int | None = None,
+    kv_cache: bool = True,
     **options,
 ) -> list[list[int]]:
-    """Decode a block-diffusion model (trained with objective=block) with `generate_mdm` in
-    the blocks it was trained on, block-causally: each position sees the prompt, the earlier
-    blocks and its own block, as in training (BD3-LM's sampling mask; no KV cache yet). A
-    last block may be shorter; `steps` defaults to one unmasked token per call."""
+    """Decode a block-diffusion model (trained with objective=block) in the blocks it was
+    trained on, block-causally: each position sees the prompt, the earlier blocks and its own
+    block, as in training (BD3-LM's sampling mask). With `kv_cache` (the default) the prompt
+    and each finished block run once and each block is denoised over its own positions
+    (`kv_decoding`), stopping each row at its block with `<eos>`; without, `generate_mdm` runs
+    the whole canvas block-causally at every call (the same tokens, greedily). A last block
+    may be shorter; `steps` defaults to one unmasked token per call; `gen_length` is a cap."""
     size = trained_block_size(model)
     if size is None:
         raise ValueError(
@@ -359,15 +324,51 @@ def generate_block(
             f"block_size={size}; leave block_length unset (it decodes in its own blocks)"
         )
     steps = -(-gen_length // size) * size if steps is None else steps
-    return generate_mdm(
-        model,
-        prompts,
-        gen_length=gen_length,
-        steps=steps,
-        block_length=size,
-        block_causal=True,
-        **options,
+    decode = _generate_cached if kv_cache else partial(generate_mdm, block_causal=True)
+    return decode(model, prompts, gen_length=gen_length, steps=steps, block_length=size, **options)
+
+
+def _generate_cached(
+    model: Model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    mask_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    remasking: str = "low_confidence",
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    canvas_tokens: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
+    """`generate_block` over a KV cache (`kv_decoding.decode_cached`), with `generate_mdm`'s
+    options and checks; each row's tokens before its first `<eos>`."""
+    n_blocks = _check_mdm_options(
+        gen_length, block_length, steps, remasking, temperature, generator, True
     )
+    rows = _check_prompts(prompts, "generate_block")
+    if not rows:
+        return []
+    device = _model_device(model)
+    x, prompt_len = _right_padded(rows, 0, pad_token_id, device)  # [B, P], [B]
+    with _eval_mode(model):
+        canvas = decode_cached(
+            unwrap(model),
+            x,
+            prompt_len,
+            gen_length=gen_length,
+            steps_per_block=steps // n_blocks,
+            mask_token_id=mask_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            allowed=_canvas_allowed(canvas_tokens, gen_length, device, "generate_block"),
+            remasking=remasking,
+            temperature=temperature,
+            generator=generator,
+        )
+    return [_truncate_at_eos(tokens, eos_token_id) for tokens in canvas.tolist()]
 
 
 def generate_arm(
@@ -414,10 +415,10 @@ def generate_arm(
             logits = logits_of(model, window, attention_mask)  # [B, W, V]
             last = logits[row_index, seen - 1].float()  # [B, V]
             if allowed is not None:
-                last = _restrict(last, allowed(last.shape[-1])[step])
+                last = restrict(last, allowed(last.shape[-1])[step])
             if pad_token_id != eos_token_id:
                 last[:, pad_token_id] = float("-inf")
-            chosen = _pick_tokens(last, temperature, generator)  # [B]
+            chosen = pick_tokens(last, temperature, generator)  # [B]
             write = row_index[active]
             x[write, length[write]] = chosen[write]
             length = length + active.long()

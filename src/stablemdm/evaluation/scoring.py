@@ -173,6 +173,7 @@ def evaluate(
     block_length: int | None = None,
     remasking: str = "low_confidence",
     temperature: float | None = None,
+    kv_cache: bool = True,
     seed: int = 0,
     output_path: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -186,7 +187,8 @@ def evaluate(
     Defaults: `gen_length = task.gen_length`, `steps = gen_length`, `block_length =
     default_block_length(gen_length)`, `temperature` = the task's `temperature` if it has one
     (image tasks sample), else 0 (greedy); for "arm", `max_new_tokens = gen_length` (`steps`,
-    `block_length`, `remasking` unused). `device`, when given, moves the model there first.
+    `block_length`, `remasking` unused); "block" decodes over a KV cache unless `kv_cache` is
+    False (`generate_block`). `device`, when given, moves the model there first.
     Before decoding: `_check_inputs` (the scorer self-check and the canvas warning, which a
     caller that ran them may skip with `self_check=False`; the model's positions).
     """
@@ -198,6 +200,8 @@ def evaluate(
     if temperature is None:
         temperature = getattr(task, "temperature", 0.0)
     options = _decoding_options(objective, tokenizer, gen_length, steps, block_length, remasking)
+    if objective == "block":
+        options["kv_cache"] = kv_cache
     if images is not None:
         options["canvas_tokens"] = images.canvas_tokens
     _model_to(model, device)

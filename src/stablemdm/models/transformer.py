@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .blocks import block_diffusion_mask
+from .kv_cache import KVCache
 
 MODEL_TYPE = "stablemdm-transformer"
 CONFIG_FILE = "config.json"
@@ -201,6 +202,27 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(b, l, d))  # [B, L, D]
 
+    def cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of a chunk `x` `[B, Lc, D]` over the `past` keys and values then its own
+        (`mask` `[B, 1, Lc, S + Lc]`); returns the output and the chunk's keys and values."""
+        b, l, d = x.shape
+        q, k, v = self.qkv(x).view(b, l, 3, self.n_heads, d // self.n_heads).unbind(2)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, Lc, Dh]
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if past is None:
+            keys, values = k, v
+        else:
+            keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, l, d)), k, v  # [B, Lc, D]
+
 
 class SwiGLU(nn.Module):
     """Gated MLP: down(silu(gate(x)) * up(x))."""
@@ -235,6 +257,31 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal)  # [B, L, D]
         return x + self.mlp(self.mlp_norm(x))  # [B, L, D]
+
+    def cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for a chunk attending over cached keys (`Attention.cached`); returns the
+        output and the chunk's keys and values."""
+        y, k, v = self.attn.cached(self.attn_norm(x), cos, sin, mask, past)
+        x = x + y  # [B, Lc, D]
+        return x + self.mlp(self.mlp_norm(x)), k, v
+
+
+def _chunk_mask(cached: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask `[B, 1, Lc, S + Lc]` of a chunk over the cache: every real cached key
+    `cached` `[B, S]` and every real chunk key `chunk` `[B, Lc]`, plus each query's own key (no
+    NaN rows at padding)."""
+    length = chunk.shape[1]
+    keys = torch.cat([cached, chunk], dim=1)[:, None, None, :]  # [B, 1, 1, S + Lc]
+    own = torch.eye(length, dtype=torch.bool, device=chunk.device)  # [Lc, Lc]
+    own = F.pad(own, (cached.shape[1], 0))  # [Lc, S + Lc]
+    return keys | own  # [B, 1, Lc, S + Lc]
 
 
 class Transformer(nn.Module):
@@ -380,6 +427,46 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask, is_causal)  # [B, L, D]
         return self.lm_head(self.norm(x)).float()  # [B, L, V]
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        valid: torch.Tensor | None = None,
+        store: bool = False,
+    ) -> torch.Tensor:
+        """Logits `[B, Lc, V]` (fp32) of a chunk `input_ids` `[B, Lc]` at the RoPE `positions`
+        `[B, Lc]`, attending to every real key of `cache` (the clean blocks before it) and,
+        bidirectionally, to the chunk's real positions (`valid` `[B, Lc]`, default all): the
+        view `block_diffusion_mask` gives a block over earlier clean blocks, without running
+        them again. With `store` (a clean block, or the prompt) the chunk's keys and values
+        are appended to `cache`. The training path (`forward`) never builds a cache."""
+        if self.config.causal or self.config.block_size is None:
+            raise ValueError(
+                "Transformer.forward_cached: only a block-diffusion model (block_size set, "
+                "causal=False) decodes over a KV cache; decode it with forward"
+            )
+        self._check_inputs(input_ids, None)
+        if positions.shape != input_ids.shape or int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(
+                f"Transformer.forward_cached: positions must be [B, Lc] like input_ids and below "
+                f"max_seq_len={self.config.max_seq_len}; shorten gen_length or the prompt"
+            )
+        chunk = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
+        mask = _chunk_mask(cache.valid, chunk)  # [B, 1, Lc, S + Lc]
+        cos, sin = (
+            t[positions][:, None] for t in (self.rope_cos, self.rope_sin)
+        )  # [B, 1, Lc, Dh/2]
+        x = self.tok_embeddings(input_ids)  # [B, Lc, D]
+        keys, values = [], []
+        for index, block in enumerate(self.blocks):
+            x, k, v = block.cached(x, cos, sin, mask, cache.layer(index))
+            keys.append(k)
+            values.append(v)
+        if store:
+            cache.append(keys, values, chunk)
+        return self.lm_head(self.norm(x)).float()  # [B, Lc, V]
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write config.json and model.safetensors (a tied head is stored once)."""
