@@ -35,7 +35,7 @@ def _config(tmp_path: Path, name: str, *extra: str):
         ([*BLOCK, "sampler=ppots"], "set ppots_method=grid"),
         ([*BLOCK, "estimator=auto"], "a candidate of estimator=auto.*ppots_method=grid"),
         ([*BLOCK, "masking=mirror", "compute_matched=true"], "compute_matched's half batch"),
-        ([*BLOCK, "model=some/model"], r"Hugging Face models\) not built yet for blocks"),
+        ([*BLOCK, "model=some/model", "shift_logits=true"], "leave shift_logits unset"),
     ],
 )
 def test_what_is_not_built_for_blocks_is_refused_in_one_line(extra, message):

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from ..estimators.blocks import response_blocks
-from ..estimators.losses import Model, logits_of, unwrap
+from ..estimators.losses import Model, adapter, logits_of, unwrap
 from ..models.transformer import Transformer
 from .kv_decoding import decode_cached
 from .unmasking import (
@@ -290,9 +290,12 @@ def _unmask_step(
 
 
 def trained_block_size(model: Model) -> int | None:
-    """The block size a built-in transformer was trained with as block diffusion, else None."""
+    """The block size a model was trained with as block diffusion (a built-in transformer's
+    config, a Hugging Face model's adapter), else None."""
     inner = unwrap(model)
-    return inner.config.block_size if isinstance(inner, Transformer) else None
+    if isinstance(inner, Transformer):
+        return inner.config.block_size
+    return adapter(model).get("block_size")
 
 
 def generate_block(
@@ -309,8 +312,9 @@ def generate_block(
     trained on, block-causally: each position sees the prompt, the earlier blocks and its own
     block, as in training (BD3-LM's sampling mask). With `kv_cache` (the default) the prompt
     and each finished block run once and each block is denoised over its own positions
-    (`kv_decoding`), stopping each row at its block with `<eos>`; without, `generate_mdm` runs
-    the whole canvas block-causally at every call (the same tokens, greedily). A last block
+    (`kv_decoding`), stopping each row at its block with `<eos>`; without (and always for a
+    Hugging Face model, which has no cached forward), `generate_mdm` runs the whole canvas
+    block-causally at every call (the same tokens, greedily). A last block
     may be shorter; `steps` defaults to one unmasked token per call; `gen_length` is a cap."""
     size = trained_block_size(model)
     if size is None:
@@ -324,7 +328,8 @@ def generate_block(
             f"block_size={size}; leave block_length unset (it decodes in its own blocks)"
         )
     steps = -(-gen_length // size) * size if steps is None else steps
-    decode = _generate_cached if kv_cache else partial(generate_mdm, block_causal=True)
+    cached = kv_cache and isinstance(unwrap(model), Transformer)  # the cache is the built-in's
+    decode = _generate_cached if cached else partial(generate_mdm, block_causal=True)
     return decode(model, prompts, gen_length=gen_length, steps=steps, block_length=size, **options)
 
 

@@ -5,8 +5,9 @@ ModernBERT) as they are, diffusion LMs with their own code (LLaDA, Dream) as the
 causal LMs adapted to bidirectional attention (AR-to-MDM, as Dream and dllm's A2D do), by
 default with unshifted logits (position i predicts token i, dllm's A2D default; from
 SmolLM2's weights Dream's shifted logits learned far slower, docs/hf.md). A causal LM left as
-it is is the ARM baseline. How stablemdm drives a model is an `AdapterSpec` stored in its config
-(`config.stablemdm`), so a saved model reloads exactly as it was trained.
+it is is the ARM baseline; with `objective="block"` it is trained as block diffusion through a
+4-D attention mask (`hf_blocks`). How stablemdm drives a model is an `AdapterSpec` stored in
+its config (`config.stablemdm`), so a saved model reloads exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..estimators.losses import adapter, unwrap
+from .hf_blocks import block_refusal, enable_block_diffusion
 from .hub import first_line, hub_options, local_source, not_found
 
 ModelKind = Literal["masked_lm", "diffusion", "causal"]
@@ -47,6 +49,7 @@ class AdapterSpec:
     mask_token_id: int | None  # None for an ARM
     conditions_on_t: bool  # the forward takes the masking rate `t` [B]
     mask_token_added: bool = False  # the mask token is a new row (`add_mask_token`): trained
+    block_size: int | None = None  # trained as block diffusion with blocks this long
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,13 +350,16 @@ def _apply(model: Any, spec: AdapterSpec) -> None:
     model.config.stablemdm = spec.to_dict()
     if spec.bidirectional:
         make_bidirectional(model)
+    if spec.block_size is not None:
+        enable_block_diffusion(model)
 
 
 def load_hf_model(
     name_or_path: str,
     *,
-    objective: Literal["mdm", "arm"],
+    objective: Literal["mdm", "arm", "block"],
     kind: Literal["auto", "masked_lm", "diffusion", "causal"] = "auto",
+    block_size: int | None = None,
     tokenizer: Any = None,
     shift_logits: bool | None = None,
     mask_token_id: int | None = None,
@@ -365,8 +371,8 @@ def load_hf_model(
     allow_downloads: bool = False,
 ) -> tuple[Any, Any, AdapterSpec]:
     """Load a Hugging Face model and its tokenizer and adapt them to `objective`; returns
-    (model, tokenizer, spec). Local files only unless `allow_downloads`. See the module
-    docstring and docs/hf.md for every option."""
+    (model, tokenizer, spec). Local files only unless `allow_downloads`. `block_size` is
+    objective=block's. See the module docstring and docs/hf.md for every option."""
     if add_mask_token and (mask_token_id is not None or mask_token is not None):
         raise ConfigError(ADD_MASK_CONFLICT)
     config = _load_config(name_or_path, trust_remote_code, gguf_file, allow_downloads)
@@ -384,7 +390,7 @@ def load_hf_model(
         _check_saved(spec, objective, shift_logits, mask_token_id)
     else:
         spec = _new_spec(model, tokenizer, kind, objective, shift_logits, mask_token_id, mask_token)
-        if spec.mask_token_id is None and objective == "mdm":
+        if spec.mask_token_id is None and objective != "arm":
             if not add_mask_token:
                 raise ConfigError(
                     f"model {name_or_path} has no mask token: set mask_token_id=ID or "
@@ -395,8 +401,22 @@ def load_hf_model(
     if spec.mask_token_id is not None:
         rows = model.get_input_embeddings().num_embeddings
         check_mask_token_id(spec.mask_token_id, rows, tokenizer)
+    spec.block_size = block_size if objective == "block" else None
     _apply(model, spec)
+    if objective == "block":
+        _check_block_support(model, name_or_path)
     return model, tokenizer, spec
+
+
+def _check_block_support(model: Any, name: str) -> None:
+    """Refuse, in one line naming the model and why, a causal LM that `hf_blocks` cannot
+    train block-causally."""
+    why = block_refusal(model)
+    if why is not None:
+        architecture = ", ".join(getattr(model.config, "architectures", None) or ["?"])
+        raise ConfigError(
+            f"objective=block: {name} ({architecture}) cannot be trained block-causally: {why}"
+        )
 
 
 _add_mask_token = add_mask_token  # `load_hf_model` has a parameter of the same name
@@ -417,6 +437,12 @@ def _resolve_kind(
     resolved = saved.kind if saved is not None else detect_kind(config) if kind == "auto" else kind
     if objective == "arm" and resolved != "causal":
         raise ConfigError(f"objective=arm needs a causal LM; {name} is a {resolved} model")
+    if objective == "block" and resolved != "causal":
+        raise ConfigError(
+            f"objective=block adapts a causal LM (AR to block diffusion, through a 4-D "
+            f"attention mask); {name} is a {resolved} model, whose attention is its own: train "
+            "it with objective=mdm"
+        )
     return resolved
 
 
@@ -437,7 +463,12 @@ def _new_spec(
         if shift_logits:
             raise ConfigError("shift_logits is an MDM option: an ARM predicts the next token")
         return AdapterSpec(kind, False, False, None, conditions)
-    adapted = kind == "causal"
+    if objective == "block" and shift_logits:
+        raise ConfigError(
+            "objective=block reads each noised position's own logits: leave shift_logits unset "
+            "(or false)"
+        )
+    adapted = kind == "causal" and objective == "mdm"  # block diffusion keeps causal attention
     shift = default_shift_logits(model) if shift_logits is None else shift_logits
     mask_id = resolve_mask_token_id(
         model.config, tokenizer, mask_token_id=mask_token_id, mask_token=mask_token
@@ -471,9 +502,10 @@ def _check_saved(
     spec: AdapterSpec, objective: str, shift_logits: bool | None, mask_token_id: int | None
 ) -> None:
     """A model saved after stablemdm training keeps its spec; conflicting options are errors."""
-    if (objective == "arm") != (spec.mask_token_id is None):
-        trained = "an ARM" if spec.mask_token_id is None else "an MDM"
-        raise ConfigError(f"this model was trained as {trained}; objective={objective} differs")
+    trained = "arm" if spec.mask_token_id is None else "mdm" if spec.block_size is None else "block"
+    if objective != trained:
+        described = {"arm": "an ARM", "mdm": "an MDM", "block": "block diffusion"}[trained]
+        raise ConfigError(f"this model was trained as {described}; objective={objective} differs")
     for name, value in (("shift_logits", shift_logits), ("mask_token_id", mask_token_id)):
         if value is not None and value != getattr(spec, name):
             raise ConfigError(

@@ -84,6 +84,7 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         config.model,
         objective=config.objective,
         kind=config.model_kind,
+        block_size=config.block_size,
         tokenizer=tokenizer,
         shift_logits=config.shift_logits,
         mask_token_id=config.mask_token_id,
@@ -94,8 +95,9 @@ def build_hf(config: StableMDMConfig) -> tuple[torch.nn.Module, Any]:
         dtype=getattr(torch, config.model_dtype),
         allow_downloads=config.allow_downloads,
     )
-    if config.objective == "mdm":  # the resolved value is saved in config.yaml
-        if config.shift_logits is None and spec.kind == "causal" and config.process_index == 0:
+    if config.objective != "arm":  # the resolved value is saved in config.yaml
+        said = config.objective == "mdm" and config.process_index == 0
+        if config.shift_logits is None and spec.kind == "causal" and said:
             print(f"stablemdm: {describe_shift(model)}", file=sys.stderr)  # a choice: said
         config.shift_logits = spec.shift_logits
     wrapped = HFTokenizer(

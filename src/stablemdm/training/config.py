@@ -428,8 +428,9 @@ class StableMDMConfig(TrainingArguments):
             )
 
     def _check_blocks(self) -> None:
-        """objective=block: block_size set (and only then), on the built-in transformer with
-        the estimators built for blocks; any other refused in one line saying so."""
+        """objective=block: block_size set (and only then), with the estimators built for
+        blocks, on the built-in transformer or a causal LM (`models.hf_blocks`); any other
+        refused in one line saying so."""
         if (self.objective == "block") != (self.block_size is not None):
             raise ConfigError(
                 "objective=block needs block_size=N (tokens per block, e.g. 4), and only it "
@@ -455,18 +456,10 @@ class StableMDMConfig(TrainingArguments):
                 "from each block's loss at a grid of rates, pooled over block positions: set "
                 "ppots_method=grid (or family) and ppots_target=loss"
             )
-        unbuilt = [
-            name
-            for name, used in (
-                ("model=PATH (Hugging Face models)", self.model is not None),
-            )
-            if used
-        ]
-        if unbuilt:
+        if self.shift_logits:
             raise ConfigError(
-                f"objective=block: {', '.join(unbuilt)} not built yet for blocks (issue 25); "
-                "block diffusion trains the built-in transformer with any sampler, scheme and "
-                "masking, rate=t or count"
+                "objective=block reads each noised position's own logits: leave shift_logits "
+                "unset (or false)"
             )
 
     def _check_estimator_sizes(self) -> None:

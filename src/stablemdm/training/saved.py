@@ -193,8 +193,8 @@ def _check_finite(model: torch.nn.Module, folder: Path) -> None:
 
 def objective_of(model: torch.nn.Module) -> str:
     """ "arm" for a causal model (built-in with causal attention, or an unadapted HF causal
-    LM), "block" for a built-in one trained as block diffusion (its config's block_size),
-    else "mdm": what decoding and evaluation must use."""
+    LM), "block" for one trained as block diffusion (the built-in config's block_size, an HF
+    adapter's), else "mdm": what decoding and evaluation must use."""
     if isinstance(model, Transformer):
         if model.config.block_size is not None:
             return "block"
@@ -202,4 +202,6 @@ def objective_of(model: torch.nn.Module) -> str:
     from ..models.hf import adapter_spec
 
     spec = adapter_spec(model)
+    if spec is not None and spec.block_size is not None:
+        return "block"
     return "arm" if spec is not None and spec.mask_token_id is None else "mdm"
