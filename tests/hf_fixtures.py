@@ -125,26 +125,3 @@ def custom_code_model(
     AutoModel.from_config(config, trust_remote_code=True).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def llama_model(folder: Path) -> Path:
-    """A tiny seeded Llama causal LM (2 layers, width 32) with `llama_tokenizer`'s chat
-    template and no mask token, saved in `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = llama_tokenizer(chat=True)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder

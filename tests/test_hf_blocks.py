@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import bert_tokenizer, llama_model
-from test_hf_train import TINY, _Kill
-from transformers import BertConfig, BertForMaskedLM
+from test_hf_models import _bert, _llama
+from test_hf_train import TINY, assert_resume_reproduces
 
 from stablemdm.cli import main
 from stablemdm.estimators.blocks import block_loss, response_blocks
@@ -29,7 +28,7 @@ BLOCK = ["objective=block", "block_size=2", "add_mask_token=true"]
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    return llama_model(tmp_path_factory.mktemp("hf") / "llama")
+    return _llama(tmp_path_factory.mktemp("hf") / "llama")
 
 
 def _block_model(folder: Path, block_size: int, lora: bool = False):
@@ -48,10 +47,13 @@ def _noised_logits(model, noised: torch.Tensor, clean: torch.Tensor, block_ids) 
     return both[:, : clean.shape[1]]
 
 
-def test_block_size_1_noised_logits_are_the_causal_lm_reading_the_clean_prefix(llama):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_block_size_1_noised_logits_are_the_causal_lm_reading_the_clean_prefix(attention, llama):
     """With blocks of one token, noised position i sees [MASK] at i and the clean tokens
     before it: exactly the unmodified causal LM's forward over x0[:i] + [MASK]."""
     model, mask_id = _block_model(llama, 1)
+    model.set_attn_implementation(attention)  # eager adds the mask to the scores itself
+    assert block_refusal(model) is None
     x0 = torch.tensor([[5, 9, 17, 30, 41]])
     eligible = torch.tensor([[False, True, True, True, True]])
     block_ids = response_blocks(eligible, 1)
@@ -122,33 +124,12 @@ def test_a_block_run_trains_saves_evaluates_and_generates(llama, tmp_path, capsy
 
 def test_a_resumed_block_run_reproduces_the_uninterrupted_one(llama, tmp_path):
     common = [*TINY, f"model={llama}", *BLOCK, "max_steps=4", "save_steps=2"]
-    common += ["scheme=stratified_rows"]
-    train(load_config(None, [*common, f"output_dir={tmp_path / 'whole'}"]))
-    cut = [*common, f"output_dir={tmp_path / 'cut'}"]
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, cut), callbacks=[_Kill(3)])
-    train(load_config(None, cut), resume=True)
-    a, _ = load_checkpoint(tmp_path / "whole")
-    b, _ = load_checkpoint(tmp_path / "cut")
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(x, y), name
+    assert_resume_reproduces([*common, "scheme=stratified_rows"], tmp_path)
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> Path:
-    tok = bert_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        pad_token_id=tok.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("hf") / "bert"
-    BertForMaskedLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _bert(tmp_path_factory.mktemp("hf") / "bert")
 
 
 @pytest.mark.parametrize(

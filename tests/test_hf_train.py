@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import bert_tokenizer, llama_model
+from hf_fixtures import bert_tokenizer, llama_tokenizer
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -48,7 +48,20 @@ def _save(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     """A tiny Llama causal LM with a chat template and no mask token."""
-    return llama_model(tmp_path_factory.mktemp("hf") / "llama")
+    tok = llama_tokenizer(chat=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return _save(LlamaForCausalLM(config), tok, tmp_path_factory.mktemp("hf") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +172,12 @@ class _Kill(TrainerCallback):
 
 def test_resume_reproduces_the_uninterrupted_hf_run(llama, tmp_path):
     common = [*TINY, f"model={llama}", "add_mask_token=true", "max_steps=4", "save_steps=2"]
-    common += ["sampler=ppots", "masking=mirror"]
+    assert_resume_reproduces([*common, "sampler=ppots", "masking=mirror"], tmp_path)
+
+
+def assert_resume_reproduces(common: list[str], tmp_path: Path) -> None:
+    """A run of `common` killed after step 3 and resumed ends with the uninterrupted run's
+    weights, bit for bit."""
     train(load_config(None, [*common, f"output_dir={tmp_path / 'whole'}"]))
     cut = [*common, f"output_dir={tmp_path / 'cut'}"]
     with pytest.raises(KeyboardInterrupt):

@@ -413,7 +413,7 @@ def _check_block_support(model: Any, name: str) -> None:
     train block-causally."""
     why = block_refusal(model)
     if why is not None:
-        architecture = ", ".join(getattr(model.config, "architectures", None) or ["?"])
+        architecture = type(model).__name__
         raise ConfigError(
             f"objective=block: {name} ({architecture}) cannot be trained block-causally: {why}"
         )
