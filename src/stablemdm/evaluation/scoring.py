@@ -8,7 +8,10 @@ same settings reproduces the records.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +44,8 @@ class EvalResult:
     """Accuracy over `n` items and one record per item (index, source, prompt, output,
     extracted, gold, correct); `metrics` holds a task's set-level scores (image tasks:
     mean_prob, fid, valid; see image_scoring) and `grid` the PNG of an image task's samples
-    (when records were written)."""
+    (when records were written); `output_tokens` (up to each `<eos>`) and the wall and
+    process CPU seconds of the decoding give its speed (`speed`)."""
 
     accuracy: float
     n: int
@@ -49,6 +53,20 @@ class EvalResult:
     records: list[dict]
     metrics: dict[str, float | None] = field(default_factory=dict)
     grid: Path | None = None
+    output_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_cpu_seconds: float = 0.0
+
+    def speed(self) -> dict[str, float | int | None]:
+        """Output tokens decoded, the wall and CPU seconds the decoding took, tokens per wall
+        second (scoring and writing the records apart)."""
+        wall = self.decode_seconds
+        return {
+            "output_tokens": self.output_tokens,
+            "decode_seconds": wall,
+            "decode_cpu_seconds": self.decode_cpu_seconds,
+            "tokens_per_s": self.output_tokens / wall if wall > 0 else None,
+        }
 
 
 def check_scorer(task: ScoredTask, tokenizer: TextTokenizer, examples: list[Example]) -> None:
@@ -208,18 +226,22 @@ def evaluate(
     generator = torch.Generator().manual_seed(seed)
 
     records: list[dict] = []
+    clock = {"wall": 0.0, "cpu": 0.0}
+    tokens = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        outputs = generate(
-            model,
-            [tokenizer.encode_prompt(example) for example in batch],
-            objective=objective,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            temperature=temperature,
-            generator=generator,
-            **options,
-        )
+        with _timed(clock):
+            outputs = generate(
+                model,
+                [tokenizer.encode_prompt(example) for example in batch],
+                objective=objective,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=temperature,
+                generator=generator,
+                **options,
+            )
+        tokens += sum(map(len, outputs))
         records += _records(task, tokenizer, batch, outputs, start)
 
     metrics, grid = {}, None
@@ -229,7 +251,20 @@ def evaluate(
     if output_path is not None:
         write_jsonl(output_path, records)
     n_correct = sum(r["correct"] for r in records)
-    return EvalResult(n_correct / len(records), len(records), n_correct, records, metrics, grid)
+    accuracy = n_correct / len(records)
+    timing = (tokens, clock["wall"], clock["cpu"])
+    return EvalResult(accuracy, len(records), n_correct, records, metrics, grid, *timing)
+
+
+@contextlib.contextmanager
+def _timed(clock: dict[str, float]) -> Iterator[None]:
+    """Add the block's wall and process CPU seconds to `clock`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        clock["wall"] += time.perf_counter() - wall
+        clock["cpu"] += time.process_time() - cpu
 
 
 def _check_inputs(

@@ -117,6 +117,7 @@ def task_report(results: Sequence[Mapping], steps: Sequence[int]) -> dict[str, A
         cost[method] = {
             "compute": compute_report(runs, standard),
             "train_seconds": _mean([r["train_seconds"] for r in runs]),
+            "decode_tokens_per_s": _mean([r["evaluations"][-1].get("tokens_per_s") for r in runs]),
             NOISE: noise_report(runs, [r for r in results if r["method"] == REFERENCE]),
         }
     return {
@@ -303,7 +304,7 @@ def claims_table(point: Mapping[str, Any]) -> str:
 def cost_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
     """Each method's counted compute (training.compute: sequence passes, forward and backward,
     evaluation apart), over Standard's, its overhead, steps and sequences per step, training
-    seconds and estimator noise."""
+    seconds, the final evaluation's decoding speed and estimator noise."""
     header = [
         "method",
         "compute (passes)",
@@ -312,6 +313,7 @@ def cost_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
         "overhead",
         "steps x sequences",
         "train s",
+        "decode tokens/s",
         "gradient variance per sequence-pass, own model",
         "batch equivalent on Standard's model",
     ]
@@ -325,11 +327,17 @@ def cost_table(point: Mapping[str, Any], cost: Mapping[str, Any]) -> str:
                 method,
                 *_compute_cells(counted),
                 f"{c['train_seconds']:.0f}",
+                _rate(c.get("decode_tokens_per_s")),
                 "-" if own is None else f"{own['grad']:.3g} ± {own['grad_se']:.2g}",
                 "-" if equivalent is None else _plus_minus(equivalent),
             ]
         )
     return _table(header, rows)
+
+
+def _rate(value: float | None) -> str:
+    """Tokens per second as the cost table shows them ("-" where not measured)."""
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _compute_cells(c: Mapping[str, Any] | None) -> list[str]:

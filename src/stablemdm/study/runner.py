@@ -247,7 +247,7 @@ def run_one(
             output_path=folder / f"eval-{at}.jsonl",
         )
         point = {"step": step, "trained_step": at, "accuracy": ev.accuracy, "n": ev.n}
-        evaluations.append({**point, **ev.metrics})
+        evaluations.append({**point, **ev.metrics, **ev.speed()})
     result = {
         "task": task,
         "method": method,

@@ -4,7 +4,8 @@
 rows (sequences) and token positions of every call, and a hook on its output the rows of
 every backward pass through that output, to the phase current at the forward call (`phase`):
 
-- `train`: the training steps (MIRROR: two passes per sequence);
+- `train`: the training steps (MIRROR: two passes per sequence; a block-diffusion row counts
+  one pass per noised copy it scores, `noised_copies`);
 - `auto`: estimator=auto's measurements;
 - `ppots_fit`: P-POTS fits and refits (auto's too);
 - `other`: a pass no phase names;
@@ -89,12 +90,22 @@ class PassCounter:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor):
             return
-        name, rows = _PHASE.get(), int(ids.shape[0])
+        name, rows = _PHASE.get(), int(ids.shape[0]) * noised_copies(ids, kwargs)
         self.add(name, "forward", rows)
         self.add(name, "tokens", ids.numel())
         out = getattr(output, "logits", output)
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(lambda grad: self.add(name, "backward", rows))
+
+
+def noised_copies(ids: torch.Tensor, kwargs: Mapping[str, Any]) -> int:
+    """Sequence passes one row of a model call stands for: 1, or for block diffusion
+    (`block_ids` given, the row [noised copies | clean] of (c + 1) L positions) its c noised
+    copies, so block MIRROR's [noised | mirror | clean] counts two, as its estimator does."""
+    block_ids = kwargs.get("block_ids")
+    if not isinstance(block_ids, torch.Tensor) or block_ids.dim() < 2 or ids.dim() < 2:
+        return 1
+    return max(1, ids.shape[1] // block_ids.shape[1] - 1)
 
 
 def attach(model: torch.nn.Module) -> PassCounter:
@@ -198,10 +209,10 @@ def read_compute(folder: Path) -> dict[str, Any] | None:
 
 def step_passes(config: StableMDMConfig) -> int:
     """Forward sequence passes of one optimizer step on one process, as the config's objective
-    makes them: its sequences, twice for MIRROR, half of them twice for compute-matched
-    MIRROR."""
+    makes them: its sequences, twice for MIRROR (full canvas or block: two noised copies per
+    sequence), half of them twice for compute-matched MIRROR."""
     sequences = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    if config.objective != "mdm" or config.masking != "mirror":
+    if config.objective == "arm" or config.masking != "mirror":
         return sequences
     if config.compute_matched:
         return config.gradient_accumulation_steps * (config.per_device_train_batch_size // 2) * 2
