@@ -1,6 +1,7 @@
 """benchmarks/likelihood.py (issue 26, item 3) at a tiny size: its measurement runs, and on
 one-token choices, where every count-mode draw is the exact log-likelihood, each count-mode
-estimator agrees with the exact answer on every seed."""
+estimator agrees with the exact answer on every seed, with and without common random numbers;
+its questions are cut from the held-out fables as written."""
 
 from __future__ import annotations
 
@@ -38,8 +39,29 @@ def test_count_mode_agrees_with_the_exact_answer_on_one_token_choices(bench):
     ]
     exact = bench.exact_answers(model, items, tokenizer.mask_token_id)
     assert None not in exact
+    rows = []
     for estimator in ("llada", "count_mirror"):
-        row = bench.measure(model, items, exact, estimator, seeds=2, target=0.1)
-        assert row["agreement_with_exact"] == 1 and row["answer_changes_with_seed"] == 0
-        assert row["accuracy_sd_over_seeds"] == 0
-    assert "| `count_mirror` |" in bench.table([row], 0.1, len(items), 2, len(items))
+        for crn in (True, False):
+            rows.append(bench.measure(model, items, exact, estimator, crn, seeds=2, target=0.1))
+            assert rows[-1]["agreement_with_exact"] == 1
+            assert rows[-1]["answer_changes_with_seed"] == 0
+            assert rows[-1]["accuracy_sd_over_seeds"] == 0
+            assert rows[-1]["passes_per_choice_to_target"] == 0  # every draw exact: no error
+    table = bench.table(rows, 0.1, len(items), 2, len(items))
+    assert "| `count_mirror` | no |" in table and "| `llada` | yes |" in table
+
+
+def test_questions_are_cut_from_the_held_out_documents_as_written(bench):
+    """Context and true next word read as a stretch of a held-out document, separators (the
+    newline before "Moral:") included; every choice starts with that separator."""
+    tokenizer = CharTokenizer()
+    task = bench.get_task("text", train=str(bench.CORPUS), max_length=bench.MAX_LENGTH)
+    documents = list(task.documents("test"))
+    items = bench.questions(tokenizer, 60, seed=0)
+    newlines = 0
+    for context, choices, answer in items:
+        text = tokenizer.decode(context + choices[answer])
+        assert any(text in d for d in documents), text
+        assert len({tokenizer.decode(c[:1]) for c in choices}) == 1
+        newlines += "\n" in text
+    assert newlines > 0  # the check above met a line break
