@@ -46,7 +46,7 @@ def test_every_shipped_recipe_trains(recipe, tmp_path):
         return
     if task == "gsm8k" and not GSM8K.is_dir():
         pytest.skip(f"GSM8K data not found at {GSM8K}")
-    own_data = ("gsm8k", "jsonl", "digits_t2i")  # tasks without n_train/n_test options
+    own_data = ("gsm8k", "jsonl", "digits_t2i", "text")  # tasks without n_train/n_test options
     overrides = TINY if task not in own_data else [o for o in TINY if o != SMALL_DATA]
     if task == "gsm8k":
         overrides = [*overrides, "bf16=false", "per_device_train_batch_size=2", "n_heads=2"]

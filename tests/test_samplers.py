@@ -409,7 +409,15 @@ class TestState:
 
 class TestFactory:
     def test_registry_names(self):
-        assert set(SAMPLERS) == {"uniform", "clipped", "ppots", "ema", "strats", "syrm"}
+        assert set(SAMPLERS) == {
+            "uniform",
+            "clipped",
+            "ppots",
+            "ema",
+            "strats",
+            "strats_rows",
+            "syrm",
+        }
         for name, cls in SAMPLERS.items():
             assert cls.name == name
 
@@ -424,7 +432,7 @@ class TestFactory:
 
     def test_unknown_name_lists_valid_names(self):
         with pytest.raises(
-            ValueError, match="valid names: clipped, ema, ppots, strats, syrm, uniform"
+            ValueError, match="valid names: clipped, ema, ppots, strats, strats_rows, syrm, uniform"
         ):
             make_sampler("antithetic")
 
@@ -435,7 +443,9 @@ class TestFactory:
             make_sampler("clipped")
 
     def test_unknown_scheme_lists_schemes(self):
-        with pytest.raises(ValueError, match="valid schemes: iid, stratified, mirrored"):
+        with pytest.raises(
+            ValueError, match="valid schemes: iid, stratified, stratified_rows, mirrored"
+        ):
             with_scheme(Uniform(), "antithetic")
 
     @pytest.mark.parametrize("mix", [0.0, -0.1, 1.5, float("nan")])
