@@ -164,7 +164,7 @@ def table(rows: list[dict], target: float, n: int, seeds: int, exact_n: int) -> 
     head = (
         f"| estimator | common random numbers | passes per choice to gap SE {target}: mean "
         f"(median) | mean of `llada`'s | accuracy at 128 (mean +- sd over {seeds} seeds) | "
-        "answers that change with the seed | agreement with exact ({exact_n} of {n} questions) |\n"
+        f"answers that change with the seed | agreement with exact ({exact_n} of {n} questions) |\n"
         "| --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = []

@@ -49,6 +49,7 @@ def test_count_mode_agrees_with_the_exact_answer_on_one_token_choices(bench):
             assert rows[-1]["passes_per_choice_to_target"] == 0  # every draw exact: no error
     table = bench.table(rows, 0.1, len(items), 2, len(items))
     assert "| `count_mirror` | no |" in table and "| `llada` | yes |" in table
+    assert f"exact ({len(items)} of {len(items)} questions)" in table
 
 
 def test_questions_are_cut_from_the_held_out_documents_as_written(bench):
