@@ -35,6 +35,7 @@ from stablemdm.estimators.stratified import Stratified, StratifiedRows
 from stablemdm.estimators.syrm import Mirrored
 from stablemdm.models.blocks import block_diffusion_mask
 from stablemdm.training.auto import candidate_config, candidate_names
+from stablemdm.training.compute import step_passes
 from stablemdm.training.recipe import load_config
 from stablemdm.training.run import train
 
@@ -190,11 +191,23 @@ def test_block_configs_take_the_built_estimators(extra):
     assert config.block_size == 4
 
 
-def test_stratified_rows_need_blocks_and_block_mirror_has_no_half_batch():
+def test_stratified_rows_need_blocks():
     with pytest.raises(ConfigError, match="needs objective=block"):
         load_config(None, ["scheme=stratified_rows"])
-    with pytest.raises(ValueError, match="compute_matched"):
-        Objective(MASK, kind="block", block_size=2, masking="mirror", compute_matched=True)
+
+
+def test_compute_matched_block_mirror_is_mirror_on_half_the_batch_at_standards_passes():
+    """compute_matched on blocks: MIRROR's two copies of the first half of the sequences, the
+    same draws as MIRROR on that half, counting Standard's passes (one per sequence)."""
+    batch = {k: torch.cat([v, v]) for k, v in _batch().items()}  # 4 sequences
+    half = {k: v[:2] for k, v in batch.items()}
+    mirror = dict(kind="block", block_size=2, masking="mirror")
+    matched = Objective(MASK, compute_matched=True, **mirror)(_model(), batch, *_gens())
+    plain = Objective(MASK, **mirror)(_model(), half, *_gens())
+    standard = Objective(MASK, kind="block", block_size=2)(_model(), batch, *_gens())
+    assert matched.forward_passes == standard.forward_passes == 4
+    assert torch.equal(matched.per_sequence, plain.per_sequence)
+    assert torch.equal(matched.rate, plain.rate)
 
 
 def test_a_block_run_trains_with_mirror_ema_and_stratified_rows(tmp_path):
@@ -246,7 +259,8 @@ def test_auto_on_blocks_includes_the_block_candidates_and_the_full_canvas_does_n
                                "ppots_method=grid"])  # fmt: skip
     names = candidate_names(block, model, tokenizer)[0]
     assert {"strats_rows", "count_strats_rows", "ppots_strats_rows", "mirror"} <= set(names)
-    assert not candidate_config(block, "mirror", []).compute_matched  # one pass, not two
+    mirror = candidate_config(block, "mirror", [])  # at Standard's passes, as on the canvas
+    assert mirror.compute_matched and step_passes(mirror) == step_passes(block)
     canvas = load_config(None, ["estimator=auto"])
     assert not set(candidate_names(canvas, model, tokenizer)[0]) & set(BLOCK_ONLY_METHODS)
     with pytest.raises(ConfigError, match="ppots_method=grid"):

@@ -343,7 +343,5 @@ def test_block_objective_options_are_checked():
         Objective(MASK, block_size=4)
     with pytest.raises(ValueError, match="block_size must be"):
         Objective(MASK, kind="block", block_size=0)
-    with pytest.raises(ValueError, match="compute_matched"):
-        Objective(MASK, kind="block", block_size=2, masking="mirror", compute_matched=True)
     with pytest.raises(ValueError, match="at_block_rates"):
         Objective(MASK, kind="block", block_size=2).at_rates(_model(), _batch(), torch.rand(2))

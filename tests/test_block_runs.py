@@ -34,7 +34,6 @@ def _config(tmp_path: Path, name: str, *extra: str):
         ([*BLOCK[:1], "block_size=0"], "block_size must be > 0"),
         ([*BLOCK, "sampler=ppots"], "set ppots_method=grid"),
         ([*BLOCK, "estimator=auto"], "a candidate of estimator=auto.*ppots_method=grid"),
-        ([*BLOCK, "masking=mirror", "compute_matched=true"], "compute_matched's half batch"),
         ([*BLOCK, "model=some/model", "shift_logits=true"], "leave shift_logits unset"),
     ],
 )

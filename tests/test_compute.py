@@ -160,6 +160,17 @@ def test_auto_charged_spends_standards_compute_within_one_step(tmp_path, capsys)
     assert extra["training"] == standard["total"] and extra["total"] > standard["total"]
 
 
+def test_block_auto_choosing_mirror_spends_standards_compute_within_one_step(tmp_path):
+    """On blocks too: a MIRROR candidate is compute-matched (two copies of half the
+    sequences), so a charged block run that trains with it ends at block Standard's total."""
+    block = ["objective=block", "block_size=2"]
+    standard = _run(tmp_path, "standard", *block, "max_steps=24")
+    auto = [*AUTO[:1], "auto_candidates=[mirror]", *AUTO[2:]]
+    charged = _run(tmp_path, "charged", *block, *auto)
+    assert 0 <= standard["total"] - charged["total"] < STEP
+    assert charged["training"] == charged["plan"]["steps"] * STEP
+
+
 def test_the_charged_plan_spends_the_budget_within_one_step():
     """`charged_plan` on random budgets: S steps and m measurements (at 0, every, ... before
     step S) fit in the budget with less than one step left, and no further measurement of

@@ -150,8 +150,7 @@ class Objective:
         p_mask(torch.zeros(1), self.eps)
 
     def _check_blocks(self) -> None:
-        """`block_size` >= 1 for and only for `kind="block"`; MIRROR per block scores both
-        copies in one pass (`blocks.block_loss`), so it has no half-batch `compute_matched`."""
+        """`block_size` >= 1 for and only for `kind="block"`."""
         if (self.kind == "block") != (self.block_size is not None):
             raise ValueError("kind 'block' needs block_size (and only it uses one)")
         if self.block_size is not None and (
@@ -160,11 +159,6 @@ class Objective:
             or self.block_size < 1
         ):
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if self.kind == "block" and self.compute_matched:
-            raise ValueError(
-                "kind 'block' scores MIRROR's two copies in one pass over [noised | mirror | "
-                "clean] (not two passes), so compute_matched's half batch does not apply"
-            )
 
     def denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The per-sequence divisor `[B]` named by `normalizer` (None: the losses' default,
@@ -238,13 +232,13 @@ class Objective:
             unweighted = out.per_sequence.detach()
             return ObjectiveOutput(out.loss, out.per_sequence, unweighted, ones, ones, len(ones))
         nominal = micro_batch_size
-        if self.kind == "block":  # one rate per response block, drawn row by row
-            r, weight = self.draw_block_rates(batch, rate_generator, rank, world_size, nominal)
-            return self.at_block_rates(model, batch, r, weight, mask_generator)
-        if self.compute_matched:
+        if self.compute_matched:  # MIRROR's two copies of half the sequences: B passes
             half = max(1, batch["input_ids"].shape[0] // 2)
             batch = {k: v[:half] for k, v in batch.items()}
             nominal = None if nominal is None else max(1, nominal // 2)
+        if self.kind == "block":  # one rate per response block, drawn row by row
+            r, weight = self.draw_block_rates(batch, rate_generator, rank, world_size, nominal)
+            return self.at_block_rates(model, batch, r, weight, mask_generator)
         n = batch["input_ids"].shape[0]
         r, weight = self.draw_rates(n, rate_generator, rank, world_size, nominal)
         return self.at_rates(model, batch, r, weight, mask_generator)

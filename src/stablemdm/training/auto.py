@@ -107,13 +107,13 @@ def charged_plan(budget: int, step: int, measurement: int, every: int) -> tuple[
 
 
 def candidate_config(config: StableMDMConfig, name: str, isad_tokens: list[str]) -> StableMDMConfig:
-    """The run's config with method `name`'s estimator fields (MIRROR compute-matched on the
-    full canvas; block diffusion scores its copy in the same pass). A shallow copy: building
-    a new config mid-run would reset the accelerator's state."""
+    """The run's config with method `name`'s estimator fields (MIRROR compute-matched: its
+    two copies of half the sequences, so every candidate's step costs Standard's). A shallow
+    copy: building a new config mid-run would reset the accelerator's state."""
     view = copy.copy(config)
     for key, value in {**ESTIMATOR_DEFAULTS, **METHODS[name]}.items():
         setattr(view, key, value)
-    view.compute_matched = view.masking == "mirror" and config.objective != "block"
+    view.compute_matched = view.masking == "mirror"
     if view.masking == "isad":
         view.isad_tokens = list(isad_tokens)
     return view

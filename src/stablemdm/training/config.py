@@ -255,7 +255,7 @@ class StableMDMConfig(TrainingArguments):
     isad_q_max: float = field(default=0.95, metadata={"help": "ISAD: cap on q, must be < 1."})
     compute_matched: bool = field(
         default=False,
-        metadata={"help": "MIRROR: half the sequences per step, same forward tokens."},
+        metadata={"help": "MIRROR: two copies of half the sequences per step: Standard's passes."},
     )
     estimator: Literal["fixed", "auto"] = field(
         default="fixed",
@@ -443,11 +443,6 @@ class StableMDMConfig(TrainingArguments):
                     "needs objective=block (use scheme=stratified on the full canvas)"
                 )
             return
-        if self.compute_matched:
-            raise ConfigError(
-                "objective=block scores MIRROR's two copies in one pass ([noised | mirror | "
-                "clean]), so compute_matched's half batch does not apply: leave it false"
-            )
         if _sampler_is(self, "ppots") and (
             self.ppots_method == "counts" or self.ppots_target == "grad"
         ):
