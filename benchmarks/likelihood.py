@@ -10,6 +10,9 @@ n (s / s*)^2 passes, so the mean over questions and seeds of n (s / s*)^2 is wha
 sampler stopping exactly at s* spends on average (with no cap and no minimum of draws). It
 costs nothing beyond the fixed-budget runs; an adaptive run of `standard`, which settles
 slowly, would mostly measure its cap. A P-POTS fit's passes are added on top.
+`--adaptive N` checks the projection: the first N questions run adaptively to the target
+(common random numbers, batches of 32, at least 8 draws, `--adaptive-cap` passes at most)
+for `--adaptive-estimators`, and their mean passes are printed beside the projection.
 
 The task: next-word questions cut from the held-out fables (data/corpus): the context is up
 to 8 words of a document as written, the choices are the next word and two other words of the
@@ -130,6 +133,33 @@ def one_seed(model, items, estimator: str, crn: bool, seed: int, target: float):
     return best, passes
 
 
+def adaptive_check(model, items, estimator: str, target: float, cap: int) -> dict:
+    """The projection checked by adaptive runs (common random numbers, seed 0): per choice,
+    the passes an adaptive sampler spends to the target gap error (batches of 32, at least 8
+    draws, at most `cap` passes) against the fixed-budget projection for the same questions."""
+    adaptive = Budget(batch_size=32, max_passes=cap, target_se=target)
+    spent, projected, capped = [], [], 0
+    for q, (context, choices, _) in enumerate(items):
+        runs = [
+            loglikelihood_choices(
+                model, context, choices, generator=seeded_generator(0, "fixed", q),
+                estimator=estimator, budget=budget, crn=True,
+            )
+            for budget in (adaptive, LLADA_BUDGET)
+        ]  # fmt: skip
+        spent.append(runs[0].passes / len(choices))
+        capped += runs[0].gap_se > target
+        projected.append(projected_passes(runs[1].passes / len(choices), runs[1].gap_se, target))
+    return {
+        "estimator": estimator,
+        "questions": len(items),
+        "adaptive_passes_per_choice": statistics.mean(spent),
+        "projected_passes_per_choice": statistics.mean(projected),
+        "stopped_at_cap": capped,
+        "cap": cap,
+    }
+
+
 def measure(model, items, exact, estimator: str, crn: bool, seeds: int, target: float) -> dict:
     """One estimator, with or without common random numbers, over `seeds` Monte Carlo seeds at
     LLaDA's budget: accuracy, answer changes, agreement with the exact answer, and the
@@ -189,6 +219,9 @@ def main() -> None:
     parser.add_argument("--run", help="a trained MDM run to measure instead")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
     parser.add_argument("--crn", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--adaptive", type=int, default=0, help="questions run adaptively")
+    parser.add_argument("--adaptive-estimators", default="llada,count_mirror")
+    parser.add_argument("--adaptive-cap", type=int, default=8192, help="passes per choice")
     args = parser.parse_args()
     torch.set_num_threads(1)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -206,6 +239,11 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     exact_n = sum(e is not None for e in exact)
     print(table(rows, args.target_se, len(items), args.seeds, exact_n))
+    for estimator in args.adaptive_estimators.split(",") if args.adaptive else ():
+        check = adaptive_check(
+            model, items[: args.adaptive], estimator, args.target_se, args.adaptive_cap
+        )
+        print(json.dumps(check), flush=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"wall {wall:.0f} s, CPU {cpu:.0f} s")
 

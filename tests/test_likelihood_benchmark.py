@@ -23,8 +23,7 @@ def bench(monkeypatch, one_thread):
     return importlib.import_module("likelihood")
 
 
-def test_count_mode_agrees_with_the_exact_answer_on_one_token_choices(bench):
-    tokenizer = CharTokenizer()
+def _untrained(tokenizer: CharTokenizer) -> Transformer:
     config = ModelConfig(
         vocab_size=tokenizer.vocab_size,
         d_model=16,
@@ -32,7 +31,12 @@ def test_count_mode_agrees_with_the_exact_answer_on_one_token_choices(bench):
         n_heads=2,
         mask_token_id=tokenizer.mask_token_id,
     )
-    model = Transformer(config, generator=torch.Generator().manual_seed(0)).eval()
+    return Transformer(config, generator=torch.Generator().manual_seed(0)).eval()
+
+
+def test_count_mode_agrees_with_the_exact_answer_on_one_token_choices(bench):
+    tokenizer = CharTokenizer()
+    model = _untrained(tokenizer)
     items = [
         (tokenizer.encode(context), [tokenizer.encode(c) for c in "abc"], 0)
         for context in ("the fox", "a crow sat", "moral:")
@@ -66,3 +70,20 @@ def test_questions_are_cut_from_the_held_out_documents_as_written(bench):
         assert len({tokenizer.decode(c[:1]) for c in choices}) == 1
         newlines += "\n" in text
     assert newlines > 0  # the check above met a line break
+
+
+def test_adaptive_check_stops_at_the_target_or_at_the_cap(bench):
+    """The adaptive check spends the cap where the target is out of reach and one batch where
+    any error meets it."""
+    tokenizer = CharTokenizer()
+    model = _untrained(tokenizer)
+    items = [
+        (tokenizer.encode(context), [tokenizer.encode(c) for c in ("ab", "ba", "cd")], 0)
+        for context in ("the fox", "a crow")
+    ]
+    unreachable = bench.adaptive_check(model, items, "count_mirror", 1e-9, cap=64)
+    assert unreachable["adaptive_passes_per_choice"] == 64
+    assert unreachable["stopped_at_cap"] == len(items)
+    easy = bench.adaptive_check(model, items, "count_mirror", 1e3, cap=64)
+    assert easy["adaptive_passes_per_choice"] == 32 and easy["stopped_at_cap"] == 0
+    assert unreachable["projected_passes_per_choice"] > 64  # the projection agrees: past the cap
