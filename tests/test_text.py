@@ -161,6 +161,26 @@ def test_held_out_bits_are_the_exact_elbo_within_their_error(one_thread):
     assert abs(error) < 4 * bits.bits_per_token_se
 
 
+def test_a_block_text_run_scores_held_out_rows_with_its_block_elbo(tmp_path, one_thread):
+    """A block-diffusion model's held-out bits are its block ELBO (each row cut into blocks
+    from its first token, as training cuts it), within 4 SE of the exact one; a block text run
+    logs them at its evaluations."""
+    config = ModelConfig(
+        vocab_size=12, d_model=16, n_layers=1, n_heads=2, mask_token_id=1, block_size=2
+    )
+    model = Transformer(config, generator=torch.Generator().manual_seed(0)).eval()
+    ids = torch.tensor([[4, 5, 6, 7, 3], [8, 9, 2, 0, 0]])
+    eligible = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    bits = heldout_bits(model, {"input_ids": ids, "eligible": eligible}, seed=0)
+    rows = [r[e].tolist() for r, e in zip(ids, eligible, strict=True)]
+    exact = sum(exact_elbo(model, [], row, 1, block_size=2) for row in rows)
+    assert bits.tokens == 8 and bits.bits_per_token_se > 0
+    error = bits.bits_per_token - (-exact / (8 * math.log(2)))
+    assert abs(error) < 4 * bits.bits_per_token_se
+    logged = _bits(_run(tmp_path / "block", "objective=block", "block_size=4"))
+    assert 0 < logged["eval_bits_per_token_se"] < 0.1 * logged["eval_bits_per_token"]
+
+
 def test_variance_and_eval_read_a_text_run(tmp_path, one_thread, capsys):
     run = tmp_path / "run"
     _run(run)

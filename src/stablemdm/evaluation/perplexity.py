@@ -8,7 +8,8 @@ MIRROR pairs), with no early stop, so every evaluation of a run costs the same. 
 estimates are independent, so their errors add in quadrature. The standard error is that of
 the Monte Carlo estimate of this held-out set's ELBO (the data are fixed): an ARM's value is
 exact and its error 0. An ARM predicts no first token, so each row's first token is its
-context and the bits are per predicted token.
+context and the bits are per predicted token. A block-diffusion model is scored by its block
+ELBO (`likelihood.blocks`), each row cut into blocks from its first token as training cuts it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The log-likelihood of a continuation given a context, with its standard error: the ELBO of
-a masked diffusion model estimated by Monte Carlo, an ARM's exact value.
+a masked diffusion model estimated by Monte Carlo (a block-diffusion model's block ELBO,
+`blocks`), an ARM's exact value.
 
 It follows LLaDA's evaluator (`eval_llada.py`: Monte Carlo copies of the continuation, the
 number of masked tokens stratified across each batch, the loss weighted by L/k), reproduced

@@ -1,6 +1,7 @@
 """What a likelihood estimate is asked for, checked up front: the question (a context and its
 continuations as token ids), the sampling budget, and what the model declares about itself
-(an ARM or an MDM, its [MASK] id). Bad input is one `ConfigError` line naming the fix."""
+(an ARM, an MDM or a block-diffusion model, its [MASK] id). Bad input is one `ConfigError`
+line naming the fix."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError, short_repr
-from ..estimators.losses import Model, adapter, unwrap
+from ..estimators.losses import Model, adapter, conditions_on_t, unwrap
 
-Kind = Literal["auto", "mdm", "arm"]
+Kind = Literal["auto", "mdm", "arm", "block"]
 
 
-KINDS = ("auto", "mdm", "arm")
+KINDS = ("auto", "mdm", "arm", "block")
 
 
 def _token_ids(ids: Sequence[int] | torch.Tensor, what: str) -> tuple[int, ...]:
@@ -124,6 +125,43 @@ def is_arm(model: Model, kind: Kind) -> bool:
     if spec:
         return spec.get("mask_token_id") is None
     return getattr(getattr(unwrap(model), "config", None), "causal", False) is True
+
+
+def declared_block_size(model: Model) -> int | None:
+    """The block length a model declares it was trained with as block diffusion (its Hugging
+    Face adapter's `block_size`, the built-in transformer's config's), else None."""
+    spec = adapter(model)
+    if spec:
+        return spec.get("block_size")
+    return getattr(getattr(unwrap(model), "config", None), "block_size", None)
+
+
+def block_size_of(model: Model, kind: Kind, block_size: int | None) -> int | None:
+    """The block length of the ELBO, None for the full canvas: `block_size` if given (kind
+    "auto" or "block"), else the model's own under "block" or "auto"; "mdm" reads the whole
+    canvas at once even on a block-diffusion model."""
+    size = block_size
+    if size is not None and kind not in ("auto", "block"):
+        raise ConfigError(
+            f"likelihood: block_size={size!r} is for kind='block' (or 'auto'), not {kind!r}"
+        )
+    if size is None and kind in ("auto", "block"):
+        size = declared_block_size(model)
+    if size is None:
+        if kind == "block":
+            raise ConfigError(
+                "likelihood: kind='block' needs a block length, and the model declares none "
+                "(config.block_size); pass block_size=N"
+            )
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"likelihood: block_size={short_repr(size)} must be an int >= 1")
+    if conditions_on_t(model):
+        raise ConfigError(
+            "likelihood: the block ELBO draws a rate per block, but this model conditions on "
+            "one t; score it with kind='mdm'"
+        )
+    return size
 
 
 def mask_token_of(model: Model, mask_token_id: int | None) -> int:

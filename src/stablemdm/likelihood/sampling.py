@@ -12,12 +12,15 @@ Common random numbers: each batch draws one seed; every choice derives its gener
 so all choices get the same rates (the same t, the same count fraction, LLaDA's same first
 count) and the same uniform per continuation position. Continuations of one length get the
 same masks; of different lengths, count k = ceil(L r) from the shared rate r, and the masks
-of the same per-position uniforms (position j of every continuation shares its uniform).
+of the same per-position uniforms (position j of every continuation shares its uniform). A
+block-diffusion model's draws are per block (`blocks`), block j of every choice sharing its
+rate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -25,13 +28,17 @@ from ..errors import ConfigError
 from ..estimators.losses import Model, conditions_on_t
 from ..estimators.rates import RateSampler
 from ..rng import seeded_generator
+from .blocks import block_copy_values
 from .density import fit_count_density, fit_passes
-from .inputs import Budget, Kind, Question, is_arm, mask_token_of
+from .inputs import Budget, Kind, Question, block_size_of, is_arm, mask_token_of
 from .result import Choices, Likelihood, choices_of, mean_se, top_two
 from .schemes import Scheme, make_scheme, scheme_class
 from .values import arm_loglikelihood, draw_values
 
 SEED_BOUND = 2**62  # each batch's shared seed is drawn below this
+
+
+Score = Callable[[Sequence[int], int, int, torch.Generator], torch.Tensor]
 
 
 def loglikelihood(
@@ -45,6 +52,7 @@ def loglikelihood(
     mask_token_id: int | None = None,
     kind: Kind = "auto",
     density: RateSampler | None = None,
+    block_size: int | None = None,
 ) -> Likelihood:
     """log p(continuation | context) of `model` as an ELBO estimate with its standard error
     (an ARM's exact value with error 0); see `loglikelihood_choices` for the options."""
@@ -58,6 +66,7 @@ def loglikelihood(
         mask_token_id=mask_token_id,
         kind=kind,
         density=density,
+        block_size=block_size,
     ).results[0]
 
 
@@ -73,15 +82,17 @@ def loglikelihood_choices(
     kind: Kind = "auto",
     density: RateSampler | None = None,
     crn: bool = True,
+    block_size: int | None = None,
 ) -> Choices:
     """Each continuation's log-likelihood given `context` (token ids), sampled until the gap
     between the two best is known to `budget.target_se`.
 
     `estimator`: one of `schemes.ESTIMATORS`; `density`: P-POTS's for `ppots_count` (fitted
     on these continuations when not given, its passes charged to them); `crn`: common random
-    numbers across the choices; `kind`: "auto" (what the model declares), "mdm" or "arm";
-    `mask_token_id`: the model's [MASK] id when it does not declare one. Every draw comes
-    from `generator`."""
+    numbers across the choices; `kind`: "auto" (what the model declares), "mdm", "arm" or
+    "block" (the block ELBO, `blocks`, in blocks of `block_size` tokens, by default the
+    model's own); `mask_token_id`: the model's [MASK] id when it does not declare one. Every
+    draw comes from `generator`."""
     question = Question.of(context, continuations)
     budget = Budget() if budget is None else budget
     if not isinstance(budget, Budget):
@@ -89,16 +100,19 @@ def loglikelihood_choices(
     cls = scheme_class(estimator)  # an unknown name is refused for an ARM too
     if is_arm(model, kind):
         return _exact_choices(model, question)
+    size = block_size_of(model, kind, block_size)
     mask_id = mask_token_of(model, mask_token_id)
     _check(cls, budget, model)
     fitted = [0] * len(question.lengths)
     if estimator == "ppots_count" and density is None:
+        conts = question.continuations
         density = fit_count_density(
-            model, question.context, question.continuations, mask_id, generator
+            model, question.context, conts, mask_id, generator, block_size=size
         )
-        fitted = fit_passes(question.lengths)
+        fitted = fit_passes(question.lengths, block_size=size)
     scheme = make_scheme(estimator, density)
-    values = _sample(model, question, scheme, budget, generator, mask_id, crn)
+    score = partial(_copy_values, model, scheme, question.context, mask_id, size)
+    values = _sample(question, score, scheme, budget, generator, crn)
     spent = values.shape[1] // _draws_per_batch(scheme, budget) * budget.batch_size
     return choices_of(values, [spent + f for f in fitted], scheme.name)
 
@@ -142,19 +156,39 @@ def _check(scheme: type[Scheme], budget: Budget, model: Model) -> None:
         )
 
 
-def _batch(model, question, scheme, budget, seed, mask_id, crn) -> torch.Tensor:
+def _copy_values(
+    model: Model,
+    scheme: Scheme,
+    context: Sequence[int],
+    mask_id: int,
+    block_size: int | None,
+    continuation: Sequence[int],
+    width: int,
+    copies: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The estimates `[copies]` of one continuation's ELBO (the block ELBO with a
+    `block_size`), its positions among the question's `width` (its longest continuation)."""
+    length = len(continuation)
+    eligible = (torch.arange(width) < length).expand(copies, -1)  # [n, Lmax]
+    if block_size is not None:
+        return block_copy_values(
+            model, scheme, context, continuation, eligible, generator, mask_id, block_size
+        )
+    r = scheme.rates(copies, length, generator)
+    draw = scheme.draw(eligible, length, r, generator)
+    return draw_values(model, context, continuation, draw, mask_id)
+
+
+def _batch(question, score: Score, scheme, budget, seed, crn) -> torch.Tensor:
     """One batch's draws `[C, D]` for every choice, each from its generator (shared under
     common random numbers)."""
     copies = budget.batch_size // scheme.rows_per_copy
     width = max(question.lengths)
     rows = []
     for c, cont in enumerate(question.continuations):
-        length = len(cont)
         generator = seeded_generator(seed, "likelihood", *(() if crn else (c,)))
-        eligible = (torch.arange(width) < length).expand(copies, -1)  # [n, Lmax]
-        r = scheme.rates(copies, length, generator)
-        draw = scheme.draw(eligible, length, r, generator)
-        v = draw_values(model, question.context, cont, draw, mask_id)  # [n]
+        v = score(cont, width, copies, generator)  # [n]
         rows.append(v.mean(dim=0, keepdim=True) if scheme.stratified else v)
     return torch.stack(rows)
 
@@ -168,12 +202,12 @@ def _precision(values: torch.Tensor) -> float:
     return mean_se(values[best] - values[second])[1]
 
 
-def _sample(model, question, scheme, budget, generator, mask_id, crn) -> torch.Tensor:
+def _sample(question, score: Score, scheme, budget, generator, crn) -> torch.Tensor:
     """Draw batches until the target standard error or the cap; all draws `[C, R]`."""
     batches: list[torch.Tensor] = []
     for _ in range(budget.max_passes // budget.batch_size):
         seed = int(torch.randint(SEED_BOUND, (), generator=generator))
-        batches.append(_batch(model, question, scheme, budget, seed, mask_id, crn))
+        batches.append(_batch(question, score, scheme, budget, seed, crn))
         values = torch.cat(batches, dim=1)
         enough = values.shape[1] >= budget.min_draws
         if budget.target_se is not None and enough and _precision(values) <= budget.target_se:

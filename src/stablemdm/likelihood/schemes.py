@@ -18,6 +18,11 @@ and every estimator here is unbiased for it (paper.md section 3, "Counts instead
   per-token uniforms, the pair's mean of -(L/k) sum_M CE_i;
 - `ppots_count`: k ~ q(k) from a P-POTS density over the count, value -sum_M CE_i / (k q(k)).
 
+A block-diffusion model's ELBO is the sum of its blocks' ELBOs, each block given the clean
+blocks before it (`likelihood.blocks`); each scheme's block form (`block_rates`,
+`draw_blocks`) draws the same things per block: a rate, a count, LLaDA's stratified counts or
+a MIRROR pair within each block, at the block's own length.
+
 Each scheme draws with one generator: its rates first, then one uniform per position `[n,
 Lmax]`, so the same generator state gives every choice of a question the same draws
 (common random numbers, see `sampling`).
@@ -26,12 +31,14 @@ Lmax]`, so the same generator state gives every choice of a question the same dr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..errors import ConfigError
+from ..estimators.blocks import block_count_masks, block_rate_masks
 from ..estimators.counts import counts_from_rates
 from ..estimators.masking import iid_mask, mirror_subset_masks, p_mask, subset_mask
 from ..estimators.rates import F64, RateSampler, Uniform
@@ -43,7 +50,8 @@ ESTIMATORS = ("standard", "llada", "count_mirror", "ppots_count")
 class Draw:
     """One batch of draws for one continuation: `masks` (one `[n, Lmax]`, or a MIRROR pair),
     the ELBO factor `p` `[n]` (t, or k/L), the importance `weight` `[n]`, and `t` `[n]` for a
-    model that is given the rate (None in count mode)."""
+    model that is given the rate (None in count mode). In block form `p` and `weight` are per
+    block `[n, nb]` (t_j, or k_j / L_j) and `t` is None."""
 
     masks: tuple[torch.Tensor, ...]
     p: torch.Tensor
@@ -92,6 +100,29 @@ class Scheme:
             masks = (subset_mask(eligible, k.to(eligible.device), generator),)
         return Draw(masks, k.to(F64) / length, weight, None)
 
+    def block_rates(
+        self, n: int, lengths: Sequence[int], generator: torch.Generator
+    ) -> torch.Tensor:
+        """The rates `[n, nb]` of n copies of a continuation whose blocks hold `lengths`
+        tokens: each block's drawn as `rates` draws a continuation's, one block after another."""
+        return torch.stack([self.rates(n, length, generator) for length in lengths], dim=1)
+
+    def draw_blocks(
+        self,
+        eligible: torch.Tensor,
+        block_ids: torch.Tensor,
+        r: torch.Tensor,
+        generator: torch.Generator,
+    ) -> Draw:
+        """Count mode per block: k_j = ceil(L_j r_j) of block j's L_j positions, weight
+        1 / (L_j q(k_j)), a uniform k_j-subset of the block (MIRROR's pair within each block)
+        from one uniform per position of `eligible` `[n, Lmax]` (`block_ids` its blocks)."""
+        mirror = self.rows_per_copy == 2
+        masks, p, _, weight = block_count_masks(
+            eligible, block_ids, self.sampler, r, generator, mirror=mirror
+        )
+        return Draw(masks, p.to(F64), weight, None)
+
 
 class Standard(Scheme):
     """Standard: t ~ U(0, 1), iid masks with p_mask(t) at eps = 0 (the ELBO itself, as LLaDA's
@@ -107,6 +138,18 @@ class Standard(Scheme):
         p = p_mask(r, 0.0)  # [n]
         mask = iid_mask(eligible, p.to(eligible.device), generator)
         return Draw((mask,), p, self.sampler.weight(r), r)
+
+    def draw_blocks(
+        self,
+        eligible: torch.Tensor,
+        block_ids: torch.Tensor,
+        r: torch.Tensor,
+        generator: torch.Generator,
+    ) -> Draw:
+        """Each block j's tokens masked iid with p = t_j (eps = 0), weight 1 / density(t_j)."""
+        p = p_mask(r, 0.0)  # [n, nb]
+        (mask,) = block_rate_masks(eligible, block_ids, p.to(eligible.device), generator)
+        return Draw((mask,), p, self.sampler.weight(r.flatten()).view_as(r), None)
 
 
 class LLaDA(Scheme):

@@ -19,7 +19,7 @@ def model_device(model: Model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _rows(context: Sequence[int], continuation: Sequence[int], n: int, device: torch.device):
+def context_rows(context: Sequence[int], continuation: Sequence[int], n: int, device: torch.device):
     """x0 `[n, C + L]` (context then continuation, repeated) and the continuation's
     positions `[n, C + L]` (what is masked and scored)."""
     x0 = torch.tensor([*context, *continuation], device=device).expand(n, -1)
@@ -41,7 +41,7 @@ def draw_values(
     batch go through the model in one call."""
     n, m, c = draw.p.shape[0], len(draw.masks), len(context)
     device = model_device(model)
-    x0, eligible = _rows(context, continuation, n * m, device)
+    x0, eligible = context_rows(context, continuation, n * m, device)
     mask = torch.zeros_like(eligible)
     mask[:, c:] = torch.cat(draw.masks).to(device)[:, : len(continuation)]
     t = None if draw.t is None else draw.t.repeat(m).float().to(device)
@@ -63,6 +63,6 @@ def draw_values(
 def arm_loglikelihood(model: Model, context: Sequence[int], continuation: Sequence[int]) -> float:
     """An ARM's exact log p(continuation | context): the next-token log-probabilities of the
     continuation's tokens, summed (one forward pass)."""
-    x0, eligible = _rows(context, continuation, 1, model_device(model))
+    x0, eligible = context_rows(context, continuation, 1, model_device(model))
     loss = arm_loss(model, x0, eligible, normalizer=torch.ones(1, device=x0.device))
     return -float(loss.per_sequence[0])
