@@ -16,6 +16,7 @@ pytest.importorskip(
     "lm_eval", reason='the lm-eval extra is not installed: pip install ".[lm-eval]"'
 )
 
+from hf_caches import cached_dataset  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from stablemdm.cli import main  # noqa: E402
@@ -100,6 +101,67 @@ def test_lm_eval_runs_choice_generation_and_perplexity_tasks_offline(
     assert all(r["se"] > 0 and r["value"] < 0 for r in rolling)
 
 
+# A fabricated stand-in for ARC-Easy (allenai/ai2_arc), in the columns lm-eval's arc_easy.yaml
+# reads: (question, choices, answer key); the choice counts differ, so the requests show it.
+ARC = [
+    ("Where did the young mouse live?", ["in the wood", "in the sea", "on the moon"], "A"),
+    ("What did the fox want?", ["the grapes", "the river"], "A"),
+    ("Who won the race?", ["the tortoise", "the hare"], "A"),
+]
+
+
+def _arc_split(split: str) -> list[dict]:
+    return [
+        {
+            "id": f"{split}-{i}",
+            "question": question,
+            "choices": {"text": texts, "label": list("ABC")[: len(texts)]},
+            "answerKey": key,
+        }
+        for i, (question, texts, key) in enumerate(ARC)
+    ]
+
+
+def test_a_built_in_task_runs_from_its_data_in_the_local_datasets_cache(
+    mdm_run, tmp_path, monkeypatch, one_thread
+):
+    """lm-eval's own arc_easy runs offline once allenai/ai2_arc (ARC-Easy) is in the local
+    `datasets` cache, laid out as a first online load leaves it (tests/hf_caches.py)."""
+    import datasets
+
+    cache = tmp_path / "datasets"
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "choices": {
+                "text": datasets.List(datasets.Value("string")),
+                "label": datasets.List(datasets.Value("string")),
+            },
+            "answerKey": datasets.Value("string"),
+        }
+    )
+    splits = {split: _arc_split(split) for split in ("train", "validation", "test")}
+    cached_dataset(cache, "allenai/ai2_arc", "ARC-Easy", splits, features)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # `datasets` read both at its import, before this test: what it read is set too
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    records, out = tmp_path / "records.jsonl", tmp_path / "results"
+    model_args = f"run={mdm_run},{SMALL},records={records}"
+    argv = ["--tasks", "arc_easy", "--limit", "2", "--output_path", str(out), "--log_samples"]
+    assert main(["lm-eval", "--model", "stablemdm", "--model_args", model_args, *argv]) == 0
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["arc_easy"]
+    assert 0 <= results["acc,none"] <= 1
+    lines = next(out.rglob("samples_arc_easy_*.jsonl")).read_text().splitlines()
+    samples = sorted((json.loads(line) for line in lines), key=lambda s: s["doc_id"])
+    assert [s["doc"]["question"] for s in samples] == [q for q, _, _ in ARC[:2]]
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert sorted(r["choices"] for r in rows) == [2, 2, 3, 3, 3]
+    assert all(r["task"] == "arc_easy" and r["se"] > 0 for r in rows)
+
+
 def test_loglikelihood_is_the_likelihood_api_with_common_random_numbers(mdm_run, one_thread):
     lm = StableMDMLM(run=str(mdm_run), estimator="count_mirror", mc_batch=4, max_passes=8)
     context, choices = "Once a young mouse lived in the", [" wood.", " river."]
@@ -161,7 +223,10 @@ def test_rolling_windows_predict_each_token_once_within_the_model_length():
         ("run={run},batch=4", "unknown --model_args key 'batch'"),
         ("run={run},estimator=exact", "estimator='exact' in --model_args must be one of"),
         ("run={run},mc_batch=3,max_passes=8", "max_passes=8 must be a multiple of"),
-        ("estimator=llada", "--model_args needs run=FOLDER"),
+        ("estimator=llada", "or a folder); neither was given"),
+        ("run={run},pretrained={run}", "or a folder); both were given"),
+        ("run={run},mask_token=<m>", "mask_token='<m>' in --model_args must be left unset"),
+        ("pretrained=nobody/no-such-model", "nor in the local Hugging Face cache"),
     ],
 )
 def test_bad_model_args_are_one_line(mdm_run, model_args, message, capsys):

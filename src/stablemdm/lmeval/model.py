@@ -24,9 +24,9 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..evaluation.decoding import generate
 from ..likelihood import Choices, Likelihood, loglikelihood, loglikelihood_choices
-from ..models.hf import max_positions
 from ..rng import seeded_generator
-from ..training.saved import load_checkpoint, objective_of, saved_run_config
+from ..training.saved import objective_of
+from .loading import load_model
 from .options import parse_options
 from .records import Records, summed
 from .requests import (
@@ -53,22 +53,21 @@ def _device(asked: str | None) -> torch.device:
 
 @register_model(NAME)
 class StableMDMLM(LM):
-    """A stablemdm run (`--model_args run=FOLDER,...`, see `options.Options`) as an lm-eval
-    model; lm-eval's `--batch_size` is the number of prompts decoded together."""
+    """A stablemdm run or a Hugging Face model (`--model_args run=FOLDER,...` or
+    `pretrained=NAME_OR_PATH,...`, see `options.Options`) as an lm-eval model; lm-eval's
+    `--batch_size` is the number of prompts decoded together."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         self.options, self.generation_batch = parse_options(kwargs)
-        run = self.options.run
-        self.model, self.tokenizer = load_checkpoint(run, self.options.trust_remote_code)
+        self.source = self.options.run or self.options.pretrained
+        self.model, self.tokenizer, self.limit = load_model(self.options)
         self._device = _device(kwargs.get("device"))
         self.model.to(self._device).eval()
         self.objective = objective_of(self.model)
-        positions = (max_positions(self.model) or (None,))[0]
-        self.limit = saved_run_config(run).get("max_length") or positions
         self.encode = text_encoder(self.tokenizer)
         self.prefix = self.tokenizer.eos_token_id  # the context of an empty one (lm-eval's)
-        self.records = Records(self.options.records, self.options.overwrite, run)
+        self.records = Records(self.options.records, self.options.overwrite, self.source)
 
     def _likelihood_only(self, what: str) -> None:
         """A block-diffusion run has no likelihood yet: one clear error for its requests."""
@@ -139,8 +138,8 @@ class StableMDMLM(LM):
         self._likelihood_only("loglikelihood_rolling (perplexity)")
         if self.limit is None or self.limit < 2:
             raise ConfigError(
-                f"lm-eval model stablemdm: {self.options.run} names no length (max_length in "
-                "its config.yaml, or the model's positions), which perplexity windows need"
+                f"lm-eval model stablemdm: {self.source} names no length (a run's max_length "
+                "in its config.yaml, or the model's positions), which perplexity windows need"
             )
         out = []
         for request in tqdm(requests, desc="stablemdm rolling", disable=disable_tqdm):

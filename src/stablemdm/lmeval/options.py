@@ -16,16 +16,20 @@ LM_EVAL_KEYS = ("batch_size", "max_batch_size", "device")  # what lm-eval itself
 
 @dataclass(frozen=True)
 class Options:
-    """What the model does with each request. `run`: a run or checkpoint folder; `estimator`,
+    """What the model does with each request. The model: `run`, a stablemdm run or checkpoint
+    folder, or `pretrained`, a Hugging Face model (a Hub name in the local cache, or a folder),
+    with `mask_token` naming its mask token where its config and tokenizer name none; `estimator`,
     `mc_batch`, `max_passes`, `target_se`, `min_draws`: the likelihood `Budget` (LLaDA's
     setting by default: 128 passes in batches of 32, no early stop); `seed`: the Monte Carlo
     and sampling seed; `greedy_check`: decode each continuation greedily to tell lm-eval
     whether it is the greedy one (False without it, as LLaDA's default); `gen_length`,
     `steps`, `block_length`, `remasking`: decoding (`gen_length` replaces a task's
     max_gen_toks); `records`: a JSONL file of each request's standard error and passes;
-    `overwrite`: replace it; `trust_remote_code`: run the code a Hugging Face run ships."""
+    `overwrite`: replace it; `trust_remote_code`: run the code a Hugging Face run or model ships."""
 
-    run: str
+    run: str | None = None
+    pretrained: str | None = None
+    mask_token: str | None = None
     estimator: str = "llada"
     mc_batch: int = 32
     max_passes: int = 128
@@ -42,6 +46,15 @@ class Options:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        if (self.run is None) == (self.pretrained is None):
+            given = "both were given" if self.run is not None else "neither was given"
+            raise ConfigError(
+                "lm-eval model stablemdm: --model_args needs exactly one of run=FOLDER (a "
+                "stablemdm run or checkpoint folder) and pretrained=NAME_OR_PATH (a Hugging Face "
+                f"model: a Hub name in the local cache, or a folder); {given}"
+            )
+        if self.run is not None and self.mask_token is not None:
+            raise _bad("mask_token", self.mask_token, "left unset with run= (a run keeps its own)")
         if self.estimator not in ESTIMATORS:
             raise _bad("estimator", self.estimator, f"one of {', '.join(ESTIMATORS)}")
         if self.remasking not in REMASKING:
@@ -82,11 +95,6 @@ def parse_options(kwargs: dict[str, Any]) -> tuple[Options, int]:
             f"lm-eval model stablemdm: unknown --model_args key {unknown[0]!r}; the keys are "
             f"{', '.join(sorted(known))} (lm-eval's --batch_size is the generation batch; "
             "the Monte Carlo batch is mc_batch)"
-        )
-    if "run" not in kwargs:
-        raise ConfigError(
-            "lm-eval model stablemdm: --model_args needs run=FOLDER (a run's output folder or "
-            "a checkpoint-N folder)"
         )
     options = Options(**{k: v for k, v in kwargs.items() if k in known})
     size = kwargs.get("batch_size", 1)

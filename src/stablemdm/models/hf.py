@@ -498,11 +498,16 @@ def describe_shift(model: Any) -> str:
     return f"shift_logits={str(spec.shift_logits).lower()} ({why}; set shift_logits= to choose)"
 
 
+def trained_objective(spec: AdapterSpec) -> Literal["mdm", "arm", "block"]:
+    """The objective a saved spec was trained with: arm (no mask token), block, else mdm."""
+    return "arm" if spec.mask_token_id is None else "mdm" if spec.block_size is None else "block"
+
+
 def _check_saved(
     spec: AdapterSpec, objective: str, shift_logits: bool | None, mask_token_id: int | None
 ) -> None:
     """A model saved after stablemdm training keeps its spec; conflicting options are errors."""
-    trained = "arm" if spec.mask_token_id is None else "mdm" if spec.block_size is None else "block"
+    trained = trained_objective(spec)
     if objective != trained:
         described = {"arm": "an ARM", "mdm": "an MDM", "block": "block diffusion"}[trained]
         raise ConfigError(f"this model was trained as {described}; objective={objective} differs")
@@ -581,6 +586,41 @@ def load_trained(
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     _apply(model, spec)
     return PeftModel.from_pretrained(model, folder), tokenizer, spec
+
+
+def load_hf_as_is(
+    name_or_path: str, *, mask_token: str | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any, AdapterSpec]:
+    """A Hugging Face model to evaluate as it is (a folder, or a Hub name in the local
+    cache): one saved by stablemdm as it was trained, a causal LM as an ARM, a masked or
+    diffusion LM as an MDM with the mask token of its config or tokenizer, or `mask_token`."""
+    config = _load_config(name_or_path, trust_remote_code, None)
+    saved = getattr(config, SPEC_KEY, None)
+    spec = AdapterSpec.from_dict(saved) if isinstance(saved, dict) else None
+    if spec is not None:
+        objective, block_size = trained_objective(spec), spec.block_size
+    else:
+        objective, block_size = ("arm" if detect_kind(config) == "causal" else "mdm"), None
+    if objective == "arm" and mask_token is not None:
+        raise ConfigError(
+            f"mask_token={mask_token!r}: {name_or_path} is a causal LM, scored as an ARM (exact "
+            "log-likelihood), which masks nothing; leave mask_token unset"
+        )
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    if spec is None and objective == "mdm":
+        if resolve_mask_token_id(config, tokenizer, mask_token=mask_token) is None:
+            raise ConfigError(
+                f"model {name_or_path} names no mask token (neither its config nor its "
+                "tokenizer has one): give the token it was trained with as mask_token=TOKEN"
+            )
+    return load_hf_model(
+        name_or_path,
+        objective=objective,
+        block_size=block_size,
+        tokenizer=tokenizer,
+        mask_token=mask_token,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 class MissingBaseModel(ConfigError):
