@@ -240,3 +240,50 @@ def test_importing_stablemdm_does_not_import_lm_eval():
     code = "import sys, stablemdm.cli, stablemdm.likelihood; print('lm_eval' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def block_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("lm-eval") / "block", "objective=block", "block_size=4")
+
+
+def test_a_block_diffusion_run_answers_likelihood_requests_with_its_block_elbo(
+    block_run, tmp_path, monkeypatch, one_thread
+):
+    """The multiple-choice and perplexity tasks run on a block-diffusion run trained for one
+    step, offline; its values are the likelihood API's block ELBO in the run's blocks of 4."""
+    monkeypatch.chdir(TASKS)
+    records, out = tmp_path / "records.jsonl", tmp_path / "results"
+    model_args = f"run={block_run},{SMALL},records={records}"
+    tasks = ["--tasks", "stablemdm_choices,stablemdm_perplexity", "--include_path", str(TASKS)]
+    argv = ["lm-eval", "--model", "stablemdm", "--model_args", model_args, *tasks]
+    assert main([*argv, "--output_path", str(out)]) == 0
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert 0 <= results["stablemdm_choices"]["acc,none"] <= 1
+    assert results["stablemdm_perplexity"]["bits_per_byte,none"] > 0
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(rows) == 4 * 3 + 3 and all(r["se"] > 0 and r["value"] < 0 for r in rows)
+    lm = StableMDMLM(run=str(block_run), estimator="count_mirror", mc_batch=4, max_passes=8)
+    context, choices = "Once a young mouse lived in the", [" old wood.", " river."]
+    requests = [_request("loglikelihood", (context, c), 3, i) for i, c in enumerate(choices)]
+    got = [value for value, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    encode = lm.tokenizer.encode
+    kwargs = dict(estimator="count_mirror", budget=Budget(batch_size=4, max_passes=8))
+    key = (0, "lm-eval", "t", 3, context)
+    want = loglikelihood_choices(
+        lm.model,
+        encode(context),
+        [encode(c) for c in choices],
+        generator=seeded_generator(*key),
+        block_size=4,
+        **kwargs,
+    )
+    canvas = loglikelihood_choices(
+        lm.model,
+        encode(context),
+        [encode(c) for c in choices],
+        generator=seeded_generator(*key),
+        kind="mdm",
+        **kwargs,
+    )
+    assert got == [r.value for r in want.results] != [r.value for r in canvas.results]

@@ -2,7 +2,8 @@
 model API (its `LM`), as LLaDA's `eval_llada.py` wraps LLaDA.
 
 - `loglikelihood`: the adaptive ELBO of `stablemdm.likelihood`, the choices of one question
-  (same task, document and context) drawn with common random numbers; an ARM's exact value.
+  (same task, document and context) drawn with common random numbers; an ARM's exact value;
+  a block-diffusion run's block ELBO, in the blocks it trained on.
 - `loglikelihood_rolling`: a document's log-likelihood bound, the sum of the ELBOs of
   lm-eval's rolling windows of the model's length.
 - `generate_until`: the library's decoding (`evaluation.decoding.generate`) with its steps
@@ -69,22 +70,14 @@ class StableMDMLM(LM):
         self.prefix = self.tokenizer.eos_token_id  # the context of an empty one (lm-eval's)
         self.records = Records(self.options.records, self.options.overwrite, self.source)
 
-    def _likelihood_only(self, what: str) -> None:
-        """A block-diffusion run has no likelihood yet: one clear error for its requests."""
-        if self.objective == "block":
-            raise ConfigError(
-                f"lm-eval model stablemdm: {self.options.run} is a block-diffusion run, whose "
-                f"likelihood stablemdm does not estimate yet, so it cannot answer {what} "
-                "requests; evaluate it on generation tasks (generate_until)"
-            )
-
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if not context:
             return [self.prefix], self.encode(continuation)
         return encode_pair(self.encode, context, continuation)
 
     def _kind(self) -> str:
-        return "arm" if self.objective == "arm" else "mdm"
+        """The likelihood's kind: "arm" (exact), "mdm" or "block" (its own blocks)."""
+        return self.objective
 
     def _choices(self, question: Question) -> Choices:
         """The question's continuations scored together (common random numbers)."""
@@ -104,7 +97,6 @@ class StableMDMLM(LM):
         self, requests: list[Any], disable_tqdm: bool = False
     ) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is it the greedy continuation) per request."""
-        self._likelihood_only("loglikelihood (multiple-choice)")
         pairs = [self._pair(*r.args) for r in requests]
         keys = [(r.task_name, r.doc_id, r.args[0]) for r in requests]
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
@@ -135,7 +127,6 @@ class StableMDMLM(LM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Each document's log-likelihood bound: the sum of its windows' ELBOs (exact for an
         ARM); the windows' standard errors add in quadrature in the records."""
-        self._likelihood_only("loglikelihood_rolling (perplexity)")
         if self.limit is None or self.limit < 2:
             raise ConfigError(
                 f"lm-eval model stablemdm: {self.source} names no length (a run's max_length "
