@@ -90,3 +90,20 @@ def test_a_causal_lm_by_hub_name_is_an_exact_arm_from_the_local_cache(
     assert lm.records.rows[0]["se"] == 0 and lm.records.rows[0]["estimator"] == "exact"
     with pytest.raises(ConfigError, match="scored as an ARM"):
         StableMDMLM(pretrained="someone/tiny-llama", mask_token="<unk>")
+
+
+def test_dtype_and_max_length_apply_to_the_model_and_its_requests(tmp_path, one_thread):
+    """dtype=bfloat16 loads the weights in bfloat16 and scores close to float32; max_length
+    replaces the length a request is cut to; an unknown dtype is one line."""
+    folder = tmp_path / "llama"
+    save_llama(folder)
+    request = Instance("loglikelihood", {}, ("Once a", " mouse"), 0, metadata=("t", 0, 1))
+    values = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = StableMDMLM(pretrained=str(folder), dtype=dtype, max_length=8)
+        assert {p.dtype for p in lm.model.parameters()} == {getattr(torch, dtype)}
+        assert lm.limit == 8  # the context keeps its latest 2 tokens
+        ((values[dtype], _),) = lm.loglikelihood([request], disable_tqdm=True)
+    assert values["bfloat16"] == pytest.approx(values["float32"], abs=0.1)
+    with pytest.raises(ConfigError, match="dtype='int8' in --model_args must be one of"):
+        StableMDMLM(pretrained=str(folder), dtype="int8")

@@ -14,25 +14,26 @@ from ..errors import ConfigError
 from ..models.hf import load_hf_as_is, max_positions
 from ..models.hub import cached_folder, is_local
 from ..training.saved import custom_code, load_checkpoint, saved_run_config
-from .options import Options
+from .options import DTYPES, Options
 
 
 def load_model(options: Options) -> tuple[torch.nn.Module, Any, int | None]:
-    """(model, tokenizer, length): the run's `max_length` or the model's positions, None
-    when neither names one."""
+    """(model, tokenizer, length) in the options' `dtype`: the length is the options'
+    `max_length`, else the run's, else the model's positions, None when none names one."""
+    dtype = DTYPES[options.dtype]
     if options.run is not None:
         model, tokenizer = load_checkpoint(options.run, options.trust_remote_code)
-        length = saved_run_config(options.run).get("max_length")
+        model, length = model.to(dtype), saved_run_config(options.run).get("max_length")
     else:
         model, tokenizer = load_pretrained(
-            options.pretrained, options.mask_token, options.trust_remote_code
+            options.pretrained, options.mask_token, options.trust_remote_code, dtype
         )
         length = None
-    return model, tokenizer, length or (max_positions(model) or (None,))[0]
+    return model, tokenizer, options.max_length or length or (max_positions(model) or (None,))[0]
 
 
 def load_pretrained(
-    name: str, mask_token: str | None, trust_remote_code: bool
+    name: str, mask_token: str | None, trust_remote_code: bool, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, HFTokenizer]:
     """A Hugging Face MDM, or a causal LM as an ARM, as `models.hf.load_hf_as_is` loads it
     (nothing downloaded); its own code runs only with `trust_remote_code`, typed by the
@@ -46,7 +47,7 @@ def load_pretrained(
             "--trust_remote_code) if you trust where it came from; nothing was run"
         )
     model, tokenizer, spec = load_hf_as_is(
-        name, mask_token=mask_token, trust_remote_code=trust_remote_code
+        name, mask_token=mask_token, trust_remote_code=trust_remote_code, dtype=dtype
     )
     return model, HFTokenizer(tokenizer, spec.mask_token_id, shift_logits=spec.shift_logits)
 

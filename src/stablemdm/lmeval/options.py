@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError, short_repr
 from ..likelihood import ESTIMATORS, Budget
 
 REMASKING = ("low_confidence", "random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GENERATION_BATCH = 32  # prompts decoded together when lm-eval's --batch_size is "auto"
 LM_EVAL_KEYS = ("batch_size", "max_batch_size", "device")  # what lm-eval itself passes
 
@@ -25,7 +28,9 @@ class Options:
     whether it is the greedy one (False without it, as LLaDA's default); `gen_length`,
     `steps`, `block_length`, `remasking`: decoding (`gen_length` replaces a task's
     max_gen_toks); `records`: a JSONL file of each request's standard error and passes;
-    `overwrite`: replace it; `trust_remote_code`: run the code a Hugging Face run or model ships."""
+    `overwrite`: replace it; `trust_remote_code`: run the code a Hugging Face run or model ships;
+    `dtype`: the weights' type (`DTYPES`); `max_length`: the tokens a request is cut to, where
+    the run's `max_length` or the model's positions are not what it should be."""
 
     run: str | None = None
     pretrained: str | None = None
@@ -44,6 +49,8 @@ class Options:
     records: str | None = None
     overwrite: bool = False
     trust_remote_code: bool = False
+    dtype: str = "float32"
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.pretrained is None):
@@ -59,7 +66,9 @@ class Options:
             raise _bad("estimator", self.estimator, f"one of {', '.join(ESTIMATORS)}")
         if self.remasking not in REMASKING:
             raise _bad("remasking", self.remasking, f"one of {', '.join(REMASKING)}")
-        for name in ("gen_length", "steps", "block_length"):
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        for name in ("gen_length", "steps", "block_length", "max_length"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise _bad(name, value, "an integer >= 1")

@@ -589,11 +589,16 @@ def load_trained(
 
 
 def load_hf_as_is(
-    name_or_path: str, *, mask_token: str | None = None, trust_remote_code: bool = False
+    name_or_path: str,
+    *,
+    mask_token: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Any, Any, AdapterSpec]:
     """A Hugging Face model to evaluate as it is (a folder, or a Hub name in the local
     cache): one saved by stablemdm as it was trained, a causal LM as an ARM, a masked or
-    diffusion LM as an MDM with the mask token of its config or tokenizer, or `mask_token`."""
+    diffusion LM as an MDM with the mask token of its config or tokenizer, or `mask_token`;
+    its weights loaded in `dtype`."""
     config = _load_config(name_or_path, trust_remote_code, None)
     saved = getattr(config, SPEC_KEY, None)
     spec = AdapterSpec.from_dict(saved) if isinstance(saved, dict) else None
@@ -620,6 +625,7 @@ def load_hf_as_is(
         tokenizer=tokenizer,
         mask_token=mask_token,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
 
 
