@@ -1,112 +1,200 @@
-"""Decoding speed of a block-diffusion model over its KV cache against full-canvas semi-AR
-decoding (issue 25, item 4), on tiny models trained briefly on one task.
+"""Decoding speed at measured quality on trained runs (issue 25, item 4): a block-diffusion
+model over its KV cache against today's full-canvas semi-AR decoding of an MDM.
 
-Task: a prompt of 3 to 6 tokens, answered by the prompt reversed and `<eos>`. Two networks of
-the same size are trained with the same steps and data: a block model (`objective=block`,
-block size 4) and a full-canvas MDM (its canvas `<eos>`-filled, as LLaDA trains). On the same
-test prompts, greedy, one token unmasked per call:
+Each run folder (a saved run: config.yaml names its task and task_options) is loaded as
+`stablemdm eval` loads it and decodes the first `--limit` problems of its task's test split
+through `evaluation.scoring.evaluate` (the task's own prompts and checker), greedy, one
+token unmasked per model call, at each `--gen-lengths` canvas:
 
-- block, KV cache: `generate_block` (each block over the cache, rows stop at `<eos>`);
-- block, no cache: `generate_block(kv_cache=False)`, the whole canvas block-causally per call;
-- MDM semi-AR: `generate_mdm` over the whole canvas, blocks of `default_block_length`.
+- MDM (objective mdm): semi-AR over the whole canvas of gen_length masks, blocks of
+  `default_block_length` (32), one call per token; it stops after the first block in which
+  every row of the batch has written `<eos>` (as `eval` does);
+- block model: `generate_block` over the KV cache (each block denoised over its own
+  positions, one call per token, plus one call to cache the finished block; a row leaves the
+  batch at its block with `<eos>`), and uncached (every call runs the whole canvas
+  block-causally; stops like the MDM);
+- ARM: one call per new token over the prefix, until every row has written `<eos>`.
 
-Quality: exact-match accuracy, and whether the two block decoders' outputs are identical.
-Speed: output tokens (before `<eos>`) per wall second, the wall and process CPU times, and the
-speed-up as the MDM's wall time over the decoder's.
+The study's models were trained on 34 positions; their RoPE tables are widened to the
+trained length plus the canvas (`widened`): RoPE has no learnt parameter, so the weights are
+the same, and what each model does at positions it never saw is part of what is measured.
 
-    .venv/bin/python benchmarks/block_decoding.py          # about two minutes on one CPU thread
+Per row: accuracy with its binomial standard error, output tokens (before `<eos>`) and
+sequences per wall second, wall and process CPU seconds of decoding, the speed-up as the
+MDM's wall (and CPU) time over the row's at the same gen_length, and whether the accuracy equals the
+MDM's within two standard errors of the difference. Run on one thread:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/block_decoding.py \
+        --study runs/study-blocks/mini_sudoku --seed 42
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
+import math
+from pathlib import Path
 
 import torch
 
-from stablemdm.estimators.objective import Objective
-from stablemdm.evaluation.decoding import generate_block, generate_mdm
-from stablemdm.evaluation.scoring import default_block_length
-from stablemdm.models import ModelConfig, Transformer
+from stablemdm.evaluation.scoring import evaluate
+from stablemdm.models import Transformer
+from stablemdm.tasks.registry import get_task
+from stablemdm.training.saved import (
+    load_checkpoint,
+    objective_of,
+    run_task_options,
+    saved_run_config,
+)
 
-PAD, MASK, EOS, VOCAB, LENGTH, BLOCK = 0, 1, 2, 16, 16, 4
-IDS = dict(mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD)
-
-
-def rows(n: int, generator: torch.Generator, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of 3 to 6 tokens, each followed by itself reversed and `<eos>`; the rest of
-    the row `fill` (eligible when it is `<eos>`, the MDM's canvas). Ids and eligible `[n, L]`."""
-    ids = torch.full((n, LENGTH), fill)
-    eligible = torch.zeros(n, LENGTH, dtype=torch.bool)
-    for b in range(n):
-        size = int(torch.randint(3, 7, (1,), generator=generator))
-        prompt = torch.randint(3, VOCAB, (size,), generator=generator)
-        ids[b, : 2 * size + 1] = torch.cat([prompt, prompt.flip(0), torch.tensor([EOS])])
-        eligible[b, size : LENGTH if fill == EOS else 2 * size + 1] = True
-    return ids, eligible
+METHODS = ("standard", "block4_standard", "block8_standard", "arm")
+MDM = "MDM semi-AR (full canvas)"
+DECODERS = {
+    "mdm": {MDM: {}},
+    "block": {"block, KV cache": {"kv_cache": True}, "block, no cache": {"kv_cache": False}},
+    "arm": {"ARM": {}},
+}
 
 
-def trained(kind: str, steps: int, max_seq_len: int) -> Transformer:
-    """A tiny transformer trained `steps` AdamW steps as a block model or a full-canvas MDM."""
-    block = BLOCK if kind == "block" else None
-    config = ModelConfig(
-        vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=max_seq_len,
-        mask_token_id=MASK, block_size=block,
-    )  # fmt: skip
-    net = Transformer(config, generator=torch.Generator().manual_seed(0))
-    objective = Objective(MASK, kind=kind, block_size=block)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    data, gens = torch.Generator().manual_seed(1), (torch.Generator().manual_seed(2),) * 2
-    for _ in range(steps):
-        ids, eligible = rows(32, data, PAD if kind == "block" else EOS)
-        loss = objective(net, {"input_ids": ids, "eligible": eligible}, *gens).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return net.eval()
+def widened(model: torch.nn.Module, canvas: int) -> torch.nn.Module:
+    """A built-in transformer with the same weights and RoPE tables for `canvas` positions
+    more than it was built with (RoPE is a fixed function of the position: only its tables
+    depend on the length); any other model as it is."""
+    if not isinstance(model, Transformer) or canvas < 1:
+        return model
+    length = model.config.max_seq_len + canvas
+    wide = Transformer(dataclasses.replace(model.config, max_seq_len=length))
+    wide.load_state_dict(model.state_dict())
+    return wide.eval()
 
 
-def timed(decode, prompts: list[list[int]]) -> dict:
-    """Outputs, accuracy and speed of one decoder on `prompts`."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    outputs = decode(prompts)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    tokens = sum(map(len, outputs))
-    correct = sum(out == p[::-1] for out, p in zip(outputs, prompts, strict=True))
-    return dict(outputs=outputs, accuracy=correct / len(prompts), wall=wall, cpu=cpu,
-                tokens_per_s=tokens / wall)  # fmt: skip
+def measure(folder: Path, gen_length: int, limit: int, batch_size: int) -> list[dict]:
+    """One row per decoder of the run in `folder` (its objective's), decoding its task's
+    test split at `gen_length`; `outputs` holds each row's decoded texts."""
+    saved = saved_run_config(folder)
+    task = get_task(saved["task"], **run_task_options(folder, saved["task"]))
+    model, tokenizer = load_checkpoint(folder)
+    objective = objective_of(model)
+    model = widened(model, gen_length)
+    rows = []
+    for decoder, options in DECODERS[objective].items():
+        result = evaluate(
+            model, tokenizer, task, "test", objective=objective, limit=limit,
+            batch_size=batch_size, gen_length=gen_length, **options,
+        )  # fmt: skip
+        wall = result.decode_seconds
+        rows.append(
+            dict(
+                run=run_name(folder),
+                decoder=decoder,
+                gen_length=gen_length,
+                n=result.n,
+                accuracy=result.accuracy,
+                se=standard_error(result.accuracy, result.n),
+                tokens_per_s=result.output_tokens / wall,
+                sequences_per_s=result.n / wall,
+                wall=wall,
+                cpu=result.decode_cpu_seconds,
+                outputs=[r["output"] for r in result.records],
+            )  # fmt: skip
+        )
+    return rows
+
+
+def run_name(folder: Path) -> str:
+    """A study run's method (`METHOD/seed-N`), else the folder's name."""
+    return folder.parent.name if folder.name.startswith("seed-") else folder.name
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy over `n` items."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def compare(rows: list[dict]) -> None:
+    """Add, in place, each row's speed-up over the first MDM row of its gen_length and
+    whether their accuracies agree within two standard errors of the difference."""
+    for g in {r["gen_length"] for r in rows}:
+        same = [r for r in rows if r["gen_length"] == g]
+        base = next((r for r in same if r["decoder"] == MDM), None)
+        if base is None:
+            raise SystemExit("block_decoding: no MDM among the runs; give a full-canvas run too")
+        for r in same:
+            r["speedup"] = base["wall"] / r["wall"]
+            r["cpu_speedup"] = base["cpu"] / r["cpu"]
+            r["z"] = z_score(r["accuracy"] - base["accuracy"], math.hypot(r["se"], base["se"]))
+            r["same_quality"] = abs(r["z"]) <= 2
+
+
+def z_score(difference: float, se: float) -> float:
+    """A difference in standard errors (infinite when it is certain: both SEs zero)."""
+    if se > 0:
+        return difference / se
+    return math.copysign(math.inf, difference) if difference else 0.0
+
+
+def cache_identical(rows: list[dict]) -> dict[tuple[str, int], bool]:
+    """For each block run and gen_length, whether its cached and uncached decoders wrote the
+    same outputs for every problem."""
+    found: dict[tuple[str, int], list] = {}
+    for r in rows:
+        if r["decoder"].startswith("block"):
+            found.setdefault((r["run"], r["gen_length"]), []).append(r["outputs"])
+    return {key: all(o == outs[0] for o in outs) for key, outs in found.items()}
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| gen_length | run | decoder | accuracy ± SE | same as MDM (z) | output tokens/s "
+        "| sequences/s | wall s | CPU s | speed-up vs MDM, wall (CPU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        same = f"{'yes' if r['same_quality'] else 'no'} ({r['z']:+.1f})"
+        cells = [
+            r["gen_length"], r["run"], r["decoder"], f"{r['accuracy']:.3f} ± {r['se']:.3f}",
+            same, f"{r['tokens_per_s']:,.0f}", f"{r['sequences_per_s']:.1f}",
+            f"{r['wall']:.2f}", f"{r['cpu']:.2f}", f"{r['speedup']:.1f}x ({r['cpu_speedup']:.1f}x)",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def run(folders: list[Path], gen_lengths: list[int], limit: int, batch_size: int) -> list[dict]:
+    """Every run's rows at every gen_length, compared with the MDM's; prints the table and
+    the cached-against-uncached check."""
+    rows = [r for g in gen_lengths for f in folders for r in measure(f, g, limit, batch_size)]
+    compare(rows)
+    print(table(rows))
+    for (name, g), same in cache_identical(rows).items():
+        print(f"{name}, gen_length {g}: cached and uncached outputs identical: {same}")
+    return rows
+
+
+def folders_of(args: argparse.Namespace) -> list[Path]:
+    """The run folders: those given, else `--methods` of `--study` at `--seed`; the first
+    must be an MDM's (the baseline)."""
+    if args.runs:
+        return [Path(f) for f in args.runs]
+    if args.study is None:
+        raise SystemExit("block_decoding: give run folders, or --study DIR with --seed")
+    return [Path(args.study) / m / f"seed-{args.seed}" for m in args.methods.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-steps", type=int, default=400)
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("runs", nargs="*", help="run folders (an MDM's among them)")
+    parser.add_argument("--study", help="a study's task folder, e.g. runs/study-blocks/mini_sudoku")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--gen-lengths", default="64,256")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     lengths = [int(g) for g in args.gen_lengths.split(",")]
-    models = {kind: trained(kind, args.train_steps, 8 + max(lengths)) for kind in ("block", "mdm")}
-    ids, eligible = rows(args.prompts, torch.Generator().manual_seed(99), PAD)
-    prompts = [row[: int(e.long().argmax())].tolist() for row, e in zip(ids, eligible, strict=True)]
-    print(f"{args.train_steps} training steps, {args.prompts} prompts, batch of all, 1 thread")
-    print("| gen_length | decoder | accuracy | tokens/s | wall s | CPU s | MDM wall / wall |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for g in lengths:
-        block = dict(model=models["block"], gen_length=g, **IDS)
-        runs = {
-            "MDM semi-AR (full canvas)": lambda p, g=g: generate_mdm(
-                models["mdm"], p, gen_length=g, steps=g, block_length=default_block_length(g),
-                **IDS),
-            "block, no cache": lambda p, b=block: generate_block(prompts=p, kv_cache=False, **b),
-            "block, KV cache": lambda p, b=block: generate_block(prompts=p, **b),
-        }  # fmt: skip
-        results = {name: timed(decode, prompts) for name, decode in runs.items()}
-        base = results["MDM semi-AR (full canvas)"]["wall"]
-        for name, r in results.items():
-            cells = [g, name, f"{r['accuracy']:.3f}", f"{r['tokens_per_s']:.0f}"]
-            cells += [f"{r['wall']:.2f}", f"{r['cpu']:.2f}", f"{base / r['wall']:.1f}"]
-            print("| " + " | ".join(map(str, cells)) + " |")
-        same = results["block, no cache"]["outputs"] == results["block, KV cache"]["outputs"]
-        print(f"gen_length {g}: block outputs with and without the cache identical: {same}")
+    print(f"{args.limit} test problems, batches of {args.batch_size}, greedy, 1 thread")
+    run(folders_of(args), lengths, args.limit, args.batch_size)
 
 
 if __name__ == "__main__":

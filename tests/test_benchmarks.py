@@ -1,5 +1,6 @@
 """benchmarks/step.py and benchmarks/gpu.py run end to end at tiny sizes on CPU and count the
-work of each method correctly (forward tokens, saved activations); no timing is asserted."""
+work of each method correctly (forward tokens, saved activations); benchmarks/block_decoding.py
+decodes trained runs past their trained length with every decoder; no timing is asserted."""
 
 from __future__ import annotations
 
@@ -101,3 +102,53 @@ def test_step_benchmark_can_time_on_the_process_cpu_clock(bench):
     assert result["clock"] == "cpu" and all(
         row["step_s"]["median"] > 0 for row in result["methods"].values()
     )
+
+
+@pytest.fixture
+def block_decoding(monkeypatch, one_thread):
+    """benchmarks/block_decoding.py as a module."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("block_decoding")
+
+
+def test_a_widened_model_keeps_its_outputs_and_takes_a_longer_canvas(block_decoding):
+    from stablemdm.models import ModelConfig, Transformer
+
+    config = ModelConfig(vocab_size=12, d_model=16, n_layers=1, max_seq_len=8, mask_token_id=1)
+    model = Transformer(config, generator=torch.Generator().manual_seed(0)).eval()
+    wide = block_decoding.widened(model, 16)
+    ids = torch.randint(2, 12, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(wide(ids), model(ids))
+        assert wide(torch.cat([ids, ids, ids], dim=1)).shape == (2, 24, 12)
+    assert wide.config.max_seq_len == 24 and block_decoding.widened(model, 0) is model
+
+
+def test_block_decoding_benchmark_decodes_trained_runs_past_their_length(block_decoding, tmp_path):
+    from test_trainer import SMALL
+
+    from stablemdm.training.recipe import load_config
+    from stablemdm.training.run import train
+    from stablemdm.training.saved import load_checkpoint
+
+    kinds = {"mdm": [], "block": ["objective=block", "block_size=4"], "arm": ["objective=arm"]}
+    for name, extra in kinds.items():
+        out = f"output_dir={tmp_path / name / 'seed-0'}"
+        train(load_config(None, [*SMALL, out, "max_steps=1", "save_steps=1", *extra]))
+    folders = [tmp_path / name / "seed-0" for name in kinds]
+    longer = 2 * load_checkpoint(folders[0])[0].config.max_seq_len  # past the trained length
+    rows = block_decoding.run(folders, [longer], limit=3, batch_size=2)
+    decoders = [(r["run"], r["decoder"]) for r in rows]
+    assert decoders == [
+        ("mdm", block_decoding.MDM), ("block", "block, KV cache"), ("block", "block, no cache"),
+        ("arm", "ARM"),
+    ]  # fmt: skip
+    assert block_decoding.cache_identical(rows) == {("block", longer): True}
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["z"] == 0.0 and base["same_quality"]
+    for r in rows:
+        assert r["n"] == 3 and r["sequences_per_s"] * r["wall"] == pytest.approx(3)
+        assert r["se"] == pytest.approx(math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 3))
+        assert r["speedup"] == pytest.approx(base["wall"] / r["wall"])
+        assert r["cpu_speedup"] == pytest.approx(base["cpu"] / r["cpu"])
+    assert block_decoding.table(rows).count(f"| {longer} |") == 4
