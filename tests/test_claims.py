@@ -113,6 +113,19 @@ def _row(text: str, method: str, table: int) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def test_a_headline_at_standards_compute_is_compared_with_standard_first():
+    """A headline method at Standard's compute (auto here): Standard is its equal-compute
+    reference, named first; standard_matched follows with its own compute."""
+    report = _report(["standard", "standard_matched", "auto"])
+    opening = markdown(report).split("\n\n")[1]
+    assert opening.startswith(
+        "On t after 10 steps, auto (at Standard's compute) scored 52.3% against Standard's "
+        "45.0% (the same compute): "
+    )
+    assert "; against standard_matched's 54.0% (at 2.00x Standard's compute): " in opening
+    assert "equal-compute" not in opening
+
+
 def test_the_claims_are_answered_against_the_equal_compute_standard_first():
     """standard_matched listed first is still a baseline: the headline is P-POTS+MIRROR, and
     its opening sentence names the equal-compute comparison before Standard; the claims

@@ -366,11 +366,18 @@ def _points(d: Mapping[str, Any]) -> str:
 
 def comparison_text(name: str, final_step: int, f: Mapping[str, Any]) -> str:
     """The opening sentence: the headline method's accuracy and counted compute against the
-    equal-compute Standard's first (or that the study has none), then against Standard's."""
+    equal-compute Standard's first (or that the study has none), then against the other: a
+    method at Standard's compute is compared with Standard first, standard_matched after."""
     m, mean, compute = f["method"], f["mean"], f["compute"]
     versus = f"against Standard's {_pct(mean[REFERENCE])}%: {_points(f['difference'])}"
     if f["matched"] is None:
         versus += f"; the study has no equal-compute Standard ({MATCHED})"
+    elif (compute[m] or {}).get("at_standard_compute"):
+        versus = (
+            f"against Standard's {_pct(mean[REFERENCE])}% (the same compute): "
+            f"{_points(f['difference'])}; against {MATCHED}'s {_pct(mean[MATCHED])}% "
+            f"({compute_phrase(compute[MATCHED])}): {_points(f['matched'])}"
+        )
     else:
         versus = (
             f"against the equal-compute Standard's {_pct(mean[MATCHED])}% ({MATCHED}, "
