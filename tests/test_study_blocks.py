@@ -1,7 +1,7 @@
 """The shipped block-diffusion study (`studies/blocks.yaml`) end to end in miniature: every
 method trains, is decoded over its own objective and measured; block MIRROR counts two
 sequence passes per sequence (its two noised copies), so `standard_matched` trains Standard
-at twice the batch; every evaluation records its decoding speed and the report's cost table
+at twice the batch, and its compute-matched form counts Standard's; every evaluation records its decoding speed and the report's cost table
 shows it."""
 
 from __future__ import annotations
@@ -76,11 +76,14 @@ def test_every_method_of_the_blocks_study_runs_as_its_own_objective(study):
 def test_block_mirror_counts_two_passes_per_sequence_and_standard_matched_matches_it(study):
     """Counted training passes (forward plus backward): one per sequence for a block step
     over [noised | clean], two for MIRROR's [noised | mirror | clean], as its estimator
-    charges the noise; standard_matched trains Standard at twice the batch to match it."""
+    charges the noise, and one for its compute-matched form (half the sequences);
+    standard_matched trains Standard at twice the batch to match the two-pass form."""
     one_pass = 2 * STEPS * BATCH
     for size in (4, 8):
         assert _result(study, f"block{size}_standard")["compute"]["training"] == one_pass
         assert _result(study, f"block{size}_ppots_mirror")["compute"]["training"] == 2 * one_pass
+        matched = _result(study, f"block{size}_ppots_mirror_matched")
+        assert matched["compute"]["training"] == one_pass  # two copies of half the sequences
     matched = _result(study, "standard_matched")
     assert (matched["sequences_per_step"], matched["compute"]["training"]) == (
         2 * BATCH,
