@@ -21,11 +21,20 @@ the same, and what each model does at positions it never saw is part of what is 
 
 Per row: accuracy with its binomial standard error, output tokens (before `<eos>`) and
 sequences per wall second, wall and process CPU seconds of decoding, the speed-up as the
-MDM's wall (and CPU) time over the row's at the same gen_length, and whether the accuracy equals the
-MDM's within two standard errors of the difference. Run on one thread:
+baseline MDM's wall (and CPU) time over the row's, and whether the accuracy equals the
+baseline's within two standard errors of the difference. The baseline of a row is the MDM
+run listed last before it at its gen_length. Run on one thread:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/block_decoding.py \
         --study runs/study-blocks/mini_sudoku --seed 42
+
+`--gen-lengths own` decodes each run folder (or checkpoint-N folder) given at the canvas it
+trained on (its config.yaml's gen_length), against the MDM of that canvas listed before it:
+runs trained for the canvas they decode (docs/methods.md, the same-quality table):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/block_decoding.py --gen-lengths own \
+        runs/decode-speed/mini_sudoku-64/standard/seed-42 \
+        runs/decode-speed/mini_sudoku-64/block4_standard/seed-42
 """
 
 from __future__ import annotations
@@ -102,7 +111,10 @@ def measure(folder: Path, gen_length: int, limit: int, batch_size: int) -> list[
 
 
 def run_name(folder: Path) -> str:
-    """A study run's method (`METHOD/seed-N`), else the folder's name."""
+    """A study run's method (`METHOD/seed-N`), else the folder's name; a checkpoint's is its
+    run's and step (`METHOD@STEP`)."""
+    if folder.name.startswith("checkpoint-"):
+        return f"{run_name(folder.parent)}@{folder.name.removeprefix('checkpoint-')}"
     return folder.parent.name if folder.name.startswith("seed-") else folder.name
 
 
@@ -112,18 +124,20 @@ def standard_error(accuracy: float, n: int) -> float:
 
 
 def compare(rows: list[dict]) -> None:
-    """Add, in place, each row's speed-up over the first MDM row of its gen_length and
-    whether their accuracies agree within two standard errors of the difference."""
-    for g in {r["gen_length"] for r in rows}:
-        same = [r for r in rows if r["gen_length"] == g]
-        base = next((r for r in same if r["decoder"] == MDM), None)
+    """Add, in place, each row's speed-up over the MDM row last before it at its gen_length
+    (an MDM's over itself) and whether their accuracies agree within two standard errors of
+    the difference: listing an MDM run before the runs it is the baseline of."""
+    bases: dict[int, dict] = {}
+    for r in rows:
+        if r["decoder"] == MDM:
+            bases[r["gen_length"]] = r
+        base = bases.get(r["gen_length"])
         if base is None:
-            raise SystemExit("block_decoding: no MDM among the runs; give a full-canvas run too")
-        for r in same:
-            r["speedup"] = base["wall"] / r["wall"]
-            r["cpu_speedup"] = base["cpu"] / r["cpu"]
-            r["z"] = z_score(r["accuracy"] - base["accuracy"], math.hypot(r["se"], base["se"]))
-            r["same_quality"] = abs(r["z"]) <= 2
+            raise SystemExit("block_decoding: give a full-canvas MDM run before the runs")
+        r["speedup"] = base["wall"] / r["wall"]
+        r["cpu_speedup"] = base["cpu"] / r["cpu"]
+        r["z"] = z_score(r["accuracy"] - base["accuracy"], math.hypot(r["se"], base["se"]))
+        r["same_quality"] = abs(r["z"]) <= 2
 
 
 def z_score(difference: float, se: float) -> float:
@@ -161,10 +175,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(folders: list[Path], gen_lengths: list[int], limit: int, batch_size: int) -> list[dict]:
-    """Every run's rows at every gen_length, compared with the MDM's; prints the table and
-    the cached-against-uncached check."""
-    rows = [r for g in gen_lengths for f in folders for r in measure(f, g, limit, batch_size)]
+def plan(folders: list[Path], gen_lengths: list[int] | None) -> list[tuple[Path, int]]:
+    """(run folder, gen_length) pairs: every run at every gen_length, or with None each run at
+    the canvas it trained on (its config.yaml's gen_length), shortest canvas first."""
+    if gen_lengths is not None:
+        return [(f, g) for g in gen_lengths for f in folders]
+    own = [(f, saved_run_config(f)["gen_length"]) for f in folders]
+    return sorted(own, key=lambda pair: pair[1])
+
+
+def run(
+    folders: list[Path], gen_lengths: list[int] | None, limit: int, batch_size: int
+) -> list[dict]:
+    """Every run's rows at every gen_length (None: each at its own trained canvas), compared
+    with their baseline MDM's; prints the table and the cached-against-uncached check."""
+    rows = [r for f, g in plan(folders, gen_lengths) for r in measure(f, g, limit, batch_size)]
     compare(rows)
     print(table(rows))
     for (name, g), same in cache_identical(rows).items():
@@ -174,7 +199,7 @@ def run(folders: list[Path], gen_lengths: list[int], limit: int, batch_size: int
 
 def folders_of(args: argparse.Namespace) -> list[Path]:
     """The run folders: those given, else `--methods` of `--study` at `--seed`; the first
-    must be an MDM's (the baseline)."""
+    must be an MDM's (the baseline of those after it)."""
     if args.runs:
         return [Path(f) for f in args.runs]
     if args.study is None:
@@ -184,15 +209,18 @@ def folders_of(args: argparse.Namespace) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="*", help="run folders (an MDM's among them)")
+    parser.add_argument("runs", nargs="*", help="run folders, each MDM before those it baselines")
     parser.add_argument("--study", help="a study's task folder, e.g. runs/study-blocks/mini_sudoku")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--gen-lengths", default="64,256")
+    parser.add_argument(
+        "--gen-lengths", default="64,256", help="comma-separated, or 'own': each run's own canvas"
+    )
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    lengths = [int(g) for g in args.gen_lengths.split(",")]
+    own = args.gen_lengths == "own"
+    lengths = None if own else [int(g) for g in args.gen_lengths.split(",")]
     print(f"{args.limit} test problems, batches of {args.batch_size}, greedy, 1 thread")
     run(folders_of(args), lengths, args.limit, args.batch_size)
 

@@ -124,18 +124,45 @@ def test_a_widened_model_keeps_its_outputs_and_takes_a_longer_canvas(block_decod
     assert wide.config.max_seq_len == 24 and block_decoding.widened(model, 0) is model
 
 
-def test_block_decoding_benchmark_decodes_trained_runs_past_their_length(block_decoding, tmp_path):
+def test_block_decoding_names_a_run_by_its_method_and_a_checkpoint_by_its_step(block_decoding):
+    run = Path("runs/study/block4_standard/seed-42")
+    assert block_decoding.run_name(run) == "block4_standard"
+    assert block_decoding.run_name(run / "checkpoint-100") == "block4_standard@100"
+    assert block_decoding.run_name(Path("runs/mine")) == "mine"
+
+
+def test_block_decoding_compares_each_row_with_the_mdm_listed_last_before_it(block_decoding):
+    def row(decoder, accuracy, wall):
+        return dict(decoder=decoder, gen_length=64, accuracy=accuracy, se=0.01, wall=wall, cpu=wall)
+
+    mdm, block = block_decoding.MDM, "block, KV cache"
+    rows = [row(mdm, 0.0, 20.0), row(block, 0.0, 2.0), row(mdm, 0.5, 10.0), row(block, 0.5, 1.0)]
+    block_decoding.compare(rows)
+    assert [r["speedup"] for r in rows] == [1.0, 10.0, 1.0, 10.0]
+    assert [r["same_quality"] for r in rows] == [True, True, True, True]
+    with pytest.raises(SystemExit, match="MDM run before"):
+        block_decoding.compare([row(block, 0.5, 1.0), row(mdm, 0.5, 10.0)])
+
+
+def trained_runs(root: Path, kinds: dict[str, list[str]]) -> list[Path]:
+    """A run trained one step on the small chain_sum setting per name, under
+    root/NAME/seed-0, with its extra overrides."""
     from test_trainer import SMALL
 
     from stablemdm.training.recipe import load_config
     from stablemdm.training.run import train
+
+    for name, extra in kinds.items():
+        out = f"output_dir={root / name / 'seed-0'}"
+        train(load_config(None, [*SMALL, out, "max_steps=1", "save_steps=1", *extra]))
+    return [root / name / "seed-0" for name in kinds]
+
+
+def test_block_decoding_benchmark_decodes_trained_runs_past_their_length(block_decoding, tmp_path):
     from stablemdm.training.saved import load_checkpoint
 
     kinds = {"mdm": [], "block": ["objective=block", "block_size=4"], "arm": ["objective=arm"]}
-    for name, extra in kinds.items():
-        out = f"output_dir={tmp_path / name / 'seed-0'}"
-        train(load_config(None, [*SMALL, out, "max_steps=1", "save_steps=1", *extra]))
-    folders = [tmp_path / name / "seed-0" for name in kinds]
+    folders = trained_runs(tmp_path, kinds)
     longer = 2 * load_checkpoint(folders[0])[0].config.max_seq_len  # past the trained length
     rows = block_decoding.run(folders, [longer], limit=3, batch_size=2)
     decoders = [(r["run"], r["decoder"]) for r in rows]
@@ -152,3 +179,25 @@ def test_block_decoding_benchmark_decodes_trained_runs_past_their_length(block_d
         assert r["speedup"] == pytest.approx(base["wall"] / r["wall"])
         assert r["cpu_speedup"] == pytest.approx(base["cpu"] / r["cpu"])
     assert block_decoding.table(rows).count(f"| {longer} |") == 4
+
+
+def test_block_decoding_benchmark_decodes_each_run_at_its_own_trained_canvas(
+    block_decoding, tmp_path
+):
+    from stablemdm.training.saved import saved_run_config
+
+    kinds = {
+        "mdm-long": ["gen_length=24"],
+        "block-long": ["gen_length=24", "objective=block", "block_size=4"],
+        "mdm": [],
+    }
+    folders = trained_runs(tmp_path, kinds)
+    own = saved_run_config(folders[2])["gen_length"]
+    assert own < 24
+    rows = block_decoding.run(folders, None, limit=3, batch_size=2)
+    assert [(r["run"], r["gen_length"]) for r in rows] == [
+        ("mdm", own), ("mdm-long", 24), ("block-long", 24), ("block-long", 24),
+    ]  # fmt: skip
+    assert [r["speedup"] for r in rows[:2]] == [1.0, 1.0]  # each canvas has its own baseline
+    assert all(r["speedup"] == pytest.approx(rows[1]["wall"] / r["wall"]) for r in rows[1:])
+    assert block_decoding.cache_identical(rows) == {("block-long", 24): True}
