@@ -279,6 +279,21 @@ def test_eval_defaults_to_the_runs_task_and_options(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
 
 
+def test_eval_decodes_into_the_canvas_the_run_trained_on(tmp_path):
+    """A run trained with its own gen_length (a longer, <eos>-filled canvas) is decoded into
+    that canvas; another task keeps its own."""
+    from stablemdm.data.tokenizer import CharTokenizer
+    from stablemdm.tasks.registry import get_task
+    from stablemdm.training.datasets import decode_length
+
+    (tmp_path / "config.yaml").write_text("task: chain_sum\ngen_length: 40\n")
+    chain_sum = get_task("chain_sum", n_train=20, n_test=5)
+    assert chain_sum.gen_length != 40
+    assert decode_length(chain_sum, CharTokenizer(), tmp_path) == 40
+    sudoku = get_task("mini_sudoku", n_train=20, n_test=5)
+    assert decode_length(sudoku, CharTokenizer(), tmp_path) == sudoku.gen_length
+
+
 def test_eval_without_a_task_or_a_run_config_is_one_line(trained, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

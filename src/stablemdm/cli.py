@@ -112,7 +112,9 @@ def _add_train(verbs: Any) -> None:
 def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     """The decoding options `eval` and `generate` share."""
     p.add_argument(
-        "--gen-length", type=positive_int, help="response canvas length (default: the task's)"
+        "--gen-length",
+        type=positive_int,
+        help="response canvas length (default: the run's, or the task's for another task)",
     )
     p.add_argument(
         "--steps", type=positive_int, help="MDM decoding iterations (default: gen-length)"

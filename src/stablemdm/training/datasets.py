@@ -203,11 +203,13 @@ def fitting_data(task: Task, tokenizer: TextTokenizer, canvas: Canvas, n: int) -
 
 
 def decode_length(task: Task, tokenizer: TextTokenizer, folder: str | Path) -> int:
-    """The canvas to decode `task` into with a saved model: the task's own for the character
-    tokenizer, else the one its run trained on, else measured on the task's test split."""
-    if isinstance(tokenizer, CharTokenizer) and getattr(task, "gen_length", None):
+    """The canvas to decode `task` into with a saved model: the one its run trained on (for
+    the character tokenizer only when `task` is the run's own: another task has its own
+    canvas), else the task's own, else measured on the task's test split."""
+    saved = saved_run_config(folder)
+    char = isinstance(tokenizer, CharTokenizer)
+    if saved.get("gen_length") and (not char or saved.get("task") == task.name):
+        return saved["gen_length"]
+    if char and getattr(task, "gen_length", None):
         return task.gen_length
-    saved = saved_run_config(folder).get("gen_length")
-    if saved:
-        return saved
     return canvas_lengths(task.examples("test"), tokenizer)[1]
