@@ -1,8 +1,8 @@
 """The shipped block-diffusion study (`studies/blocks.yaml`) end to end in miniature: every
 method trains, is decoded over its own objective and measured; block MIRROR counts two
 sequence passes per sequence (its two noised copies), so `standard_matched` trains Standard
-at twice the batch, and its compute-matched form counts Standard's; every evaluation records its decoding speed and the report's cost table
-shows it."""
+at twice the batch, and its compute-matched form counts Standard's; every evaluation
+records its decoding speed and the report's cost table shows it."""
 
 from __future__ import annotations
 
