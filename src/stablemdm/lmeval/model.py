@@ -130,7 +130,8 @@ class StableMDMLM(LM):
         if self.limit is None or self.limit < 2:
             raise ConfigError(
                 f"lm-eval model stablemdm: {self.source} names no length (a run's max_length "
-                "in its config.yaml, or the model's positions), which perplexity windows need"
+                "in its config.yaml, or the model's positions), which perplexity windows need: "
+                "give one as max_length=N in --model_args"
             )
         out = []
         for request in tqdm(requests, desc="stablemdm rolling", disable=disable_tqdm):
