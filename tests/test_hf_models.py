@@ -36,7 +36,9 @@ from stablemdm.models.hf import (
 )
 
 
-def _llama(folder: Path, attn: str = "sdpa") -> Path:
+def _llama(folder: Path, attn: str = "sdpa", positions: int = 64) -> Path:
+    """A tiny seeded Llama causal LM with a chat template and no mask token, saved in
+    `folder`."""
     tok = llama_tokenizer(chat=True)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -45,7 +47,7 @@ def _llama(folder: Path, attn: str = "sdpa") -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         attn_implementation=attn,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import bert_tokenizer, llama_tokenizer
+from hf_fixtures import bert_tokenizer
+from test_hf_models import _llama
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -48,20 +49,7 @@ def _save(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     """A tiny Llama causal LM with a chat template and no mask token."""
-    tok = llama_tokenizer(chat=True)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return _save(LlamaForCausalLM(config), tok, tmp_path_factory.mktemp("hf") / "llama")
+    return _llama(tmp_path_factory.mktemp("hf") / "llama", positions=128)
 
 
 @pytest.fixture(scope="module")
