@@ -93,17 +93,23 @@ def test_a_causal_lm_by_hub_name_is_an_exact_arm_from_the_local_cache(
 
 
 def test_dtype_and_max_length_apply_to_the_model_and_its_requests(tmp_path, one_thread):
-    """dtype=bfloat16 loads the weights in bfloat16 and scores close to float32; max_length
-    replaces the length a request is cut to; an unknown dtype is one line."""
+    """dtype=bfloat16 loads the weights in bfloat16, and the value is that model's own exact
+    log-likelihood of the continuation after the context cut to max_length; an unknown dtype
+    is one line."""
     folder = tmp_path / "llama"
     save_llama(folder)
-    request = Instance("loglikelihood", {}, ("Once a", " mouse"), 0, metadata=("t", 0, 1))
-    values = {}
-    for dtype in ("float32", "bfloat16"):
-        lm = StableMDMLM(pretrained=str(folder), dtype=dtype, max_length=8)
-        assert {p.dtype for p in lm.model.parameters()} == {getattr(torch, dtype)}
-        assert lm.limit == 8  # the context keeps its latest 2 tokens
-        ((values[dtype], _),) = lm.loglikelihood([request], disable_tqdm=True)
-    assert values["bfloat16"] == pytest.approx(values["float32"], abs=0.1)
+    context, continuation = "Once a", " mouse"
+    request = Instance("loglikelihood", {}, (context, continuation), 0, metadata=("t", 0, 1))
+    lm = StableMDMLM(pretrained=str(folder), dtype="bfloat16", max_length=8)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    ((value, _),) = lm.loglikelihood([request], disable_tqdm=True)
+    encode = lm.tokenizer.tokenizer
+    head = encode(context, add_special_tokens=False)["input_ids"][-2:]  # 8 - 6 tokens
+    tail = encode(continuation, add_special_tokens=False)["input_ids"]
+    whole = head + tail
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+    exact = sum(logp[i - 1, whole[i]].item() for i in range(len(head), len(whole)))
+    assert value == pytest.approx(exact, abs=1e-5)
     with pytest.raises(ConfigError, match="dtype='int8' in --model_args must be one of"):
         StableMDMLM(pretrained=str(folder), dtype="int8")
